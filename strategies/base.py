@@ -113,7 +113,7 @@ class LoraStrategy(ABC):
         """Return strategy state that must survive a restart (besides the global tensors)."""
         return {}
 
-    def load_state_dict(self, data: Mapping[str, Any]) -> None:
+    def load_state_dict(self, data: Mapping[str, Any]) -> None:  # noqa: B027 (optional hook)
         """Restore what :meth:`state_dict` returned."""
 
 
@@ -127,5 +127,7 @@ def normalised_weights(counts: Sequence[float]) -> torch.Tensor:
     """
     w = torch.tensor([float(c) for c in counts], dtype=torch.float64)
     if len(w) == 0 or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"aggregation weights must be finite, non-negative and not all zero; got {list(counts)}")
+        raise ValueError(
+            f"aggregation weights must be finite, non-negative and not all zero; got {list(counts)}"
+        )
     return w / w.sum()

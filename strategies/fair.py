@@ -1,0 +1,136 @@
+"""LoRA-FAIR: FedIT plus a server-side residual on B that restores the ideal update's direction.
+
+Bian, Wang, Zhang, Xu, "LoRA-FAIR: Federated LoRA Fine-Tuning with Aggregation and
+Initialization Refinement", ICCV 2025 (arXiv:2411.14961). Per module the server forms the FedIT
+averages ``A_bar``, ``B_bar`` and the ideal update ``delta_W = sum_k p_k B_k A_k``, then solves
+
+    min_dB  (1 - cos(delta_W, (B_bar + dB) A_bar)) + lam * ||dB||_F^2,   dB starts at 0
+
+and sends ``A_bar`` and ``B_bar + dB``. All clients share one scale ``s`` (it multiplies both
+sides of the cosine, so the objective is computed on unscaled products; ``dB`` is in the units
+of the stored ``B``). Cosines are of the flattened matrices and are computed from r x r Gram
+matrices, never forming a d_out x d_in product. The optimiser (Adam, float64) keeps the best
+iterate *including* ``dB = 0``, which guarantees the corrected cosine is at least FedIT's; zero
+steps or an infinite ``lam`` give FedIT exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fedlora.adapters import AdapterState, LoraPair, join_state, split_state
+from strategies.base import ClientResult, ClientSpec, LoraStrategy, Payload
+from strategies.common import (
+    average_rest,
+    check_number,
+    clone_state,
+    example_weights,
+    require_uniform,
+    result_pairs,
+    weighted_sum,
+)
+from strategies.registry import register
+
+_TINY = 1e-300  # keeps the cosine finite (and differentiable) when a product is zero
+
+
+def _frob_inner(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
+    """Return ``<B1 A1, B2 A2>_F = sum((B1^T B2) * (A1 A2^T))`` (B: d_out x r_i, A: r_i x d_in)."""
+    return ((b1.T @ b2) * (a1 @ a2.T)).sum()
+
+
+def factored_cosine(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
+    """Return ``cos(B1 A1, B2 A2)`` of the flattened products (0 when either product is zero)."""
+    num = _frob_inner(b1, a1, b2, a2)
+    den_sq = _frob_inner(b1, a1, b1, a1) * _frob_inner(b2, a2, b2, a2)
+    return num / torch.sqrt(den_sq.clamp_min(0.0) + _TINY)
+
+
+def fair_module(
+    pairs: Sequence[LoraPair], weights: torch.Tensor, lam: float, steps: int, lr: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(A_bar, B_bar + dB)`` (float64) for one module.
+
+    Parameters
+    ----------
+    pairs
+        Client factors at one rank r: ``A_k`` r x d_in, ``B_k`` d_out x r.
+    weights
+        Shape (K,), ``p_k``.
+    lam, steps, lr
+        Penalty on ``||dB||_F^2``, Adam steps and learning rate.
+    """
+    a_bar = weighted_sum([p.a for p in pairs], weights)  # r x d_in
+    b_bar = weighted_sum([p.b for p in pairs], weights)  # d_out x r
+    b_cat = torch.cat([w * p.b.to(torch.float64) for w, p in zip(weights, pairs, strict=True)], dim=1)
+    a_cat = torch.cat([p.a.to(torch.float64) for p in pairs], dim=0)  # (K r) x d_in; delta_W = b_cat a_cat
+    if steps == 0 or math.isinf(lam) or float(_frob_inner(b_cat, a_cat, b_cat, a_cat)) <= 0.0:
+        return a_bar, b_bar
+    d_b = torch.zeros_like(b_bar, requires_grad=True)
+    opt = torch.optim.Adam([d_b], lr=lr)
+    best_loss, best = math.inf, torch.zeros_like(b_bar)
+    for _ in range(steps + 1):  # the last pass only evaluates the final iterate
+        opt.zero_grad()
+        loss = 1.0 - factored_cosine(b_cat, a_cat, b_bar + d_b, a_bar) + lam * (d_b * d_b).sum()
+        value = float(loss.detach())
+        if value < best_loss:
+            best_loss, best = value, d_b.detach().clone()
+        loss.backward()
+        opt.step()
+    return a_bar, b_bar + best
+
+
+def fair_aggregate(
+    state: AdapterState, results: Sequence[ClientResult], lam: float, steps: int, lr: float
+) -> AdapterState:
+    """Return the next global state: FedIT averages with the corrected ``B`` per module."""
+    p = example_weights(results)
+    client_pairs = result_pairs(results)
+    global_pairs, _ = split_state(state)
+    out: dict[str, LoraPair] = {}
+    for module, g in global_pairs.items():
+        a, b = fair_module([cp[module] for cp in client_pairs], p, lam, steps, lr)
+        out[module] = LoraPair(a=a.to(g.a.dtype), b=b.to(g.b.dtype))
+    new = join_state(out, average_rest([r.state for r in results], p, state))
+    return {k: new[k] for k in state}
+
+
+@register
+class LoraFAIR(LoraStrategy):
+    """FedIT with a server-side correction of ``B`` towards the ideal average update.
+
+    Parameters
+    ----------
+    lam
+        Penalty on the correction's size (``math.inf`` disables it), >= 0.
+    steps
+        Adam steps per module and round (0 disables the correction), >= 0.
+    lr
+        Adam learning rate, > 0.
+    """
+
+    name = "fair"
+
+    def __init__(self, *, lam: float = 0.01, steps: int = 100, lr: float = 1e-3) -> None:
+        self.lam = float(check_number("lam", lam, minimum=0.0))
+        self.steps = int(check_number("steps", steps, minimum=0, integer=True))
+        self.lr = float(check_number("lr", lr, minimum=0.0, strict=True))
+        if math.isinf(self.lr):
+            raise ValueError(f"parameter 'lr' must be finite, got {lr!r}")
+
+    def init_state(self, template: AdapterState, clients: Sequence[ClientSpec]) -> AdapterState:
+        """Check all clients share one rank/scale and keep ``template``."""
+        require_uniform(clients, self.name)
+        return clone_state(template)
+
+    def payload(self, state: AdapterState, client: ClientSpec) -> Payload:
+        """Send the global adapter unchanged."""
+        return Payload(adapter=clone_state(state))
+
+    def aggregate(self, state: AdapterState, results: Sequence[ClientResult]) -> AdapterState:
+        """Average A and B, then correct B per module."""
+        require_uniform([r.spec for r in results], self.name)
+        return fair_aggregate(state, results, self.lam, self.steps, self.lr)
