@@ -1,0 +1,235 @@
+"""Client-level DP-FedAvg: clip each client's update, add Gaussian noise to the sum, divide.
+
+DP-FedAvg (McMahan, Ramage, Talwar & Zhang 2018, "Learning Differentially Private
+Recurrent Language Models"): each round the server samples clients, clips every client's
+update ``Δ_k`` (all its tensors together) to L2 norm ``C``, and releases
+
+    Δ̂ = (Σ_k clip(Δ_k, C) + N(0, σ² C² I)) / m
+
+where ``m`` is a FIXED denominator: the expected number of participants ``q · K`` under
+Poisson sampling (McMahan et al.'s unbiased fixed-denominator estimator; dividing by the
+realised count would make the denominator, and so the sensitivity, data-dependent), or
+the chosen number of clients under fixed-size sampling. Adding or removing one client
+changes the clipped sum by at most ``C``, so this is the sampled Gaussian mechanism that
+:mod:`fedlora.privacy.accounting` accounts, one step per round, with ``q`` the client
+sampling rate (Poisson) or ``q = 1`` (fixed-size: no amplification is claimed).
+
+Every client weighs the same: weighting by example counts would let one client's weight
+(and so its influence) exceed ``C``.
+
+Which strategies the math allows is decided by :func:`supports_client_dp`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+
+from fedlora.adapters import AdapterState, is_lora_a
+
+ClientSampling = Literal["poisson", "fixed"]
+
+_DP_SCOPE: dict[str, str] = {
+    "fedit": "all",  # FedIT: A, B and head averaged coordinate-wise; linear in the factor updates
+    "ffa": "no_lora_a",  # FFA-LoRA: A frozen at its shared init; B and head averaged linearly
+}
+_REFUSED: dict[str, str] = {
+    "flexlora": "FlexLoRA forms each client's product B_k A_k and re-factorises the weighted sum by SVD; "
+    "clipping the factors does not bound the product's sensitivity",
+    "flora": "FLoRA stacks every client's factors side by side, so each client's update is released "
+    "individually, not inside a noisy sum",
+    "hetlora": "HetLoRA zero-pads heterogeneous ranks and weights clients by data-dependent update norms, "
+    "so one client's influence is not bounded by C",
+    "fair": "FAIR refines the aggregated factors with a data-dependent least-squares correction on the "
+    "clients' products; the noisy sum is not what gets released",
+}
+
+
+class ClientDPError(ValueError):
+    """Client-level DP cannot be applied as requested."""
+
+
+def supports_client_dp(strategy_name: str) -> bool:
+    """Return True if client-level DP-FedAvg noise on factor updates is sound for the strategy.
+
+    ``fedit`` and ``ffa`` (B and head only) average factor updates linearly, so the noisy sum
+    of clipped updates is exactly what they release. ``flexlora``, ``flora``, ``hetlora`` and
+    ``fair`` do non-linear, per-client work on the factors; they are refused (see
+    :func:`require_client_dp`). Unknown names return False.
+    """
+    return strategy_name.lower() in _DP_SCOPE
+
+
+def require_client_dp(strategy_name: str) -> None:
+    """Raise :class:`ClientDPError` explaining why ``strategy_name`` cannot run client-level DP."""
+    name = strategy_name.lower()
+    if name in _DP_SCOPE:
+        return
+    why = _REFUSED.get(name, "it is not a strategy known to the client-level DP math")
+    raise ClientDPError(
+        f"client-level DP is not supported with strategy {strategy_name!r}: {why}. "
+        f"Use one of {sorted(_DP_SCOPE)}, or record-level DP on the clients instead"
+    )
+
+
+def dp_tensor_names(strategy_name: str, names: Sequence[str]) -> list[str]:
+    """Return the tensor names the strategy clips and noises (FFA-LoRA leaves A out: it never changes)."""
+    require_client_dp(strategy_name)
+    if _DP_SCOPE[strategy_name.lower()] == "no_lora_a":
+        return [n for n in names if not is_lora_a(n)]
+    return list(names)
+
+
+def update_norm(update: Mapping[str, torch.Tensor]) -> float:
+    """Return the L2 norm of all tensors of ``update`` taken together (float64 accumulation)."""
+    total = sum(float(t.detach().double().pow(2).sum()) for t in update.values())
+    return math.sqrt(total)
+
+
+def clip_update(update: Mapping[str, torch.Tensor], max_norm: float) -> tuple[AdapterState, float]:
+    """Scale ``update`` so its joint L2 norm is at most ``max_norm``.
+
+    Returns
+    -------
+    clipped, norm
+        A new dict ``update * min(1, C / ||update||)`` and the norm before clipping. A zero
+        update is returned unchanged (a no-op, never NaN).
+
+    Raises
+    ------
+    ClientDPError
+        If ``max_norm`` is not positive or the update holds a non-finite value.
+    """
+    if not (max_norm > 0 and math.isfinite(max_norm)):
+        raise ClientDPError(f"max_norm={max_norm!r} must be a finite number > 0")
+    norm = update_norm(update)
+    if not math.isfinite(norm):
+        raise ClientDPError("update contains NaN or infinite values; reject it before clipping")
+    factor = 1.0 if norm <= max_norm else max_norm / norm
+    return {k: v * factor for k, v in update.items()}, norm
+
+
+def noisy_mean(
+    clipped: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    noise_multiplier: float,
+    clip_norm: float,
+    expected_clients: float,
+    template: Mapping[str, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> AdapterState:
+    """Return ``(Σ clipped + N(0, (σ C)^2)) / expected_clients`` per tensor.
+
+    Parameters
+    ----------
+    clipped
+        Updates already clipped to ``clip_norm`` (see :func:`clip_update`); may be empty
+        under Poisson sampling, in which case the result is noise only.
+    noise_multiplier
+        σ ≥ 0.
+    clip_norm
+        C > 0: the sensitivity of the sum.
+    expected_clients
+        The fixed denominator ``m``: ``q · K`` for Poisson sampling, the chosen count for
+        fixed-size sampling (module docstring).
+    template
+        Names, shapes and dtypes of the result when ``clipped`` is empty.
+    generator
+        Seeded generator for the noise (on the tensors' device).
+    """
+    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        raise ClientDPError(f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0")
+    if not (clip_norm > 0 and math.isfinite(clip_norm)):
+        raise ClientDPError(f"clip_norm={clip_norm!r} must be a finite number > 0")
+    if not (expected_clients > 0):
+        raise ClientDPError(f"expected_clients={expected_clients!r} must be > 0 (q * number of clients)")
+    ref = clipped[0] if clipped else template
+    if ref is None:
+        raise ClientDPError("no updates and no template: pass template= to release a noise-only round")
+    for i, upd in enumerate(clipped):
+        if set(upd) != set(ref):
+            raise ClientDPError(f"update {i} names {sorted(set(upd) ^ set(ref))[:3]} that the others do not")
+    std = float(noise_multiplier) * float(clip_norm)
+    out: AdapterState = {}
+    for name, like in ref.items():
+        acc = torch.zeros_like(like, dtype=torch.float64)
+        for upd in clipped:
+            acc += upd[name].double()
+        noise = torch.randn(acc.shape, generator=generator, dtype=torch.float64, device=acc.device)
+        out[name] = ((acc + std * noise) / float(expected_clients)).to(like.dtype)
+    return out
+
+
+def sample_clients(
+    client_ids: Sequence[str], sample_rate: float, method: ClientSampling, rng: np.random.Generator
+) -> list[str]:
+    """Return the clients taking part in one round.
+
+    ``"poisson"`` includes each client independently with probability ``q`` (the result
+    may be empty); ``"fixed"`` draws ``max(1, round(q · K))`` distinct clients uniformly.
+    Seed ``rng`` from (run seed, round) for reproducible schedules.
+    """
+    if not (0.0 < sample_rate <= 1.0):
+        raise ClientDPError(f"sample_rate={sample_rate!r} must lie in (0, 1]")
+    ids = list(client_ids)
+    if method == "poisson":
+        keep = rng.random(len(ids)) < sample_rate
+        return [c for c, k in zip(ids, keep, strict=True) if k]
+    if method == "fixed":
+        if not ids:
+            return []
+        m = max(1, round(sample_rate * len(ids)))
+        picked = rng.choice(len(ids), size=m, replace=False)
+        return [ids[i] for i in sorted(picked)]
+    raise ClientDPError(f"method={method!r} must be 'poisson' or 'fixed'")
+
+
+def expected_clients(num_clients: int, sample_rate: float, method: ClientSampling) -> float:
+    """Return the fixed denominator ``m`` of :func:`noisy_mean` for this sampling scheme."""
+    if num_clients < 1:
+        raise ClientDPError(f"num_clients={num_clients!r} must be >= 1")
+    if method == "poisson":
+        return sample_rate * num_clients
+    if method == "fixed":
+        return float(max(1, round(sample_rate * num_clients)))
+    raise ClientDPError(f"method={method!r} must be 'poisson' or 'fixed'")
+
+
+def accounted_sample_rate(sample_rate: float, method: ClientSampling) -> float:
+    """Return the q to account with: ``sample_rate`` for Poisson, 1.0 for fixed-size (no amplification)."""
+    if method not in ("poisson", "fixed"):
+        raise ClientDPError(f"method={method!r} must be 'poisson' or 'fixed'")
+    return float(sample_rate) if method == "poisson" else 1.0
+
+
+def privatize_updates(
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    expected_clients: float,
+    template: Mapping[str, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[AdapterState, list[float]]:
+    """Clip every update to ``clip_norm`` and return the noisy mean and the pre-clip norms.
+
+    One DP-FedAvg release (module docstring); the caller records one ledger step per call.
+    """
+    clipped, norms = [], []
+    for upd in updates:
+        c, n = clip_update(upd, clip_norm)
+        clipped.append(c)
+        norms.append(n)
+    mean = noisy_mean(
+        clipped,
+        noise_multiplier=noise_multiplier,
+        clip_norm=clip_norm,
+        expected_clients=expected_clients,
+        template=template,
+        generator=generator,
+    )
+    return mean, norms

@@ -1,0 +1,283 @@
+"""The privacy ledger: what one protected party has spent, as data that survives restarts.
+
+Privacy is data. Every round in which a client trains under DP appends one
+:class:`LedgerEntry` ``(round, noise_multiplier, sample_rate, steps, sampling)``. ε is
+always recomputed from the WHOLE ledger with a library accountant
+(:mod:`fedlora.privacy.accounting`: Opacus' RDP, Mironov 2017, or PRV, Gopi et al. 2021),
+never re-started per round and never summed by hand.
+
+Two units of privacy use the same ledger (see ``docs/privacy.md``):
+
+``"record"``
+    Record-level DP-SGD on a client (Abadi et al. 2016): one ledger per client id, ``steps``
+    are optimizer steps, ``sample_rate`` is the Poisson rate of records in a batch.
+``"client"``
+    Client-level DP-FedAvg on the server (McMahan et al. 2018): ``steps`` is 1 per round,
+    ``sample_rate`` the Poisson rate of clients per round.
+
+Fixed-size (shuffled) sampling earns no amplification by subsampling: such entries are
+accounted with ``q = 1`` (:attr:`LedgerEntry.accounted_sample_rate`).
+
+Ledgers are immutable; :meth:`PrivacyLedger.append` returns a new one. ``to_dict`` /
+``from_dict`` give a JSON form; :meth:`PrivacyLedger.save` writes it atomically.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from fedlora.privacy.accounting import check_accountant, check_block, check_delta, compute_epsilon
+
+Unit = Literal["record", "client"]
+Sampling = Literal["poisson", "fixed"]
+UNITS: tuple[str, ...] = ("record", "client")
+SAMPLINGS: tuple[str, ...] = ("poisson", "fixed")
+LEDGER_FORMAT = "fedlora.privacy-ledger/1"
+
+
+class LedgerError(ValueError):
+    """A ledger or ledger entry is malformed or would break the ledger's invariants."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One round of one DP mechanism.
+
+    Attributes
+    ----------
+    round
+        Server round number (≥ 0); strictly increasing within a ledger.
+    noise_multiplier
+        σ: noise std divided by the clipping norm.
+    sample_rate
+        q: the nominal sampling rate (records per batch / N, or clients per round / K).
+    steps
+        Number of noisy steps (optimizer steps, or 1 for a server aggregation).
+    sampling
+        ``"poisson"`` (amplification by subsampling applies) or ``"fixed"`` (it does not).
+    """
+
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    sampling: Sampling = "poisson"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.round, bool) or int(self.round) != self.round or self.round < 0:
+            raise LedgerError(f"round={self.round!r} must be a non-negative integer")
+        try:
+            check_block(self.noise_multiplier, self.sample_rate, self.steps)
+        except ValueError as e:
+            raise LedgerError(f"round {self.round}: {e}") from None
+        if self.sampling not in SAMPLINGS:
+            raise LedgerError(f"sampling={self.sampling!r} must be one of {list(SAMPLINGS)}")
+
+    @property
+    def accounted_sample_rate(self) -> float:
+        """The q the accountant uses: ``sample_rate`` for Poisson sampling, 1.0 for fixed-size."""
+        return float(self.sample_rate) if self.sampling == "poisson" else 1.0
+
+    def block(self) -> tuple[float, float, int]:
+        """Return ``(noise_multiplier, accounted_sample_rate, steps)`` for an Opacus accountant."""
+        return float(self.noise_multiplier), self.accounted_sample_rate, int(self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return {
+            "round": int(self.round),
+            "noise_multiplier": float(self.noise_multiplier),
+            "sample_rate": float(self.sample_rate),
+            "steps": int(self.steps),
+            "sampling": self.sampling,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LedgerEntry:
+        """Inverse of :meth:`to_dict`."""
+        missing = {"round", "noise_multiplier", "sample_rate", "steps"} - set(data)
+        if missing:
+            raise LedgerError(f"ledger entry {dict(data)!r} lacks {sorted(missing)}")
+        return cls(
+            round=int(data["round"]),
+            noise_multiplier=float(data["noise_multiplier"]),
+            sample_rate=float(data["sample_rate"]),
+            steps=int(data["steps"]),
+            sampling=data.get("sampling", "poisson"),
+        )
+
+
+@dataclass(frozen=True)
+class PrivacyLedger:
+    """The DP history of one protected party (a client for record-level DP, or the run).
+
+    Attributes
+    ----------
+    client_id
+        Whose ledger this is (for client-level DP the run-wide key, see ``report``).
+    unit
+        ``"record"`` or ``"client"``: what one neighbouring dataset differs in.
+    delta
+        δ of the guarantee.
+    max_grad_norm
+        C: the L2 clipping norm of one unit's contribution.
+    entries
+        Rounds in increasing order.
+    """
+
+    client_id: str
+    unit: Unit
+    delta: float
+    max_grad_norm: float
+    entries: tuple[LedgerEntry, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.unit not in UNITS:
+            raise LedgerError(f"unit={self.unit!r} must be one of {list(UNITS)}")
+        try:
+            check_delta(self.delta)
+        except ValueError as e:
+            raise LedgerError(str(e)) from None
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise LedgerError(f"max_grad_norm={self.max_grad_norm!r} must be a finite number > 0")
+        object.__setattr__(self, "entries", tuple(self.entries))
+        rounds = [e.round for e in self.entries]
+        for prev, cur in itertools.pairwise(rounds):
+            if cur <= prev:
+                raise LedgerError(
+                    f"ledger of {self.client_id!r}: round {cur} follows round {prev}; rounds must strictly "
+                    "increase (record each round once, after its update is released)"
+                )
+
+    def append(self, entry: LedgerEntry) -> PrivacyLedger:
+        """Return a new ledger with ``entry`` added at the end.
+
+        Raises
+        ------
+        LedgerError
+            If ``entry.round`` does not exceed the last recorded round.
+        """
+        return replace(self, entries=(*self.entries, entry))
+
+    def record(
+        self,
+        round: int,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        sampling: Sampling = "poisson",
+    ) -> PrivacyLedger:
+        """Shorthand for ``append(LedgerEntry(round, noise_multiplier, sample_rate, steps, sampling))``."""
+        return self.append(LedgerEntry(round, noise_multiplier, sample_rate, steps, sampling))
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """``(noise_multiplier, accounted_sample_rate, steps)`` per entry, as Opacus takes it."""
+        return [e.block() for e in self.entries]
+
+    @property
+    def rounds(self) -> list[int]:
+        """Rounds this party took part in."""
+        return [e.round for e in self.entries]
+
+    @property
+    def total_steps(self) -> int:
+        """Sum of steps over all entries."""
+        return sum(e.steps for e in self.entries)
+
+    def epsilon(self, accountant: str = "rdp", delta: float | None = None) -> float:
+        """Return ε at ``delta`` (default: the ledger's δ) for the whole history."""
+        return compute_epsilon(self.history, self.delta if delta is None else delta, accountant)
+
+    def epsilon_trajectory(self, accountant: str = "rdp") -> list[tuple[int, float]]:
+        """Return ``(round, ε after that round)`` for every entry; ε of each prefix of the ledger."""
+        check_accountant(accountant)
+        hist = self.history
+        return [
+            (e.round, compute_epsilon(hist[: i + 1], self.delta, accountant))
+            for i, e in enumerate(self.entries)
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict (see ``docs/privacy.md`` for the format)."""
+        return {
+            "format": LEDGER_FORMAT,
+            "client_id": self.client_id,
+            "unit": self.unit,
+            "delta": float(self.delta),
+            "max_grad_norm": float(self.max_grad_norm),
+            "entries": [e.to_dict() for e in self.entries],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PrivacyLedger:
+        """Inverse of :meth:`to_dict`.
+
+        Raises
+        ------
+        LedgerError
+            If the format tag is foreign or a field is missing or invalid.
+        """
+        fmt = data.get("format", LEDGER_FORMAT)
+        if fmt != LEDGER_FORMAT:
+            raise LedgerError(
+                f"ledger format {fmt!r} is not {LEDGER_FORMAT!r}; was it written by another tool?"
+            )
+        missing = {"client_id", "unit", "delta", "max_grad_norm"} - set(data)
+        if missing:
+            raise LedgerError(f"ledger dict lacks {sorted(missing)}")
+        return cls(
+            client_id=str(data["client_id"]),
+            unit=data["unit"],
+            delta=float(data["delta"]),
+            max_grad_norm=float(data["max_grad_norm"]),
+            entries=tuple(LedgerEntry.from_dict(e) for e in data.get("entries", [])),
+        )
+
+    def to_json(self) -> str:
+        """Return the ledger as a JSON string (e.g. for Flower's ``context.state``)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PrivacyLedger:
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the ledger to ``path`` atomically and return the path."""
+        return write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PrivacyLedger:
+        """Read a ledger written by :meth:`save`."""
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write ``data`` as JSON to ``path`` via a temporary file and ``os.replace``.
+
+    A crash leaves either the old file or the new one, never a torn one.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True, allow_nan=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target
