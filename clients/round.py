@@ -1,0 +1,125 @@
+"""One client round: load the received adapter, train locally, return the update.
+
+The round is written against plain records so it can be called in-process in tests
+(``clients.app.app(message, context)``) as well as by Flower's runtimes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import torch
+from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
+
+from clients.node import NodeSettings, local_data, node_settings
+from clients.privacy import ClientPrivacy
+from fedlora.adapters import AdapterState, delta, is_lora_a
+from fedlora.config import RunConfig, from_json
+from fedlora.data.encode import encode
+from fedlora.models import (
+    adapter_state,
+    get_lora_model,
+    init_adapter_state,
+    load_adapter_state,
+    merged_into_base,
+    set_trainable,
+    trained_keys,
+)
+from fedlora.train import evaluate, planned_steps, resolve_device, train_local
+from strategies.common import fingerprint
+from strategies.wire import from_record, record_bytes, to_record
+
+log = logging.getLogger(__name__)
+
+
+class PayloadError(ValueError):
+    """The server's payload does not fit this client (wrong rank, names or shared A)."""
+
+
+def _start_state(template: AdapterState, received: AdapterState, seed: int, rank: int) -> AdapterState:
+    """Seeded initial adapter overwritten by the received tensors (which must fit the template)."""
+    start = init_adapter_state(template, seed)
+    for k, v in received.items():
+        if k not in start:
+            raise PayloadError(f"server sent tensor {k!r}, which this client's rank-{rank} adapter does not have")
+        if start[k].shape != v.shape:
+            raise PayloadError(f"server sent {k!r} with shape {tuple(v.shape)}; this client's rank-{rank} adapter needs {tuple(start[k].shape)}")
+        if not torch.isfinite(v).all():
+            raise PayloadError(f"server sent non-finite values in {k!r}; refusing to train on them")
+        start[k] = v
+    return start
+
+
+def run_train_round(content: RecordDict, context: Context) -> RecordDict:
+    """Run one training round for the message ``content`` and return the reply content."""
+    conf = content["config"]
+    cfg: RunConfig = from_json(str(conf["run-config"]))
+    node: NodeSettings = node_settings(cfg, context.node_config)
+    labels = tuple(json.loads(str(conf.get("labels", "[]"))))
+    rank, alpha = int(conf["rank"]), float(conf["alpha"])
+    if rank != node.rank:
+        raise PayloadError(f"server sent a rank-{rank} adapter but this node is configured for rank {node.rank}")
+    train_a = bool(conf.get("train-a", True))
+    server_round = int(conf["round"])
+    seed = int(conf.get("seed", cfg.federation.seed))
+
+    loaded = get_lora_model(
+        cfg.model.name, cfg.model.task, max(2, len(labels)), rank, alpha, cfg.lora.dropout, cfg.lora.target_modules
+    )
+    received = from_record(content["adapter"])
+    start = _start_state(adapter_state(loaded, rank), received, seed, rank)
+    expected_a = conf.get("a-fingerprint")
+    if expected_a is not None:
+        mine = fingerprint({k: v for k, v in start.items() if is_lora_a(k)})
+        if mine != str(expected_a):
+            raise PayloadError(
+                f"shared frozen A fingerprint mismatch (server {expected_a}, client {mine}): this node derives a "
+                "different A; check that server and nodes run the same model, rank and seed"
+            )
+    merge = from_record(content["merge"]) if "merge" in content.array_records else None
+    expected_base = conf.get("base-fingerprint")
+    if expected_base is not None and merge is not None and fingerprint(merge) != str(expected_base):
+        raise PayloadError("base update fingerprint mismatch: the merged base would differ from the server's")
+    load_adapter_state(loaded, rank, start)
+    set_trainable(loaded, rank, train_a)
+
+    device = resolve_device(node.device)
+    model = loaded.peft.to(device)
+    train_records, val_records = local_data(cfg, node, labels)
+    train_ds = encode(train_records, loaded.tokenizer, cfg.model.max_length, cfg.model.task)
+    steps = planned_steps(len(train_ds), cfg.train)
+    privacy = ClientPrivacy.for_round(cfg, node, context, len(train_ds), steps)
+    metrics: dict[str, float | int] = {
+        "num-examples": len(train_records), "rank": rank, "round": server_round, "bytes-down": record_bytes(content["adapter"]),
+    }
+    reply = RecordDict()
+    if privacy.declined:
+        log.warning("client %s declines round %s: %s", node.partition_id, server_round, privacy.reason)
+        metrics["declined"] = 1
+        reply["metrics"] = MetricRecord(metrics)
+        reply["privacy"] = ConfigRecord({"ledger": privacy.ledger_json(), "declined-reason": privacy.reason})
+        return reply
+    t0 = time.perf_counter()
+    with merged_into_base(loaded, merge):
+        result = train_local(model, train_ds, cfg.train, device, seed=seed * 100_003 + server_round * 1009 + node.partition_id,
+                             wrap=privacy.wrap, steps=steps)
+        privacy.commit(server_round)
+        val = evaluate(model, encode(val_records, loaded.tokenizer, cfg.model.max_length, cfg.model.task),
+                       cfg.model.task, device, cfg.train.eval_batch_size)
+    privacy.close()
+    new = adapter_state(loaded, rank)
+    keys = trained_keys(list(new), train_a)
+    update = delta({k: new[k] for k in keys}, start)
+    record = to_record(update)
+    metrics.update({
+        "train-loss": result.loss, "steps": result.steps, "train-seconds": time.perf_counter() - t0,
+        "local-val-loss": val.loss, "local-val-accuracy": val.accuracy, "bytes-up": record_bytes(record),
+    })
+    metrics.update(privacy.metrics())
+    reply["update"] = record
+    reply["metrics"] = MetricRecord({k: v for k, v in metrics.items() if v == v})  # drop NaN (no validation data)
+    if privacy.enabled:
+        reply["privacy"] = ConfigRecord({"ledger": privacy.ledger_json()})
+    return reply

@@ -1,0 +1,59 @@
+"""Turn records into padded token tensors for the two supported tasks.
+
+Classification: ``input_ids``, ``attention_mask``, ``labels`` (one int per example).
+Causal LM: the prompt ``PROMPT.format(instruction=...)`` followed by the response and EOS;
+``labels`` copy the input ids with prompt and padding positions set to -100, so the loss
+covers only the response tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+from fedlora.data.sources import Record
+
+PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+IGNORE_INDEX = -100
+
+
+def encode_classification(records: Sequence[Record], tokenizer: Any, max_length: int) -> TensorDataset:
+    """Tokenise ``{"text", "label"}`` records into a TensorDataset (ids, mask, labels)."""
+    enc = tokenizer(
+        [r["text"] for r in records], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    labels = torch.tensor([int(r["label"]) for r in records], dtype=torch.long)
+    return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
+
+
+def encode_causal(records: Sequence[Record], tokenizer: Any, max_length: int) -> TensorDataset:
+    """Tokenise ``{"instruction", "response"}`` records, masking the prompt out of the loss."""
+    pad = tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    ids_rows, mask_rows, label_rows = [], [], []
+    for r in records:
+        prompt = tokenizer(PROMPT.format(instruction=r["instruction"]), add_special_tokens=True)["input_ids"]
+        answer = tokenizer(r["response"], add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            answer = [*answer, eos]
+        ids = (prompt + answer)[:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]
+        n_pad = max_length - len(ids)
+        ids_rows.append(ids + [pad] * n_pad)
+        mask_rows.append([1] * len(ids) + [0] * n_pad)
+        label_rows.append(labels + [IGNORE_INDEX] * n_pad)
+    return TensorDataset(
+        torch.tensor(ids_rows, dtype=torch.long),
+        torch.tensor(mask_rows, dtype=torch.long),
+        torch.tensor(label_rows, dtype=torch.long),
+    )
+
+
+def encode(records: Sequence[Record], tokenizer: Any, max_length: int, task: str) -> TensorDataset:
+    """Dispatch to :func:`encode_classification` or :func:`encode_causal`."""
+    if task == "classification":
+        return encode_classification(records, tokenizer, max_length)
+    return encode_causal(records, tokenizer, max_length)

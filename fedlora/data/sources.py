@@ -1,0 +1,187 @@
+"""Read training records from the embedded task or from local files.
+
+A *record* is a plain dict. Classification records have ``text`` and ``label`` (the label an
+integer index into the run's label list); causal-LM records have ``instruction`` and
+``response``. Column names in the user's files are mapped by :class:`~fedlora.config.DataConfig`.
+
+Supported sources: the embedded task (``"embedded"``), CSV, JSONL, Parquet and directories
+written by ``datasets.Dataset.save_to_disk``. Every failure names the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlora.config import DataConfig
+
+Record = dict[str, Any]
+
+
+class DataError(ValueError):
+    """Training data is missing, malformed, or does not fit the task."""
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """The run's data before partitioning: train records, held-out test records, label names."""
+
+    train: list[Record]
+    test: list[Record]
+    labels: tuple[str, ...]
+
+
+def detect_format(path: Path) -> str:
+    """Return the file format of ``path`` from its suffix (or ``hf-disk`` for a saved dataset dir)."""
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            return "hf-disk"
+        raise DataError(f"{str(path)!r} is a directory but not a saved Hugging Face dataset (no dataset_info.json)")
+    suffix = path.suffix.lower()
+    for fmt, suffixes in {"csv": (".csv",), "jsonl": (".jsonl", ".json"), "parquet": (".parquet", ".pq")}.items():
+        if suffix in suffixes:
+            return fmt
+    raise DataError(f"cannot tell the format of {str(path)!r} from its suffix; set data.format to csv, jsonl, parquet or hf-disk")
+
+
+def read_rows(source: str, fmt: str = "auto") -> list[Record]:
+    """Read all rows of a local file or saved dataset as dicts.
+
+    Raises
+    ------
+    DataError
+        If the path is missing, unreadable, or empty.
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"data source {source!r} does not exist; pass a CSV/JSONL/Parquet file or a saved dataset dir")
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    try:
+        if fmt == "csv":
+            import pandas as pd
+
+            rows = pd.read_csv(path).to_dict(orient="records")
+        elif fmt == "jsonl":
+            rows = _read_jsonl(path)
+        elif fmt == "parquet":
+            import pandas as pd
+
+            rows = pd.read_parquet(path).to_dict(orient="records")
+        elif fmt == "hf-disk":
+            from datasets import Dataset, DatasetDict, load_from_disk
+
+            ds = load_from_disk(str(path))
+            if isinstance(ds, DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+            assert isinstance(ds, Dataset)
+            rows = list(ds)
+        else:
+            raise DataError(f"unknown data format {fmt!r}; use csv, jsonl, parquet or hf-disk")
+    except DataError:
+        raise
+    except Exception as err:  # the readers raise many types; say which file failed and why
+        raise DataError(f"cannot read {source!r} as {fmt}: {err}") from err
+    if not rows:
+        raise DataError(f"data source {source!r} has no rows")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        return list(json.loads(text))
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{str(path)!r} line {i} is not valid JSON: {err}") from err
+    return rows
+
+
+def _require_columns(rows: Sequence[Record], columns: Sequence[str], source: str, field_hint: str) -> None:
+    available = sorted(rows[0].keys())
+    for col in columns:
+        if col not in rows[0]:
+            raise DataError(
+                f"column {col!r} not found in {source!r} (columns: {available}); set {field_hint} to the right column"
+            )
+
+
+def classification_records(
+    rows: Sequence[Record], cfg: DataConfig, source: str, labels: Sequence[str] | None = None
+) -> tuple[list[Record], tuple[str, ...]]:
+    """Map raw rows to ``{"text", "label"}`` records with integer labels.
+
+    ``labels`` fixes the label list (for a test set read after the training set); a label
+    outside it is an error. Without it, labels are the sorted distinct values.
+    """
+    _require_columns(rows, [cfg.text_column, cfg.label_column], source, "data.text_column / data.label_column")
+    raw_labels = [r[cfg.label_column] for r in rows]
+    if labels is None:
+        labels = tuple(str(v) for v in sorted({_label_key(v) for v in raw_labels}, key=_sort_key))
+    index = {name: i for i, name in enumerate(labels)}
+    out = []
+    for i, row in enumerate(rows):
+        key = str(_label_key(row[cfg.label_column]))
+        if key not in index:
+            raise DataError(f"row {i} of {source!r} has label {key!r}, which is not among the known labels {list(labels)}")
+        text = row[cfg.text_column]
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"row {i} of {source!r} has an empty or non-text {cfg.text_column!r}")
+        out.append({"text": text, "label": index[key]})
+    return out, tuple(labels)
+
+
+def _label_key(value: Any) -> Any:
+    # Integral floats (pandas reads int columns with NaN as float) are the same label as ints.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    return (0, value) if isinstance(value, int | float) else (1, str(value))
+
+
+def instruction_records(rows: Sequence[Record], cfg: DataConfig, source: str) -> list[Record]:
+    """Map raw rows to ``{"instruction", "response"}`` records for causal-LM fine-tuning."""
+    _require_columns(rows, [cfg.instruction_column, cfg.response_column], source, "data.instruction_column / data.response_column")
+    return [{"instruction": str(r[cfg.instruction_column]), "response": str(r[cfg.response_column])} for r in rows]
+
+
+def load_task_data(cfg: DataConfig, task: str) -> TaskData:
+    """Return the run's train/test records and label names (deterministic for ``cfg.seed``)."""
+    if cfg.source == "embedded":
+        if task != "classification":
+            raise DataError("the embedded task is classification; pass data.source for causal-lm fine-tuning")
+        from fedlora.data.embedded import EMBEDDED_LABELS, embedded_splits
+
+        train, test = embedded_splits(cfg.num_train, cfg.num_test, cfg.seed)
+        return TaskData(list(train), list(test), tuple(EMBEDDED_LABELS))
+    rows = read_rows(cfg.source, cfg.format)
+    test_rows = read_rows(cfg.test_source, cfg.format) if cfg.test_source else None
+    if test_rows is None:
+        rows, test_rows = _split(rows, cfg.test_fraction, cfg.seed)
+    if task == "classification":
+        train, labels = classification_records(rows, cfg, cfg.source)
+        test, _ = classification_records(test_rows, cfg, cfg.test_source or cfg.source, labels)
+        return TaskData(train, test, labels)
+    return TaskData(
+        instruction_records(rows, cfg, cfg.source), instruction_records(test_rows, cfg, cfg.test_source or cfg.source), ()
+    )
+
+
+def _split(rows: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    import random
+
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_test = max(1, round(len(rows) * fraction))
+    if n_test >= len(rows):
+        raise DataError(f"only {len(rows)} rows: too few to hold out a test split; add data or pass data.test_source")
+    return [rows[i] for i in order[n_test:]], [rows[i] for i in order[:n_test]]

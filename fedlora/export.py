@@ -1,0 +1,74 @@
+"""Write an adapter in PEFT's on-disk format and read it back.
+
+The directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with the
+tensor names PEFT itself writes, so ``peft.PeftModel.from_pretrained(base, dir)`` loads it
+without fedlora installed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+
+from fedlora.adapters import AdapterState, state_rank
+
+META_FILE = "fedlora.json"
+
+
+def save_peft_adapter(
+    out_dir: Path,
+    state: Mapping[str, torch.Tensor],
+    *,
+    base_model: str,
+    task: str,
+    alpha: float,
+    target_modules: Sequence[str],
+    head_modules: Sequence[str] = (),
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``state`` (PEFT saved-form names) as a PEFT LoRA adapter directory and return it.
+
+    ``meta`` (label names, task, max length) goes to ``fedlora.json`` beside the adapter so
+    ``fedlora evaluate`` can score it; PEFT ignores that file.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rank = state_rank(state)
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(target_modules),
+        modules_to_save=list(head_modules) or None,
+        task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+        base_model_name_or_path=base_model,
+    )
+    cfg.save_pretrained(str(out_dir))
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    tmp = out_dir / "adapter_model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out_dir / "adapter_model.safetensors")
+    if meta is not None:
+        (out_dir / META_FILE).write_text(json.dumps(dict(meta), indent=2), encoding="utf-8")
+    return out_dir
+
+
+def load_peft_state(adapter_dir: Path) -> tuple[AdapterState, LoraConfig]:
+    """Return the tensors and LoRA config of a PEFT adapter directory.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the directory lacks ``adapter_config.json`` or the weights file.
+    """
+    from safetensors.torch import load_file
+
+    cfg_path, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise FileNotFoundError(f"{str(p)!r} not found: {str(adapter_dir)!r} is not a PEFT adapter directory")
+    return load_file(str(weights)), LoraConfig.from_pretrained(str(adapter_dir))

@@ -1,0 +1,54 @@
+"""The fedlora ServerApp (Flower glue): resolve the run config, then hand over to the round loop.
+
+Config sources, in order: the JSON file named by ``FEDLORA_CONFIG_FILE`` (written by
+``fedlora simulate``); otherwise Flower run-config, where ``scenario`` names a TOML file
+(relative paths resolve against the app directory) and every other key is an override
+such as ``num-server-rounds`` or ``train.lr``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora.config import RunConfig, from_json, load_toml, with_overrides
+from server.loop import ServerRun
+from server.outputs import default_run_dir
+
+CONFIG_ENV = "FEDLORA_CONFIG_FILE"
+APP_DIR = Path(__file__).resolve().parent.parent
+
+app = ServerApp()
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """Build the run config from Flower run-config (see module docstring)."""
+    values = dict(run_config)
+    scenario = str(values.pop("scenario", "") or "")
+    base = RunConfig()
+    if scenario:
+        path = Path(scenario)
+        base = load_toml(path if path.is_absolute() else APP_DIR / path)
+    return with_overrides(base, values)
+
+
+def resolve_config(context: Context) -> RunConfig:
+    """Return the run config for this ServerApp invocation."""
+    path = os.environ.get(CONFIG_ENV)
+    if path:
+        return from_json(Path(path).read_text(encoding="utf-8"))
+    return config_from_run_config(context.run_config)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run a federated LoRA fine-tuning."""
+    cfg = resolve_config(context)
+    run_dir = Path(cfg.output.out_dir) if cfg.output.out_dir else default_run_dir()
+    ServerRun(grid, cfg, run_dir).run()
+    print(f"results in {run_dir.resolve()}", flush=True)

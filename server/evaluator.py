@@ -1,0 +1,75 @@
+"""The server's own copy of the model: initial adapter template, held-out evaluation, export."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from fedlora.adapters import AdapterState, is_lora, split_state
+from fedlora.config import RunConfig
+from fedlora.data.encode import encode
+from fedlora.data.sources import Record
+from fedlora.export import save_peft_adapter
+from fedlora.models import adapter_state, get_lora_model, init_adapter_state, load_adapter_state, merged_into_base
+from fedlora.train import EvalResult, evaluate, resolve_device
+
+
+class ServerModel:
+    """Base model + adapters on the server, used for evaluation and export (never trained here)."""
+
+    def __init__(self, cfg: RunConfig, labels: tuple[str, ...], test: list[Record]) -> None:
+        self.cfg = cfg
+        self.labels = labels
+        self.num_labels = max(2, len(labels))
+        self.device = resolve_device(cfg.train.device)
+        first = self._loaded(cfg.max_rank())
+        self.test = encode(test, first.tokenizer, cfg.model.max_length, cfg.model.task)
+
+    def _loaded(self, rank: int, alpha: float | None = None):  # noqa: ANN202 - LoadedModel
+        alpha = self.cfg.lora.alpha_for(rank) if alpha is None else alpha
+        return get_lora_model(
+            self.cfg.model.name, self.cfg.model.task, self.num_labels, rank, alpha, 0.0, self.cfg.lora.target_modules
+        )
+
+    def template(self, rank: int, seed: int) -> AdapterState:
+        """Return the seeded initial adapter at ``rank`` (what every client derives too)."""
+        return init_adapter_state(adapter_state(self._loaded(rank), rank), seed)
+
+    def evaluate(self, adapter: Mapping[str, torch.Tensor], merge: Mapping[str, torch.Tensor] | None = None) -> EvalResult:
+        """Score ``adapter`` (and an optional base merge) on the held-out test split."""
+        pairs, _ = split_state(adapter)
+        rank = next(iter(pairs.values())).rank
+        alpha = self.cfg.lora.alpha_for(rank)
+        loaded = self._loaded(rank, alpha)
+        load_adapter_state(loaded, rank, adapter)
+        model = loaded.peft.to(self.device)
+        with merged_into_base(loaded, merge):
+            return evaluate(model, self.test, self.cfg.model.task, self.device, self.cfg.train.eval_batch_size)
+
+    def export(self, out_dir: Path, adapter: Mapping[str, torch.Tensor], merge: Mapping[str, torch.Tensor] | None) -> Path:
+        """Write the final global adapter in PEFT format.
+
+        With a base merge (FLoRA) the merge itself is the exported LoRA (scale folded in, so
+        ``alpha = rank``) and the adapter contributes only its head tensors.
+        """
+        loaded = self._loaded(self.cfg.max_rank())
+        if merge:
+            state = {**dict(merge), **{k: v for k, v in adapter.items() if not is_lora(k)}}
+            alpha = float(next(iter(split_state(merge)[0].values())).rank)
+        else:
+            state = dict(adapter)
+            alpha = self.cfg.lora.alpha_for(next(iter(split_state(adapter)[0].values())).rank)
+        meta = {"labels": list(self.labels), "model": self.cfg.model.name, "task": self.cfg.model.task,
+                "max_length": self.cfg.model.max_length, "strategy": self.cfg.federation.strategy}
+        return save_peft_adapter(
+            out_dir,
+            state,
+            meta=meta,
+            base_model=self.cfg.model.name,
+            task=self.cfg.model.task,
+            alpha=alpha,
+            target_modules=loaded.target_modules,
+            head_modules=loaded.head_modules,
+        )
