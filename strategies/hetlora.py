@@ -35,7 +35,9 @@ def product_norm(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def norm_weights(pairs: Sequence[LoraPair], scales: Sequence[float], fallback: torch.Tensor) -> torch.Tensor:
     """Return ``w_k`` proportional to ``||s_k B_k A_k||_F`` (``fallback`` when all norms are zero)."""
-    norms = torch.tensor([abs(s) * product_norm(p.a, p.b) for p, s in zip(pairs, scales, strict=True)])
+    norms = torch.tensor(
+        [abs(s) * product_norm(p.a, p.b) for p, s in zip(pairs, scales, strict=True)], dtype=torch.float64
+    )
     total = norms.sum()
     if not torch.isfinite(total) or total <= 0:
         return fallback.to(torch.float64)

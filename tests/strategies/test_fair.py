@@ -1,0 +1,143 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from strategy_testkit import HEAD_W, PROPERTY, clones, lora_state, product, result, same
+
+from fedlora.adapters import LoraPair
+from strategies.base import ClientSpec
+from strategies.common import StrategyError
+from strategies.fair import LoraFAIR, factored_cosine, fair_module
+from strategies.fedit import FedIT
+
+A, B = "m.lora_A.weight", "m.lora_B.weight"
+
+
+def cos(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(x.flatten(), y.flatten(), dim=0))
+
+
+def make(seed: int, k: int, r: int, d_out: int, d_in: int):
+    gen = torch.Generator().manual_seed(seed)
+    dims = {"m": (d_out, d_in)}
+    results = [
+        result(i, r, 2.0 * r, 1 + 5 * i, lora_state(gen, r, dims, dtype=torch.float64)) for i in range(k)
+    ]
+    return lora_state(gen, r, dims, dtype=torch.float64), results
+
+
+def ideal(results) -> torch.Tensor:
+    p = torch.tensor([x.num_examples for x in results], dtype=torch.float64)
+    p = p / p.sum()
+    return sum(pk * product(x.state, "m") for pk, x in zip(p, results, strict=True))
+
+
+def test_hand_zero_steps_equals_fedit_values():
+    s1 = {
+        A: torch.tensor([[1.0, 2.0]]),
+        B: torch.tensor([[1.0], [0.0], [2.0]]),
+        HEAD_W: torch.tensor([[4.0, 8.0]]),
+    }
+    s2 = {
+        A: torch.tensor([[3.0, 0.0]]),
+        B: torch.tensor([[0.0], [1.0], [-2.0]]),
+        HEAD_W: torch.tensor([[0.0, 4.0]]),
+    }
+    res = [result(0, 1, 2.0, 1, s1), result(1, 1, 2.0, 3, s2)]
+    out = LoraFAIR(steps=0).aggregate(s1, res)
+    assert torch.equal(out[A], torch.tensor([[2.5, 0.5]]))
+    assert torch.equal(out[B], torch.tensor([[0.25], [0.75], [-1.0]]))
+    assert torch.equal(out[HEAD_W], torch.tensor([[1.0, 5.0]]))
+
+
+@pytest.mark.parametrize("params", [{"steps": 0}, {"lam": math.inf}, {"lam": 1e12}])
+def test_degenerate_settings_give_fedit_exactly(params):
+    state, results = make(3, 3, 2, 5, 4)
+    out = LoraFAIR(**params).aggregate(state, results)
+    assert same(out, FedIT().aggregate(state, results))
+
+
+def test_hand_full_rank_a_reaches_cosine_one():
+    # r = d_in = 2 and A_bar = [[1.5, 0], [0, 1]] is invertible: the least-squares ceiling is 1.
+    p1 = LoraPair(
+        a=torch.tensor([[1.0, 0.0], [0.0, 1.0]]), b=torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
+    )
+    p2 = LoraPair(
+        a=torch.tensor([[2.0, 0.0], [0.0, 1.0]]), b=torch.tensor([[0.0, 2.0], [1.0, 0.0], [0.0, 0.0]])
+    )
+    w = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    dw = 0.5 * (p1.b @ p1.a + p2.b @ p2.a).double()
+    torch.testing.assert_close(dw, torch.tensor([[0.5, 1.0], [1.0, 0.0], [0.0, 0.5]], dtype=torch.float64))
+    a0, b0 = fair_module([p1, p2], w, 0.0, 0, 1e-2)
+    # FedIT: B_bar A_bar = [[.75, 1], [.75, 0], [0, .5]]; <dW, Y> = |Y|^2 = 2.375, |dW|^2 = 2.5
+    assert abs(cos(dw, b0 @ a0) - math.sqrt(2.375 / 2.5)) < 1e-12
+    a, b = fair_module([p1, p2], w, 1e-8, 2000, 1e-2)
+    assert torch.equal(a, a0)
+    assert cos(dw, b @ a) > 0.9999
+
+
+@PROPERTY
+@given(st.integers(0, 2**31), st.integers(2, 5), st.integers(1, 3), st.integers(2, 7), st.integers(2, 7))
+def test_property_cosine_between_fedit_and_least_squares_ceiling(seed, k, r, d_out, d_in):
+    state, results = make(seed, k, r, d_out, d_in)
+    before = clones([state, results])
+    out = LoraFAIR(steps=30, lr=1e-2).aggregate(state, results)
+    assert same(before, [state, results])
+    base = FedIT().aggregate(state, results)
+    dw = ideal(results)
+    a_bar = base[A].double()
+    ceiling = cos(dw, dw @ torch.linalg.pinv(a_bar) @ a_bar)
+    c_fedit, c_fair = cos(dw, product(base, "m")), cos(dw, product(out, "m"))
+    assert c_fedit - 1e-12 <= c_fair <= ceiling + 1e-9
+    assert torch.equal(out[A], base[A]) and torch.equal(out[HEAD_W], base[HEAD_W])
+
+
+def test_correction_improves_a_typical_case():
+    state, results = make(11, 4, 2, 8, 6)
+    out = LoraFAIR().aggregate(state, results)
+    base = FedIT().aggregate(state, results)
+    dw = ideal(results)
+    assert cos(dw, product(out, "m")) > cos(dw, product(base, "m")) + 1e-3
+
+
+def test_factored_cosine_matches_dense_and_handles_zero():
+    gen = torch.Generator().manual_seed(0)
+    b1, a1 = (
+        torch.randn(5, 3, generator=gen, dtype=torch.float64),
+        torch.randn(3, 4, generator=gen, dtype=torch.float64),
+    )
+    b2, a2 = (
+        torch.randn(5, 2, generator=gen, dtype=torch.float64),
+        torch.randn(2, 4, generator=gen, dtype=torch.float64),
+    )
+    assert abs(float(factored_cosine(b1, a1, b2, a2)) - cos(b1 @ a1, b2 @ a2)) < 1e-12
+    assert float(factored_cosine(b1, a1, torch.zeros_like(b2), a2)) == 0.0
+
+
+def test_zero_updates_give_fedit_without_nan():
+    gen = torch.Generator().manual_seed(0)
+    res = [result(i, 2, 4.0, 3, lora_state(gen, 2, {"m": (4, 3)}, zero_b=True)) for i in range(3)]
+    out = LoraFAIR().aggregate(res[0].state, res)
+    assert same(out, FedIT().aggregate(res[0].state, res))
+    assert all(bool(torch.isfinite(v).all()) for v in out.values())
+
+
+def test_cancelling_b_is_corrected_without_nan():
+    # B_bar = 0 while delta_W != 0: the cosine starts at 0 and must not become NaN.
+    s1 = {A: torch.tensor([[1.0, 0.0]]), B: torch.tensor([[1.0], [1.0]])}
+    s2 = {A: torch.tensor([[1.0, 1.0]]), B: torch.tensor([[-1.0], [-1.0]])}
+    res = [result(0, 1, 2.0, 1, s1), result(1, 1, 2.0, 1, s2)]
+    out = LoraFAIR(steps=50, lr=1e-2).aggregate(s1, res)
+    assert all(bool(torch.isfinite(v).all()) for v in out.values())
+    dw = ideal(res)  # [[0, -.5], [0, -.5]]; A_bar = [[1, .5]], so the ceiling is .5 / |(1, .5)|
+    assert abs(cos(dw, product(out, "m")) - 0.5 / math.sqrt(1.25)) < 1e-3
+
+
+def test_mixed_ranks_refused():
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(StrategyError, match="hetlora"):
+        LoraFAIR().init_state(
+            lora_state(gen, 2, {"m": (3, 2)}), [ClientSpec(0, 2, 4.0), ClientSpec(1, 1, 2.0)]
+        )

@@ -1,0 +1,73 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from strategy_testkit import HEAD_W, PROPERTY, clones, lora_state, product, result, same
+
+from fedlora.adapters import is_lora_a
+from strategies.base import ClientSpec
+from strategies.common import StrategyError
+from strategies.ffa import FINGERPRINT_KEY, FFALoRA, a_fingerprint, ffa_aggregate
+
+A, B = "m.lora_A.weight", "m.lora_B.weight"
+SPECS = [ClientSpec(0, 1, 2.0), ClientSpec(1, 1, 2.0)]
+
+
+def test_hand_computed_b_average_keeps_a():
+    state = {A: torch.tensor([[1.0, 2.0]]), B: torch.zeros(3, 1), HEAD_W: torch.zeros(1, 2)}
+    s1 = {B: torch.tensor([[1.0], [0.0], [2.0]]), HEAD_W: torch.tensor([[4.0, 8.0]])}
+    s2 = {B: torch.tensor([[0.0], [1.0], [-2.0]]), HEAD_W: torch.tensor([[0.0, 4.0]])}
+    out = FFALoRA().aggregate(state, [result(0, 1, 2.0, 1, s1), result(1, 1, 2.0, 3, s2)])
+    assert list(out) == list(state)
+    assert torch.equal(out[A], state[A]) and out[A] is not state[A]
+    assert torch.equal(out[B], torch.tensor([[0.25], [0.75], [-1.0]]))
+    assert torch.equal(out[HEAD_W], torch.tensor([[1.0, 5.0]]))
+
+
+def test_payload_omits_a_freezes_it_and_carries_its_fingerprint():
+    gen = torch.Generator().manual_seed(0)
+    template = lora_state(gen, 2, {"m": (3, 4), "n": (4, 4)}, zero_b=True)
+    s = FFALoRA()
+    state = s.init_state(template, SPECS[:1])
+    p = s.payload(state, ClientSpec(0, 2, 4.0))
+    assert not any(is_lora_a(k) for k in p.adapter) and B in p.adapter and HEAD_W in p.adapter
+    assert p.train_a is False and p.merge is None and not p.fresh_adapter
+    assert p.extras[FINGERPRINT_KEY] == a_fingerprint(template)
+    # the client computes the same digest from its own full adapter (head, B ignored)
+    client_side = {**template, B: torch.ones(3, 2), HEAD_W: torch.ones(2, 3)}
+    assert a_fingerprint(client_side) == p.extras[FINGERPRINT_KEY]
+    assert a_fingerprint({**template, A: template[A] + 1e-3}) != p.extras[FINGERPRINT_KEY]
+    assert same(s.final_adapter(state, ClientSpec(0, 2, 4.0)), state)
+
+
+def test_init_rejects_zero_a_and_mixed_ranks():
+    gen = torch.Generator().manual_seed(0)
+    template = lora_state(gen, 1, {"m": (3, 2)}, zero_b=True)
+    with pytest.raises(StrategyError, match="all zeros"):
+        FFALoRA().init_state({**template, A: torch.zeros(1, 2)}, SPECS)
+    with pytest.raises(StrategyError, match="hetlora"):
+        FFALoRA().init_state(template, [ClientSpec(0, 1, 2.0), ClientSpec(1, 2, 4.0)])
+    with pytest.raises(StrategyError, match="no"):
+        ffa_aggregate({HEAD_W: torch.zeros(1)}, [{HEAD_W: torch.ones(1)}], torch.tensor([1.0]))
+
+
+@PROPERTY
+@given(st.integers(0, 2**31), st.integers(1, 6), st.integers(1, 4), st.integers(1, 6), st.integers(1, 6))
+def test_property_product_average_is_exact(seed, k, r, d_out, d_in):
+    gen = torch.Generator().manual_seed(seed)
+    dims = {"m": (d_out, d_in)}
+    state = lora_state(gen, r, dims, dtype=torch.float64)
+    results = []
+    for i in range(k):
+        trained = lora_state(gen, r, dims, dtype=torch.float64)
+        results.append(
+            result(i, r, 2.0 * r, 1 + 7 * i, {k_: v for k_, v in trained.items() if not is_lora_a(k_)})
+        )
+    before = clones([state, results])
+    out = FFALoRA().aggregate(state, results)
+    assert same(before, [state, results])
+    p = torch.tensor([x.num_examples for x in results], dtype=torch.float64)
+    p = p / p.sum()
+    ideal = sum(pk * product({**x.state, A: state[A]}, "m") for pk, x in zip(p, results, strict=True))
+    torch.testing.assert_close(product(out, "m"), ideal, rtol=1e-10, atol=1e-10)
+    assert torch.equal(out[A], state[A])

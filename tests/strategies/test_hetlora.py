@@ -1,0 +1,135 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from strategy_testkit import HEAD_W, PROPERTY, clones, lora_state, product, result, same
+
+from fedlora.adapters import LoraPair
+from strategies.base import ClientSpec
+from strategies.common import StrategyError, pad_rank
+from strategies.hetlora import HetLoRA, norm_weights, product_norm
+from strategies.ranked import client_view
+
+A, B = "m.lora_A.weight", "m.lora_B.weight"
+
+
+def started(specs, rank=2, seed=0, dims=None):
+    s = HetLoRA()
+    gen = torch.Generator().manual_seed(seed)
+    template = lora_state(gen, rank, dims or {"m": (3, 2)}, zero_b=True, head=None)
+    state = s.init_state({**template, HEAD_W: torch.zeros(1, 2)}, specs)
+    return s, state
+
+
+def test_hand_computed_norm_weighted_padding():
+    # client 0: r=1, s=2, 2 B A = [[2, 0], [0, 0], [0, 0]] -> norm 2
+    # client 1: r=2, s=2, 2 B A = [[0, 0], [0, 4], [0, 0]] -> norm 4  => w = (1/3, 2/3)
+    specs = [ClientSpec(0, 1, 2.0), ClientSpec(1, 2, 4.0)]
+    s, state = started(specs)
+    s1 = {
+        A: torch.tensor([[1.0, 0.0]]),
+        B: torch.tensor([[1.0], [0.0], [0.0]]),
+        HEAD_W: torch.tensor([[4.0, 8.0]]),
+    }
+    s2 = {
+        A: torch.tensor([[0.0, 1.0], [1.0, 0.0]]),
+        B: torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 0.0]]),
+        HEAD_W: torch.tensor([[0.0, 4.0]]),
+    }
+    out = s.aggregate(state, [result(0, 1, 2.0, 1, s1), result(1, 2, 4.0, 3, s2)])
+    torch.testing.assert_close(out[A], torch.tensor([[1 / 3, 2 / 3], [2 / 3, 0.0]]))
+    torch.testing.assert_close(out[B], torch.tensor([[1 / 3, 0.0], [4 / 3, 0.0], [0.0, 0.0]]))
+    assert torch.equal(out[HEAD_W], torch.tensor([[1.0, 5.0]]))  # the head uses example weights
+    assert list(out) == list(state)
+
+
+def test_zero_updates_fall_back_to_example_weights():
+    specs = [ClientSpec(0, 1, 2.0), ClientSpec(1, 2, 4.0)]
+    s, state = started(specs)
+    s1 = {A: torch.tensor([[4.0, 0.0]]), B: torch.zeros(3, 1), HEAD_W: torch.zeros(1, 2)}
+    s2 = {A: torch.tensor([[0.0, 4.0], [0.0, 0.0]]), B: torch.zeros(3, 2), HEAD_W: torch.zeros(1, 2)}
+    out = s.aggregate(state, [result(0, 1, 2.0, 1, s1), result(1, 2, 4.0, 3, s2)])
+    assert torch.equal(out[A], torch.tensor([[1.0, 3.0], [0.0, 0.0]]))
+    assert not out[B].any()
+
+
+def test_payload_slices_and_folds_scale():
+    specs = [ClientSpec(0, 3, 6.0), ClientSpec(1, 1, 1.0)]  # s_g = 2, client 1 has s = 1
+    s, state = started(specs, rank=3)
+    state = {**state, B: torch.arange(9.0).reshape(3, 3)}
+    p = s.payload(state, specs[1])
+    assert p.adapter[A].shape == (1, 2) and p.adapter[B].shape == (3, 1)
+    torch.testing.assert_close(p.adapter[B], 2.0 * state[B][:, :1])
+    torch.testing.assert_close(
+        product(p.adapter, "m", 1.0), product({**state, A: state[A][:1], B: state[B][:, :1]}, "m", 2.0)
+    )
+    with pytest.raises(StrategyError, match="above the global rank 3"):
+        s.payload(state, ClientSpec(2, 4, 8.0))
+
+
+def test_init_checks_template_rank_and_requires_init():
+    with pytest.raises(StrategyError, match="build the template at rank 4"):
+        started([ClientSpec(0, 4, 8.0)], rank=2)
+    with pytest.raises(StrategyError, match="init_state"):
+        HetLoRA().global_scale  # noqa: B018
+    s, _ = started([ClientSpec(0, 2, 4.0), ClientSpec(1, 1, 1.0)])
+    assert s.state_dict() == {"global_rank": 2, "global_scale": 2.0}
+    t = HetLoRA()
+    t.load_state_dict(s.state_dict())
+    assert (t.global_rank, t.global_scale) == (2, 2.0)
+
+
+@PROPERTY
+@given(
+    st.integers(0, 2**31),
+    st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    st.integers(1, 5),
+    st.integers(1, 5),
+)
+def test_property_padding_and_views_preserve_each_clients_product(seed, ranks, d_out, d_in):
+    gen = torch.Generator().manual_seed(seed)
+    alphas = [float(torch.randint(1, 9, (1,), generator=gen)) for _ in ranks]
+    specs = [ClientSpec(i, r, a) for i, (r, a) in enumerate(zip(ranks, alphas, strict=True))]
+    s, _ = started(specs, rank=max(ranks), seed=seed, dims={"m": (d_out, d_in)})
+    sg = s.global_scale
+    for spec in specs:
+        st_k = lora_state(gen, spec.rank, {"m": (d_out, d_in)}, dtype=torch.float64, head=None)
+        # padding with the scale folded leaves the client's own product unchanged
+        a_pad, b_pad = pad_rank(st_k[A], st_k[B] * (spec.scale / sg), max(ranks))
+        torch.testing.assert_close(sg * b_pad @ a_pad, product(st_k, "m", spec.scale))
+        # the global state's view for the client carries the same product the global state does
+        g = {A: a_pad, B: b_pad}
+        view = client_view(g, spec.rank, sg / spec.scale)
+        torch.testing.assert_close(product(view, "m", spec.scale), product(st_k, "m", spec.scale))
+
+
+@PROPERTY
+@given(st.integers(0, 2**31), st.lists(st.integers(1, 4), min_size=1, max_size=5))
+def test_property_aggregate_is_norm_weighted_padded_mean(seed, ranks):
+    gen = torch.Generator().manual_seed(seed)
+    specs = [ClientSpec(i, r, 2.0 * r) for i, r in enumerate(ranks)]
+    s, state = started(specs, rank=max(ranks), seed=seed, dims={"m": (4, 3)})
+    results = [
+        result(
+            i, r, 2.0 * r, 1 + i, {**lora_state(gen, r, {"m": (4, 3)}, head=None), HEAD_W: torch.ones(1, 2)}
+        )
+        for i, r in enumerate(ranks)
+    ]
+    before = clones([state, results])
+    out = s.aggregate(state, results)
+    assert same(before, [state, results])
+    pairs = [LoraPair(x.state[A], x.state[B]) for x in results]
+    w = norm_weights(pairs, [x.spec.scale for x in results], torch.tensor([1.0] * len(ranks)))
+    assert abs(float(w.sum()) - 1.0) < 1e-12
+    norms = torch.tensor([2.0 * product_norm(p.a, p.b) for p in pairs], dtype=torch.float64)
+    torch.testing.assert_close(w, norms / norms.sum())
+    exp_a = sum(
+        wk * pad_rank(p.a.double(), p.b.double(), max(ranks))[0] for wk, p in zip(w, pairs, strict=True)
+    )
+    torch.testing.assert_close(out[A].double(), exp_a, rtol=1e-5, atol=1e-6)
+
+
+def test_product_norm_matches_dense():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 5, generator=gen), torch.randn(4, 3, generator=gen)
+    assert abs(product_norm(a, b) - float(torch.linalg.matrix_norm((b @ a).double()))) < 1e-5
