@@ -29,6 +29,7 @@ import math
 from collections.abc import Iterable
 from typing import Literal
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 AccountantName = Literal["rdp", "prv"]
@@ -140,5 +141,6 @@ def _epsilon_cached(blocks: tuple[HistoryBlock, ...], delta: float, accountant: 
     acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
     acc.history = list(blocks)
     if accountant == "prv":
-        return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
+        with np.errstate(divide="ignore"):  # log(0) at q = 1 is handled inside Opacus' PRV
+            return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
     return float(acc.get_epsilon(delta=delta))

@@ -48,7 +48,7 @@ def calibrate_noise_multiplier(
     sample_rate: float,
     total_steps: int,
     accountant: str = "rdp",
-    epsilon_tolerance: float = 0.01,
+    epsilon_tolerance: float | None = None,
 ) -> float:
     """Return σ such that ``total_steps`` steps at rate ``sample_rate`` spend at most ``target_epsilon``.
 
@@ -66,7 +66,8 @@ def calibrate_noise_multiplier(
     accountant
         ``"rdp"`` or ``"prv"``; report ε with the same accountant.
     epsilon_tolerance
-        The returned σ gives ``target - tolerance <= ε <= target``.
+        The returned σ gives ``target - tolerance <= ε <= target``; default
+        ``min(0.01, target_epsilon / 100)``.
 
     Returns
     -------
@@ -89,6 +90,8 @@ def calibrate_noise_multiplier(
         raise CalibrationError(f"sample_rate={sample_rate!r} must lie in (0, 1]")
     if isinstance(total_steps, bool) or int(total_steps) != total_steps or total_steps < 1:
         raise CalibrationError(f"total_steps={total_steps!r} must be a positive integer")
+    if epsilon_tolerance is None:
+        epsilon_tolerance = min(0.01, target_epsilon / 100)
     if not (0.0 < epsilon_tolerance < target_epsilon):
         raise CalibrationError(
             f"epsilon_tolerance={epsilon_tolerance!r} must lie in (0, target_epsilon={target_epsilon})"

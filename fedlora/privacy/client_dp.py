@@ -44,8 +44,8 @@ _REFUSED: dict[str, str] = {
     "individually, not inside a noisy sum",
     "hetlora": "HetLoRA zero-pads heterogeneous ranks and weights clients by data-dependent update norms, "
     "so one client's influence is not bounded by C",
-    "fair": "FAIR refines the aggregated factors with a data-dependent least-squares correction on the "
-    "clients' products; the noisy sum is not what gets released",
+    "fair": "LoRA-FAIR fits a correction of B to the ideal update sum_k p_k B_k A_k of the clients' "
+    "individual products; the noisy sum is not what gets released",
 }
 
 

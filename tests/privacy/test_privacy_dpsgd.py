@@ -1,0 +1,200 @@
+"""DP-SGD wiring on a tiny PEFT BERT: weights move, base stays, empty batches, FFA, clip bound."""
+
+import math
+
+import pytest
+import torch
+from privacy_models import tiny_peft_bert, token_loader
+
+from fedlora.adapters import is_lora_a, is_lora_b
+from fedlora.privacy.dpsgd import (
+    DPSetupError,
+    EmptyBatchGuard,
+    adapter_state,
+    check_adapter_moved,
+    make_private_lora,
+    unwrap,
+)
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def frozen_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def run_epoch(private, zero_loss=False):
+    model, optimizer, loader = private
+    sizes = []
+    for ids, mask, labels in loader:
+        sizes.append(int(ids.shape[0]))
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        loss = out.logits.sum() * 0.0 if zero_loss else out.loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return sizes
+
+
+def test_dp_training_moves_lora_and_head_not_base(peft_bert):
+    before, base = adapter_state(peft_bert), frozen_state(peft_bert)
+    opt = torch.optim.SGD(trainable(peft_bert), lr=0.5)
+    private = make_private_lora(
+        peft_bert,
+        opt,
+        token_loader(16, 4),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        noise_generator=torch.Generator().manual_seed(1),
+    )
+    sizes = run_epoch(private)
+    after = adapter_state(private.model)
+    assert set(after) == set(before) and not any("_module." in k for k in after)
+    changed = set(check_adapter_moved(before, after))
+    assert {k for k in after if is_lora_b(k)} <= changed  # opacus#820 guard: B really moved
+    assert "base_model.model.classifier.weight" in changed
+    model = private.release()
+    for name, p in model.named_parameters():
+        if name in base:
+            assert torch.equal(p, base[name]), f"frozen {name} changed"
+    entry = private.ledger_entry(round=3)
+    assert (entry.round, entry.steps, entry.sampling) == (3, len(sizes), "poisson")
+    assert entry.sample_rate == pytest.approx(0.25) and entry.noise_multiplier == 1.0
+
+
+def test_empty_poisson_batches_do_not_crash():
+    model = tiny_peft_bert()
+    opt = torch.optim.SGD(trainable(model), lr=0.1)
+    # 3 records at q = 1/3: a batch is empty with probability (2/3)^3 ≈ 0.3, the first one included.
+    private = make_private_lora(
+        model, opt, token_loader(3, 1, seed=5), noise_multiplier=1.0, max_grad_norm=1.0
+    )
+    guard = private.data_loader.collate_fn
+    assert isinstance(guard, EmptyBatchGuard)
+    for _ in range(4):
+        run_epoch(private)
+    assert guard.empty_batches > 0
+    assert private.steps_taken() == 12  # every batch, empty or not, is a noisy step
+    assert all(torch.isfinite(t).all() for t in adapter_state(private.model).values())
+
+
+def test_first_batch_empty_is_handled():
+    guard = EmptyBatchGuard(torch.utils.data.default_collate, {"x": torch.zeros(1, 8, dtype=torch.long)})
+    dummy = guard([])
+    assert dummy["x"].shape == (1, 8) and dummy["x"].dtype == torch.long and guard.empty_batches == 1
+
+
+def test_ffa_freezing_leaves_a_unchanged():
+    model = tiny_peft_bert()
+    for name, p in model.named_parameters():
+        if "lora_A" in name:
+            p.requires_grad_(False)
+    before = adapter_state(model)
+    opt = torch.optim.SGD(trainable(model), lr=0.5)
+    private = make_private_lora(model, opt, token_loader(16, 4), noise_multiplier=1.0, max_grad_norm=1.0)
+    model, optimizer, loader = private
+    ids, mask, labels = next(iter(loader))
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    sampled = {n for n, p in unwrap(model).named_parameters() if getattr(p, "grad_sample", None) is not None}
+    assert sampled and not any("lora_A" in n for n in sampled)  # frozen A gets no per-sample grads
+    optimizer.step()
+    optimizer.zero_grad()
+    run_epoch(private)
+    after = adapter_state(private.model)
+    for k in after:
+        if is_lora_a(k):
+            assert torch.equal(after[k], before[k]), f"{k} changed under FFA"
+        else:
+            assert not torch.equal(after[k], before[k]), f"{k} did not move"
+    frozen_ids = {id(p) for n, p in private.release().named_parameters() if "lora_A" in n}
+    assert not frozen_ids & {id(p) for p in private.optimizer.params}
+
+
+@pytest.mark.parametrize(("seed", "clip"), [(0, 1e-3), (1, 1e-2), (2, 0.1)])
+def test_per_sample_clip_bounds_the_step(seed, clip):
+    # σ = 0, fixed batch = whole dataset: q = 1, the step is mean of clipped grads, so ||Δθ|| ≤ lr·C.
+    model = tiny_peft_bert(seed)
+    before = torch.cat([p.detach().flatten().clone() for p in trainable(model)])
+    opt = torch.optim.SGD(trainable(model), lr=1.0)
+    private = make_private_lora(
+        model, opt, token_loader(6, 6, seed), noise_multiplier=0.0, max_grad_norm=clip, poisson_sampling=False
+    )
+    run_epoch(private)
+    step = torch.cat([p.detach().flatten() for p in trainable(private.model)]) - before
+    assert 0 < float(step.norm()) <= clip * (1 + 1e-4)
+    assert private.ledger_entry(1).sampling == "fixed"
+
+
+def test_single_large_gradient_is_clipped_to_c():
+    model = tiny_peft_bert(3)
+    before = torch.cat([p.detach().flatten().clone() for p in trainable(model)])
+    opt = torch.optim.SGD(trainable(model), lr=1.0)
+    private = make_private_lora(
+        model, opt, token_loader(1, 1), noise_multiplier=0.0, max_grad_norm=1e-4, poisson_sampling=False
+    )
+    run_epoch(private)
+    step = torch.cat([p.detach().flatten() for p in trainable(private.model)]) - before
+    assert float(step.norm()) == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_noise_scale_matches_sigma_c_over_batch():
+    # Zero loss: the update is pure noise N(0, (σC / expected_batch)^2) per trainable coordinate.
+    model = tiny_peft_bert(4)
+    before = torch.cat([p.detach().flatten().clone() for p in trainable(model)])
+    opt = torch.optim.SGD(trainable(model), lr=1.0)
+    sigma, clip, batch = 2.0, 0.5, 4
+    private = make_private_lora(
+        model,
+        opt,
+        token_loader(batch, batch),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        poisson_sampling=False,
+        noise_generator=torch.Generator().manual_seed(0),
+    )
+    run_epoch(private, zero_loss=True)
+    noise = torch.cat([p.detach().flatten() for p in trainable(private.model)]) - before
+    assert noise.numel() > 1000
+    assert float(noise.std()) == pytest.approx(sigma * clip / batch, rel=0.1)
+    assert abs(float(noise.mean())) < 4 * sigma * clip / batch / math.sqrt(noise.numel())
+
+
+def test_release_allows_rewrapping_without_leftovers(peft_bert):
+    opt = torch.optim.SGD(trainable(peft_bert), lr=0.1)
+    private = make_private_lora(peft_bert, opt, token_loader(8, 4), noise_multiplier=1.0, max_grad_norm=1.0)
+    run_epoch(private)
+    with pytest.raises(DPSetupError, match="already wrapped"):
+        make_private_lora(private.model, opt, token_loader(8, 4), noise_multiplier=1.0, max_grad_norm=1.0)
+    model = private.release()
+    assert unwrap(private.model) is model
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+    again = make_private_lora(
+        model,
+        torch.optim.SGD(trainable(model), lr=0.1),
+        token_loader(8, 4),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    run_epoch(again)
+    assert again.steps_taken() == 2
+
+
+def test_setup_errors_name_the_fix(peft_bert):
+    loader = token_loader(8, 4)
+    foreign = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.raises(DPSetupError, match="opacus#820"):
+        make_private_lora(peft_bert, foreign, loader, noise_multiplier=1.0, max_grad_norm=1.0)
+    opt = torch.optim.SGD(trainable(peft_bert), lr=0.1)
+    with pytest.raises(DPSetupError, match="max_grad_norm=0"):
+        make_private_lora(peft_bert, opt, loader, noise_multiplier=1.0, max_grad_norm=0)
+    with pytest.raises(DPSetupError, match="noise_multiplier=-1"):
+        make_private_lora(peft_bert, opt, loader, noise_multiplier=-1, max_grad_norm=1.0)
+    for p in peft_bert.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(DPSetupError, match="requires_grad"):
+        make_private_lora(peft_bert, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0)
+    state = adapter_state(peft_bert)
+    with pytest.raises(RuntimeError, match="opacus#820"):
+        check_adapter_moved(state, state)
