@@ -103,11 +103,14 @@ def build_report(
     ]
     dp = facts.mode != "none" and bool(rows)
     if dp:
-        worst = max(r["epsilon_rdp"] for r in rows)
+        key = "epsilon_prv" if facts.accountant == "prv" else "epsilon_rdp"
+        worst = max(r[key] if r[key] is not None else r["epsilon_rdp"] for r in rows)
+        whom = "every client's training data" if facts.mode == "record" else "every client"
         guarantee = (
-            f"({format_epsilon(worst)}, {rows[0]['delta']:g})-differential privacy at most for every "
-            f"{facts.unit}-level neighbour ({facts.neighbouring}), by Opacus' RDP accountant; each "
-            "client's own ε is listed below."
+            f"{whom[0].upper()}{whom[1:]} is protected by ({format_epsilon(worst)}, {rows[0]['delta']:g})-"
+            f"differential privacy or better, with neighbouring datasets differing by: {facts.neighbouring} "
+            f"(largest ε over {len(rows)} ledger(s), Opacus {facts.accountant.upper()} accountant). "
+            "Each ledger's own ε is listed below."
         )
     elif facts.mode != "none":
         guarantee = "DP was configured but no client completed a DP round: nothing was released under DP."
@@ -138,6 +141,7 @@ def build_report(
             {
                 **r,
                 "epsilon_rdp": _json_number(r["epsilon_rdp"]),
+                "epsilon_prv": _json_number(r["epsilon_prv"]),
                 "trajectory_rdp": [[rd, _json_number(e)] for rd, e in r["trajectory_rdp"]],
             }
             for r in rows
@@ -154,6 +158,7 @@ def epsilon_plot_png(report: Mapping[str, Any]) -> bytes | None:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     try:
@@ -163,6 +168,8 @@ def epsilon_plot_png(report: Mapping[str, Any]) -> bytes | None:
         target = report["facts"].get("target_epsilon")
         if target is not None:
             ax.axhline(target, linestyle="--", color="black", label=f"target ε = {target:g}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("round")
         ax.set_ylabel(f"ε (RDP, δ = {clients[0]['delta']:g})")
         ax.set_title("Privacy spent after each round")

@@ -42,7 +42,19 @@ def _rounds(rs: Sequence[int]) -> str:
 
 def client_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Return the header and the text cells of the per-client table."""
-    header = ["client", "ε (RDP)", "ε (PRV)", "δ", "σ", "C", "q", "sampling", "steps", "rounds"]
+    header = [
+        "client",
+        "ε (RDP)",
+        "ε (PRV)",
+        "δ",
+        "σ",
+        "C",
+        "q",
+        "sampling",
+        "steps",
+        "rounds",
+        "within target",
+    ]
     rows = []
     for c in report["clients"]:
         prv = format_epsilon(c["epsilon_prv"]) if c["epsilon_prv"] is not None else f"n/a ({c['prv_error']})"
@@ -58,6 +70,7 @@ def client_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
                 ", ".join(c["sampling"]),
                 str(c["total_steps"]),
                 _rounds(c["rounds"]),
+                {True: "yes", False: "NO", None: "no target"}[c["within_budget"]],
             ]
         )
     return header, rows

@@ -52,7 +52,7 @@ SECURE_RNG_REASON = (
 )
 NEIGHBOURING: dict[str, str | None] = {
     "none": None,
-    "record": "add/remove one training example of one client's local dataset (per-client guarantee)",
+    "record": "add/remove one training example in one client's local dataset",
     "client": "add/remove all data of one client (the client's whole participation in the run)",
 }
 
