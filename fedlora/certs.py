@@ -406,11 +406,7 @@ def write_node_keys(out_dir: Path, name: str, force: bool = False) -> NodeKeyPat
     ValueError
         If ``name`` is not a safe file name.
     """
-    if not _NODE_NAME.match(name):
-        raise ValueError(
-            f"Invalid node name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit (e.g. 'hospital-a')."
-        )
+    check_node_name(name)
     out = Path(out_dir)
     paths = NodeKeyPaths(private_key=out / f"{name}.key", public_key=out / f"{name}.pub")
     if not force:
@@ -419,6 +415,16 @@ def write_node_keys(out_dir: Path, name: str, force: bool = False) -> NodeKeyPat
     write_file(paths.private_key, private, private=True, force=force)
     write_file(paths.public_key, public, private=False, force=force)
     return paths
+
+
+def check_node_name(name: str) -> str:
+    """Return ``name`` if it is a safe node/file name, else raise ``ValueError``."""
+    if not _NODE_NAME.match(name):
+        raise ValueError(
+            f"Invalid node name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit (e.g. 'hospital-a')."
+        )
+    return name
 
 
 # --------------------------------------------------------------------------- CLI
