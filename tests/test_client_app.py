@@ -1,0 +1,104 @@
+"""The ClientApp called in-process with real Flower messages (no simulation engine)."""
+
+import json
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from clients.app import app
+from clients.round import PayloadError
+from fedlora.adapters import is_lora_a, is_lora_b
+from fedlora.config import RunConfig, with_overrides
+from fedlora.models import adapter_state, get_lora_model, init_adapter_state
+from strategies.common import fingerprint
+from strategies.wire import QUERY, TRAIN, from_record, to_record
+
+LABELS = ["person", "animal", "vehicle", "robot"]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    # Flower stamps messages with the running task's identity; set one as a runtime would.
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _cfg(**over) -> RunConfig:
+    base = {"data.num_train": 80, "data.num_test": 20, "train.local_steps": 2, "train.batch_size": 8,
+            "federation.num_clients": 2, "lora.rank": 4}
+    return with_overrides(RunConfig(), {**base, **over})
+
+
+def _context(pid=0, n=2, **node):
+    return Context(run_id=1, node_id=pid + 10, node_config={"partition-id": pid, "num-partitions": n, **node},
+                   state=RecordDict(), run_config={})
+
+
+def _template(rank=4):
+    return init_adapter_state(adapter_state(get_lora_model("minilm", "classification", 4, rank, 2.0 * rank), rank), 0)
+
+
+def _train_msg(cfg, adapter, rank=4, **conf):
+    content = RecordDict({
+        "adapter": to_record(adapter),
+        "config": ConfigRecord({"run-config": cfg.to_json(), "labels": json.dumps(LABELS), "round": 1, "rank": rank,
+                                "alpha": 2.0 * rank, "seed": 0, "train-a": True, "fresh-adapter": False, **conf}),
+    })
+    return Message(content, dst_node_id=10, message_type=TRAIN)
+
+
+def test_query_reports_rank_from_node_config():
+    cfg = _cfg()
+    msg = Message(RecordDict({"config": ConfigRecord({"run-config": cfg.to_json(), "labels": json.dumps(LABELS)})}),
+                  dst_node_id=10, message_type=QUERY)
+    info = app(msg, _context(pid=1, **{"lora-rank": 16})).content["info"]
+    assert info["rank"] == 16 and info["alpha"] == 32.0 and info["num-examples"] == 36
+
+
+def test_train_round_sends_only_adapter_deltas():
+    cfg = _cfg()
+    start = _template()
+    reply = app(_train_msg(cfg, start), _context())
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    upd = from_record(reply.content["update"])
+    assert set(upd) == set(start)  # adapter + head only: no base weights travel
+    assert all(".lora_" in k or ".classifier." in k for k in upd)
+    assert any(torch.count_nonzero(v) for k, v in upd.items() if is_lora_b(k))
+    m = reply.content["metrics"]
+    assert m["num-examples"] == 36 and m["steps"] == 2 and m["bytes-up"] > 0
+
+
+def test_ffa_client_trains_only_b_and_checks_shared_a():
+    cfg = _cfg()
+    start = _template()
+    no_a = {k: v for k, v in start.items() if not is_lora_a(k)}
+    fp = fingerprint({k: v for k, v in start.items() if is_lora_a(k)})
+    reply = app(_train_msg(cfg, no_a, **{"train-a": False, "a-fingerprint": fp}), _context())
+    assert not reply.has_error()
+    upd = from_record(reply.content["update"])
+    assert not any(is_lora_a(k) for k in upd) and any(is_lora_b(k) for k in upd)
+    with pytest.raises(PayloadError, match="fingerprint mismatch"):
+        app(_train_msg(cfg, no_a, **{"train-a": False, "a-fingerprint": "0" * 64}), _context())
+
+
+def test_client_refuses_wrong_rank_and_non_finite_payload():
+    cfg = _cfg()
+    with pytest.raises(PayloadError, match="configured for rank 4"):
+        app(_train_msg(cfg, _template(8), rank=8), _context())
+    start = _template()
+    key = next(k for k in start if is_lora_b(k))
+    start[key] = torch.full_like(start[key], float("nan"))
+    with pytest.raises(PayloadError, match="non-finite"):
+        app(_train_msg(cfg, start), _context())
+
+
+@pytest.mark.parametrize("pid", [0, 1])
+def test_partitions_differ_between_nodes(pid):
+    from clients.node import local_data, node_settings
+
+    cfg = _cfg()
+    train, _ = local_data(cfg, node_settings(cfg, {"partition-id": pid, "num-partitions": 2}), tuple(LABELS))
+    other, _ = local_data(cfg, node_settings(cfg, {"partition-id": 1 - pid, "num-partitions": 2}), tuple(LABELS))
+    assert not {r["text"] for r in train} & {r["text"] for r in other}
