@@ -67,15 +67,20 @@ def test_dp_training_moves_lora_and_head_not_base(peft_bert):
 def test_empty_poisson_batches_do_not_crash():
     model = tiny_peft_bert()
     opt = torch.optim.SGD(trainable(model), lr=0.1)
-    # 3 records at q = 1/3: a batch is empty with probability (2/3)^3 ≈ 0.3, the first one included.
+    # 3 records at q = 1/3: a batch is empty with probability (2/3)^3 ≈ 0.3. With this seed the
+    # very first batch is empty, before Opacus has seen any batch to copy a structure from.
     private = make_private_lora(
-        model, opt, token_loader(3, 1, seed=5), noise_multiplier=1.0, max_grad_norm=1.0
+        model, opt, token_loader(3, 1, seed=1), noise_multiplier=1.0, max_grad_norm=1.0
     )
     guard = private.data_loader.collate_fn
     assert isinstance(guard, EmptyBatchGuard)
+    it = iter(private.data_loader)
+    first = next(it)
+    assert guard.empty_batches == 1 and first[0].shape == (1, 8)
+    del it
     for _ in range(4):
         run_epoch(private)
-    assert guard.empty_batches > 0
+    assert guard.empty_batches > 1
     assert private.steps_taken() == 12  # every batch, empty or not, is a noisy step
     assert all(torch.isfinite(t).all() for t in adapter_state(private.model).values())
 
@@ -159,6 +164,28 @@ def test_noise_scale_matches_sigma_c_over_batch():
     assert noise.numel() > 1000
     assert float(noise.std()) == pytest.approx(sigma * clip / batch, rel=0.1)
     assert abs(float(noise.mean())) < 4 * sigma * clip / batch / math.sqrt(noise.numel())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dp_training_on_cuda_moves_adapter():
+    model = tiny_peft_bert().to("cuda")  # move first, then build the optimizer (opacus#820)
+    before = adapter_state(model)
+    opt = torch.optim.SGD(trainable(model), lr=0.5)
+    private = make_private_lora(
+        model,
+        opt,
+        token_loader(16, 4),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        noise_generator=torch.Generator(device="cuda").manual_seed(0),
+    )
+    net, optimizer, loader = private
+    for ids, mask, labels in loader:
+        net(input_ids=ids.cuda(), attention_mask=mask.cuda(), labels=labels.cuda()).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    changed = check_adapter_moved(before, adapter_state(net))
+    assert any(is_lora_b(k) for k in changed)
 
 
 def test_release_allows_rewrapping_without_leftovers(peft_bert):
