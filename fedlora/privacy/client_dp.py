@@ -23,8 +23,9 @@ Which strategies the math allows is decided by :func:`supports_client_dp`.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ import torch
 from fedlora.adapters import AdapterState, is_lora_a
 
 ClientSampling = Literal["poisson", "fixed"]
+T = TypeVar("T")
 
 _DP_SCOPE: dict[str, str] = {
     "fedit": "all",  # FedIT: A, B and head averaged coordinate-wise; linear in the factor updates
@@ -165,25 +167,32 @@ def noisy_mean(
 
 
 def sample_clients(
-    client_ids: Sequence[str], sample_rate: float, method: ClientSampling, rng: np.random.Generator
-) -> list[str]:
-    """Return the clients taking part in one round.
+    client_ids: Sequence[T],
+    sample_rate: float,
+    method: ClientSampling,
+    rng: np.random.Generator | random.Random,
+) -> list[T]:
+    """Return the clients taking part in one round, in their input order.
 
     ``"poisson"`` includes each client independently with probability ``q`` (the result
     may be empty); ``"fixed"`` draws ``max(1, round(q · K))`` distinct clients uniformly.
-    Seed ``rng`` from (run seed, round) for reproducible schedules.
+    ``rng`` is a numpy ``Generator`` or a ``random.Random``; seed it from (run seed, round),
+    or checkpoint it, for reproducible schedules.
     """
     if not (0.0 < sample_rate <= 1.0):
         raise ClientDPError(f"sample_rate={sample_rate!r} must lie in (0, 1]")
     ids = list(client_ids)
     if method == "poisson":
-        keep = rng.random(len(ids)) < sample_rate
-        return [c for c, k in zip(ids, keep, strict=True) if k]
+        draws = rng.random(len(ids)) if isinstance(rng, np.random.Generator) else [rng.random() for _ in ids]
+        return [c for c, u in zip(ids, draws, strict=True) if u < sample_rate]
     if method == "fixed":
         if not ids:
             return []
         m = max(1, round(sample_rate * len(ids)))
-        picked = rng.choice(len(ids), size=m, replace=False)
+        if isinstance(rng, np.random.Generator):
+            picked = rng.choice(len(ids), size=m, replace=False).tolist()
+        else:
+            picked = rng.sample(range(len(ids)), m)
         return [ids[i] for i in sorted(picked)]
     raise ClientDPError(f"method={method!r} must be 'poisson' or 'fixed'")
 

@@ -1,5 +1,7 @@
 """Client-level DP-FedAvg math: clipping, noise statistics, sampling, strategy support."""
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -134,6 +136,11 @@ def test_poisson_sampling_is_seeded_and_has_rate_q():
     assert np.mean(counts) == pytest.approx(20.0, rel=0.05)
     assert np.std(counts) > 0  # the count varies: Poisson, not fixed-size
     assert sample_clients(ids[:3], 0.01, "poisson", np.random.default_rng(0)) == []  # may be empty
+    nodes = list(range(100))  # node ids and a checkpointable random.Random work too
+    assert sample_clients(nodes, 0.2, "poisson", random.Random(1)) == sample_clients(
+        nodes, 0.2, "poisson", random.Random(1)
+    )
+    assert len(sample_clients(nodes, 0.2, "fixed", random.Random(1))) == 20
 
 
 def test_fixed_size_sampling_and_accounting():
