@@ -538,3 +538,7 @@ def _print_pki(paths: PkiPaths) -> None:
     print(f"CA private key (keep offline; signs server certificates): {paths.ca_key}")
     print(f"SuperLink certificate: {paths.server_cert}")
     print(f"SuperLink private key: {paths.server_key}")
+
+
+if __name__ == "__main__":
+    sys.exit(certs_main())
