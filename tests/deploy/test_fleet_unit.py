@@ -1,0 +1,104 @@
+"""Fast checks of the fleet harness pieces that need no Flower processes."""
+
+import subprocess
+import sys
+import textwrap
+import time
+import tomllib
+
+import psutil
+import pytest
+
+from fedlora.fleet import Fleet, FleetError, _config_arg, _kill_trees, _last_json, write_connection
+
+
+def test_write_connection_merges_and_sets_default(tmp_path):
+    ca = tmp_path / "ca.crt"
+    ca.write_text("x")
+    write_connection(tmp_path, "a", "127.0.0.1:9000", root_certificates=ca)
+    write_connection(tmp_path, "b", "10.0.0.1:9000", insecure=True, make_default=False)
+    config = tomllib.loads((tmp_path / "config.toml").read_text())
+    assert config["superlink"]["default"] == "a"
+    assert config["superlink"]["a"] == {"address": "127.0.0.1:9000", "root-certificates": str(ca.resolve())}
+    assert config["superlink"]["b"] == {"address": "10.0.0.1:9000", "insecure": True}
+    with pytest.raises(ValueError, match="either insecure or"):
+        write_connection(tmp_path, "c", "h:1", root_certificates=ca, insecure=True)
+
+
+def test_connection_is_readable_by_flower(tmp_path, monkeypatch):
+    from flwr.cli.flower_config import read_superlink_connection
+
+    ca = tmp_path / "ca.crt"
+    ca.write_text("x")
+    write_connection(tmp_path, "prod", "link.example.org:9093", root_certificates=ca)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    conn = read_superlink_connection(None)
+    assert (conn.name, conn.address, conn.root_certificates, conn.insecure) == (
+        "prod",
+        "link.example.org:9093",
+        str(ca.resolve()),
+        False,
+    )
+
+
+def test_config_arg_forms(tmp_path):
+    assert _config_arg(None, tmp_path / "x.toml") is None
+    assert _config_arg("a=1 b='x'", tmp_path / "x.toml") == "a=1 b='x'"
+    path = _config_arg(
+        {"partition-id": 1, "data-path": "/d ir/f.csv", "dp-epsilon": 2.5}, tmp_path / "n.toml"
+    )
+    assert tomllib.loads((tmp_path / "n.toml").read_text()) == {
+        "partition-id": 1,
+        "data-path": "/d ir/f.csv",
+        "dp-epsilon": 2.5,
+    }
+    assert path == str(tmp_path / "n.toml")
+
+
+def test_node_auth_without_tls_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="needs TLS"):
+        Fleet(tmp_path, tls=False, node_auth=True)
+
+
+def test_nodes_need_a_superlink(tmp_path):
+    with Fleet(tmp_path) as fleet, pytest.raises(FleetError, match="start_superlink"):
+        fleet.add_node("n0")
+
+
+def test_last_json_skips_banner():
+    assert _last_json('Using SuperLink: x\n{\n  "success": true, "run-id": "7"\n}\n') == {
+        "success": True,
+        "run-id": "7",
+    }
+    with pytest.raises(FleetError, match="Expected JSON"):
+        _last_json("no json here")
+
+
+def test_kill_trees_reaches_descendants_in_other_sessions():
+    # parent -> child in a NEW session (like the SuperLink's flower-superexec) -> grandchild
+    script = textwrap.dedent(
+        """
+        import subprocess, sys, time
+        sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+        inner = f"import subprocess, time; subprocess.Popen({sleeper!r}); time.sleep(120)"
+        subprocess.Popen([sys.executable, "-c", inner], start_new_session=True)
+        print("up", flush=True)
+        time.sleep(120)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert parent.stdout.readline().strip() == b"up"
+        deadline = time.monotonic() + 20
+        while len(psutil.Process(parent.pid).children(recursive=True)) < 2:
+            assert time.monotonic() < deadline, "grandchild did not start"
+            time.sleep(0.05)
+        family = [psutil.Process(parent.pid), *psutil.Process(parent.pid).children(recursive=True)]
+        _kill_trees([parent.pid], grace=2.0)
+        parent.wait(5)
+        _, alive = psutil.wait_procs(family, timeout=5)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.stdout.close()
