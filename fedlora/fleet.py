@@ -770,12 +770,12 @@ def _kill_trees(pids: Sequence[int], grace: float) -> None:
     family: list[psutil.Process] = []
     groups: set[int] = set()
     for pid in pids:
+        groups.add(pid)  # started with start_new_session: its group outlives it (e.g. a node that exited)
         try:
             root = psutil.Process(pid)
             family += [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             continue
-        groups.add(pid)
     for proc in family:
         try:
             groups.add(os.getpgid(proc.pid))
