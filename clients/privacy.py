@@ -1,41 +1,139 @@
-"""Per-client privacy for one round: budget check, Opacus wrapping, ledger bookkeeping."""
+"""Record-level DP for one client round: budget check, Opacus wrapping, ledger bookkeeping.
+
+The client's :class:`~fedlora.privacy.ledger.PrivacyLedger` is its accountant: one per
+client for the whole run, kept in Flower's ``context.state`` (simulation and deployment)
+and, when the node sets ``state-dir``, in a file too, so a restarted SuperNode continues
+where it was. Each round appends the steps actually taken; ε is always computed from the
+whole history.
+
+The noise multiplier is either given (``privacy.noise_multiplier``) or calibrated once from
+the target ε for the *whole planned run*: every round the client could take part in,
+times its local steps per round, at its sampling rate q = batch size / local examples.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from flwr.app import Context
+import torch
+from flwr.app import ConfigRecord, Context
+from torch.utils.data import DataLoader
 
 from clients.node import NodeSettings
 from fedlora.config import RunConfig
+from fedlora.privacy.calibrate import calibrate_noise_multiplier, planned_steps
+from fedlora.privacy.calibrate import would_exceed as exceeds_budget
+from fedlora.privacy.dpsgd import PrivateTraining, make_private_lora
+from fedlora.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedlora.train import Wrap
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "fedlora-privacy"
+LEDGER_FILE = "privacy_ledger.json"
+
+
+def client_id(node: NodeSettings) -> str:
+    """Return the stable id under which a client's ledger is reported."""
+    return f"client-{node.partition_id}"
+
+
+def _load_ledger(cfg: RunConfig, node: NodeSettings, context: Context) -> PrivacyLedger:
+    """Return the client's ledger: from its state file, else from context.state, else a new one."""
+    if node.state_dir:
+        path = Path(node.state_dir) / LEDGER_FILE
+        if path.is_file():
+            return PrivacyLedger.load(path)
+    if STATE_KEY in context.state.config_records:
+        return PrivacyLedger.from_json(str(context.state.config_records[STATE_KEY]["ledger"]))
+    return PrivacyLedger(client_id=client_id(node), unit="record", delta=cfg.privacy.delta,
+                         max_grad_norm=cfg.privacy.max_grad_norm)
 
 
 @dataclass
 class ClientPrivacy:
-    """Record-level DP state of one client for one round (disabled unless privacy.mode = record)."""
+    """The privacy side of one client round (inactive unless ``privacy.mode = "record"``)."""
 
     enabled: bool = False
     declined: bool = False
     reason: str = ""
+    ledger: PrivacyLedger | None = None
+    noise_multiplier: float = 0.0
+    sample_rate: float = 0.0
+    target_epsilon: float = 0.0
+    accountant: str = "prv"
     wrap: Wrap | None = None
+    _context: Context | None = None
+    _node: NodeSettings | None = None
+    _private: PrivateTraining | None = None
     _metrics: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def for_round(cls, cfg: RunConfig, node: NodeSettings, context: Context, num_examples: int, steps: int) -> ClientPrivacy:
-        """Prepare this round's privacy state (no-op when record-level DP is off)."""
-        return cls()
+    def for_round(cls, cfg: RunConfig, node: NodeSettings, context: Context, num_examples: int, steps: int,
+                  server_round: int = 0) -> ClientPrivacy:
+        """Prepare this round: calibrate σ, load the ledger, decline if the budget would be exceeded."""
+        if cfg.privacy.mode != "record":
+            return cls()
+        ledger = _load_ledger(cfg, node, context)
+        # Opacus' DPDataLoader samples each record with q = 1 / (number of batches).
+        q = 1.0 / max(1, -(-num_examples // cfg.train.batch_size))
+        target = node.dp_epsilon
+        sigma = cfg.privacy.noise_multiplier
+        if sigma <= 0:
+            total = planned_steps(cfg.federation.num_rounds, steps)
+            sigma = calibrate_noise_multiplier(target, cfg.privacy.delta, q, total, accountant=cfg.privacy.accountant)
+        self = cls(enabled=True, ledger=ledger, noise_multiplier=sigma, sample_rate=q, target_epsilon=target,
+                   accountant=cfg.privacy.accountant, _context=context, _node=node)
+        if target > 0:
+            entry = LedgerEntry(round=max(server_round, (ledger.rounds[-1] + 1) if ledger.rounds else 1),
+                                noise_multiplier=sigma, sample_rate=q, steps=steps)
+            if exceeds_budget(ledger, entry, target, accountant=cfg.privacy.accountant):
+                spent = ledger.epsilon(cfg.privacy.accountant)
+                self.declined = True
+                self.reason = (f"another {steps} DP-SGD steps would take ε from {spent:.3f} past the budget "
+                               f"{target:g} (δ={cfg.privacy.delta:g}); the client sits this round out")
+        self.wrap = self._wrap if not self.declined else None
+        return self
+
+    def _wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              loader: DataLoader) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]:
+        assert self.ledger is not None
+        self._private = make_private_lora(model, optimizer, loader, noise_multiplier=self.noise_multiplier,
+                                          max_grad_norm=self.ledger.max_grad_norm, poisson_sampling=True)
+        return tuple(self._private)  # type: ignore[return-value]
 
     def commit(self, server_round: int) -> None:
-        """Record the round's steps in the ledger (after training succeeded)."""
+        """Append the round's DP-SGD steps to the ledger and persist it."""
+        if not self.enabled or self._private is None or self.ledger is None:
+            return
+        entry = self._private.ledger_entry(server_round)
+        self.ledger = self.ledger.append(entry)
+        eps = self.ledger.epsilon(self.accountant)
+        self._metrics = {"dp-epsilon": eps, "dp-noise-multiplier": entry.noise_multiplier,
+                         "dp-sample-rate": entry.sample_rate, "dp-steps": entry.steps}
+        self._persist()
+
+    def _persist(self) -> None:
+        assert self.ledger is not None and self._context is not None and self._node is not None
+        self._context.state.config_records[STATE_KEY] = ConfigRecord({"ledger": self.ledger.to_json()})
+        if self._node.state_dir:
+            path = Path(self._node.state_dir)
+            path.mkdir(parents=True, exist_ok=True)
+            self.ledger.save(path / LEDGER_FILE)
 
     def close(self) -> None:
-        """Detach Opacus hooks from the shared cached model."""
+        """Detach Opacus hooks from the shared cached model (always call after training)."""
+        if self._private is not None:
+            self._private.release()
+            self._private = None
 
     def ledger_json(self) -> str:
-        """Return the client's ledger as JSON."""
-        return "{}"
+        """Return the client's ledger as JSON (sent to the server for the report)."""
+        return self.ledger.to_json() if self.ledger is not None else json.dumps({})
 
     def metrics(self) -> dict[str, Any]:
         """Return privacy metrics for the reply."""

@@ -90,7 +90,7 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
     train_records, val_records = local_data(cfg, node, labels)
     train_ds = encode(train_records, loaded.tokenizer, cfg.model.max_length, cfg.model.task)
     steps = planned_steps(len(train_ds), cfg.train)
-    privacy = ClientPrivacy.for_round(cfg, node, context, len(train_ds), steps)
+    privacy = ClientPrivacy.for_round(cfg, node, context, len(train_ds), steps, server_round)
     metrics: dict[str, float | int] = {
         "num-examples": len(train_records), "rank": rank, "round": server_round, "bytes-down": record_bytes(content["adapter"]),
     }
@@ -103,12 +103,14 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
         return reply
     t0 = time.perf_counter()
     with merged_into_base(loaded, merge):
-        result = train_local(model, train_ds, cfg.train, device, seed=seed * 100_003 + server_round * 1009 + node.partition_id,
-                             wrap=privacy.wrap, steps=steps)
-        privacy.commit(server_round)
+        try:
+            result = train_local(model, train_ds, cfg.train, device, wrap=privacy.wrap, steps=steps,
+                                 seed=seed * 100_003 + server_round * 1009 + node.partition_id)
+            privacy.commit(server_round)
+        finally:
+            privacy.close()
         val = evaluate(model, encode(val_records, loaded.tokenizer, cfg.model.max_length, cfg.model.task),
                        cfg.model.task, device, cfg.train.eval_batch_size)
-    privacy.close()
     new = adapter_state(loaded, rank)
     keys = trained_keys(list(new), train_a)
     update = delta({k: new[k] for k in keys}, start)

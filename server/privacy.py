@@ -1,16 +1,40 @@
-"""Server-side privacy: client sampling, client-level DP on updates, ledgers and the report."""
+"""Server-side privacy: client sampling, client-level DP-FedAvg, run ledgers and the report.
+
+Record-level DP (``privacy.mode = "record"``) runs on clients; the server only collects each
+client's ledger from its replies and writes ``privacy/ledger.json`` after every round.
+Client-level DP (``"client"``) runs here: the round's updates are clipped to
+``privacy.clip_norm``, summed, noised with σ·C and divided by the expected number of clients
+(:func:`fedlora.privacy.client_dp.privatize_updates`); the ledger gets one step per round
+with the client sampling rate actually used (fixed-size sampling claims no amplification).
+"""
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import Message
 
+from fedlora.adapters import apply_delta
 from fedlora.config import RunConfig
+from fedlora.privacy.calibrate import calibrate_noise_multiplier
+from fedlora.privacy.client_dp import (
+    dp_tensor_names,
+    expected_clients,
+    privatize_updates,
+    require_client_dp,
+    sample_clients,
+)
+from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.report import write_report
+from fedlora.privacy.runfile import CLIENT_LEVEL_KEY, RunFacts, save_run_ledgers
 from strategies.base import ClientResult, Payload
+
+log = logging.getLogger(__name__)
 
 
 class ServerPrivacy:
@@ -19,30 +43,97 @@ class ServerPrivacy:
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
+        p = cfg.privacy
+        self.mode = p.mode
+        self.ledgers: dict[str, PrivacyLedger] = {}
+        self.sigma = p.noise_multiplier
+        self.sampling = p.client_sampling if p.mode == "client" else "poisson"
+        if p.mode == "client":
+            require_client_dp(cfg.federation.strategy)
+            q = self._client_rate()
+            if self.sigma <= 0:
+                self.sigma = calibrate_noise_multiplier(p.epsilon, p.delta, q, cfg.federation.num_rounds,
+                                                        accountant=p.accountant)
+            self.ledgers[CLIENT_LEVEL_KEY] = PrivacyLedger(client_id=CLIENT_LEVEL_KEY, unit="client", delta=p.delta,
+                                                           max_grad_norm=p.clip_norm)
+        self.noise = torch.Generator().manual_seed(cfg.federation.seed + 7919)
+        self.facts = RunFacts.create(
+            p.mode, sampling=self.sampling if p.mode != "none" else None,
+            accountant=p.accountant if p.mode != "none" else "rdp",
+            target_epsilon=p.epsilon or None if p.mode != "none" else None,
+            delta=p.delta if p.mode != "none" else None, strategy=cfg.federation.strategy,
+        )
+
+    def _client_rate(self) -> float:
+        f = self.cfg.federation
+        if self.cfg.privacy.client_sampling == "poisson":
+            return self.cfg.privacy.client_sample_rate
+        k = f.clients_per_round or f.num_clients
+        return k / f.num_clients
 
     def sample_clients(self, nodes: Sequence[int], k: int, rng: random.Random) -> list[int]:
-        """Return the nodes that train this round (all, or a fixed-size sample of ``k``)."""
+        """Return the nodes that train this round.
+
+        Poisson sampling (client-level DP with ``client_sampling = "poisson"``) includes each
+        node independently with probability q; otherwise all nodes or a fixed-size sample of ``k``.
+        """
+        if self.mode == "client" and self.sampling == "poisson":
+            return sorted(sample_clients(list(nodes), self.cfg.privacy.client_sample_rate, "poisson", rng))
         if k == 0 or k >= len(nodes):
             return list(nodes)
         return sorted(rng.sample(list(nodes), k))
 
     def observe_reply(self, node: int, partition_id: int, reply: Message) -> None:
-        """Record a client's privacy ledger from its reply."""
+        """Keep the client's latest privacy ledger (record-level DP)."""
+        if self.mode != "record" or "privacy" not in reply.content.config_records:
+            return
+        text = str(reply.content["privacy"].get("ledger", "{}"))
+        if text.strip() in ("", "{}"):
+            return
+        ledger = PrivacyLedger.from_json(text)
+        self.ledgers[ledger.client_id] = ledger
 
     def process_updates(self, results: list[ClientResult], payloads: Mapping[int, Payload], rnd: int) -> list[ClientResult]:
-        """Apply client-level DP to the round's updates (identity without it)."""
-        return results
+        """Apply client-level DP to the round's results (identity in other modes).
+
+        Returns one result holding ``payload + noisy mean update`` with weight 1: the strategy's
+        average of it is the DP-FedAvg release itself.
+        """
+        if self.mode != "client":
+            return results
+        first = payloads[results[0].spec.node_id]
+        names = dp_tensor_names(self.cfg.federation.strategy, list(first.adapter))
+        updates = [{k: r.state[k] - payloads[r.spec.node_id].adapter[k] for k in names} for r in results]
+        m = expected_clients(len(payloads) if self.sampling == "fixed" else self.cfg.federation.num_clients,
+                             self._client_rate() if self.sampling == "poisson" else 1.0, self.sampling)
+        noisy, norms = privatize_updates(updates, clip_norm=self.cfg.privacy.clip_norm, noise_multiplier=self.sigma,
+                                         expected_clients=m, template=updates[0], generator=self.noise)
+        log.info("round %s: client-level DP over %d updates, pre-clip norms %s", rnd, len(updates),
+                 [round(n, 4) for n in norms])
+        ledger = self.ledgers[CLIENT_LEVEL_KEY]
+        self.ledgers[CLIENT_LEVEL_KEY] = ledger.record(rnd, self.sigma, self._client_rate(), 1, sampling=self.sampling)
+        return [ClientResult(spec=results[0].spec, num_examples=1, state=apply_delta(first.adapter, noisy))]
 
     def round_summary(self, rnd: int) -> dict[str, Any]:
-        """Privacy numbers for the round's metrics line."""
-        return {}
+        """Privacy numbers for the round's metrics line; also rewrites the run ledger file."""
+        if self.mode == "none":
+            return {}
+        save_run_ledgers(self.run_dir, self.ledgers, self.facts)
+        eps = {cid: ledger.epsilon(self.cfg.privacy.accountant) for cid, ledger in self.ledgers.items() if ledger.entries}
+        return {"dp_epsilon_max": max(eps.values()) if eps else 0.0, "dp_epsilon": eps}
 
     def state_dict(self) -> dict[str, Any]:
-        """Checkpointable state."""
-        return {}
+        """Checkpointable state: every ledger as JSON."""
+        return {"ledgers": {cid: ledger.to_json() for cid, ledger in self.ledgers.items()},
+                "noise_rng": self.noise.get_state()}
 
     def load_state_dict(self, data: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
+        self.ledgers = {cid: PrivacyLedger.from_json(text) for cid, text in data.get("ledgers", {}).items()}
+        if "noise_rng" in data:
+            self.noise.set_state(data["noise_rng"])
 
-    def write_report(self) -> None:
-        """Write the run's privacy report."""
+    def write_report(self) -> dict[str, Path]:
+        """Write the run's privacy ledger file and Markdown/HTML/JSON report."""
+        save_run_ledgers(self.run_dir, self.ledgers, self.facts)
+        return write_report(self.run_dir)

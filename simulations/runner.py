@@ -37,6 +37,7 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")
     for name in ("transformers", "peft", "ray", "filelock"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("flwr").setLevel(logging.INFO)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
