@@ -42,14 +42,23 @@ def client_id(node: NodeSettings) -> str:
     return f"client-{node.partition_id}"
 
 
-def _load_ledger(cfg: RunConfig, node: NodeSettings, context: Context) -> PrivacyLedger:
-    """Return the client's ledger: from its state file, else from context.state, else a new one."""
-    if node.state_dir:
-        path = Path(node.state_dir) / LEDGER_FILE
-        if path.is_file():
-            return PrivacyLedger.load(path)
+def _load_ledger(cfg: RunConfig, node: NodeSettings, context: Context, server_copy: str) -> PrivacyLedger:
+    """Return the client's ledger with the most spent of: its state file, context.state, the server's copy.
+
+    A new ledger is started only when none exists. Taking the ledger with the most steps
+    means a restart (of the node, of the ServerApp, of a simulation) continues the
+    accounting and a server cannot make a client forget what it spent.
+    """
+    found: list[PrivacyLedger] = []
+    if node.state_dir and (Path(node.state_dir) / LEDGER_FILE).is_file():
+        found.append(PrivacyLedger.load(Path(node.state_dir) / LEDGER_FILE))
     if STATE_KEY in context.state.config_records:
-        return PrivacyLedger.from_json(str(context.state.config_records[STATE_KEY]["ledger"]))
+        found.append(PrivacyLedger.from_json(str(context.state.config_records[STATE_KEY]["ledger"])))
+    if server_copy:
+        found.append(PrivacyLedger.from_json(server_copy))
+    found = [f for f in found if f.client_id == client_id(node)]
+    if found:
+        return max(found, key=lambda led: (led.total_steps, len(led.entries)))
     return PrivacyLedger(client_id=client_id(node), unit="record", delta=cfg.privacy.delta,
                          max_grad_norm=cfg.privacy.max_grad_norm)
 
@@ -74,11 +83,11 @@ class ClientPrivacy:
 
     @classmethod
     def for_round(cls, cfg: RunConfig, node: NodeSettings, context: Context, num_examples: int, steps: int,
-                  server_round: int = 0) -> ClientPrivacy:
+                  server_round: int = 0, server_copy: str = "") -> ClientPrivacy:
         """Prepare this round: calibrate σ, load the ledger, decline if the budget would be exceeded."""
         if cfg.privacy.mode != "record":
             return cls()
-        ledger = _load_ledger(cfg, node, context)
+        ledger = _load_ledger(cfg, node, context, server_copy)
         # Opacus' DPDataLoader samples each record with q = 1 / (number of batches).
         q = 1.0 / max(1, -(-num_examples // cfg.train.batch_size))
         target = node.dp_epsilon
@@ -110,7 +119,9 @@ class ClientPrivacy:
         """Append the round's DP-SGD steps to the ledger and persist it."""
         if not self.enabled or self._private is None or self.ledger is None:
             return
-        entry = self._private.ledger_entry(server_round)
+        # A round redone after a server restart spends budget again: it gets the next free label.
+        label = max(server_round, (self.ledger.rounds[-1] + 1) if self.ledger.rounds else 1)
+        entry = self._private.ledger_entry(label)
         self.ledger = self.ledger.append(entry)
         eps = self.ledger.epsilon(self.accountant)
         self._metrics = {"dp-epsilon": eps, "dp-noise-multiplier": entry.noise_multiplier,

@@ -90,7 +90,8 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
     train_records, val_records = local_data(cfg, node, labels)
     train_ds = encode(train_records, loaded.tokenizer, cfg.model.max_length, cfg.model.task)
     steps = planned_steps(len(train_ds), cfg.train)
-    privacy = ClientPrivacy.for_round(cfg, node, context, len(train_ds), steps, server_round)
+    privacy = ClientPrivacy.for_round(cfg, node, context, len(train_ds), steps, server_round,
+                                      server_copy=str(conf.get("privacy-ledger", "")))
     metrics: dict[str, float | int] = {
         "num-examples": len(train_records), "rank": rank, "round": server_round, "bytes-down": record_bytes(content["adapter"]),
     }

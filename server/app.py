@@ -16,7 +16,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.config import RunConfig, from_json, load_toml, with_overrides
+from fedlora.config import ConfigError, RunConfig, from_json, load_toml, with_overrides
 from server.loop import ServerRun
 from server.outputs import default_run_dir
 
@@ -27,14 +27,25 @@ app = ServerApp()
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
-    """Build the run config from Flower run-config (see module docstring)."""
+    """Build the run config from Flower run-config (see module docstring).
+
+    Keys whose value is empty, zero or false are "unset" and leave the scenario's value;
+    ``overrides`` holds space-separated ``section.key=value`` pairs.
+    """
     values = dict(run_config)
     scenario = str(values.pop("scenario", "") or "")
+    extra = str(values.pop("overrides", "") or "")
     base = RunConfig()
     if scenario:
         path = Path(scenario)
         base = load_toml(path if path.is_absolute() else APP_DIR / path)
-    return with_overrides(base, values)
+    overrides = {k: v for k, v in values.items() if v not in ("", 0, 0.0, False)}
+    for item in extra.split():
+        if "=" not in item:
+            raise ConfigError(f"run-config overrides item {item!r}: expected section.key=value")
+        key, value = item.split("=", 1)
+        overrides[key] = value
+    return with_overrides(base, overrides)
 
 
 def resolve_config(context: Context) -> RunConfig:

@@ -148,7 +148,11 @@ class ServerRun:
         return last
 
     def _sample(self, infos: Mapping[int, NodeInfo]) -> list[int]:
-        nodes = sorted(infos)
+        # Only nodes still connected: a SuperNode that died is not waited for again.
+        online = set(self.grid.get_node_ids())
+        nodes = sorted(n for n in infos if n in online)
+        if len(nodes) < len(infos):
+            log.warning("%d of %d nodes are no longer connected", len(infos) - len(nodes), len(infos))
         k = self.cfg.federation.clients_per_round
         return self.privacy.sample_clients(nodes, k, self.rng)
 
@@ -157,7 +161,8 @@ class ServerRun:
         selected = self._sample(infos)
         base_conf = {"run-config": self.cfg.to_json(), "labels": json.dumps(list(self.labels)), "seed": self.cfg.federation.seed}
         payloads = {n: self.strategy.payload(state, infos[n].spec) for n in selected}
-        msgs = [_train_message(n, payloads[n], base_conf, infos[n].spec, rnd) for n in selected]
+        msgs = [_train_message(n, payloads[n], {**base_conf, **self.privacy.client_conf(infos[n].partition_id)},
+                               infos[n].spec, rnd) for n in selected]
         bytes_down = sum(record_bytes(m.content["adapter"]) + record_bytes(m.content.array_records.get("merge")) for m in msgs)
         replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout)) if msgs else []
         results, rejected, client_rows, bytes_up = [], [], [], 0

@@ -83,6 +83,15 @@ class ServerPrivacy:
             return list(nodes)
         return sorted(rng.sample(list(nodes), k))
 
+    def client_conf(self, partition_id: int) -> dict[str, str]:
+        """Round-config entries for one client: the server's copy of its ledger (record-level DP).
+
+        A client whose own state was lost (a restarted simulation) continues from this copy;
+        a client keeps whichever ledger has spent more, so the server cannot lower its ε.
+        """
+        ledger = self.ledgers.get(f"client-{partition_id}")
+        return {"privacy-ledger": ledger.to_json()} if self.mode == "record" and ledger is not None else {}
+
     def observe_reply(self, node: int, partition_id: int, reply: Message) -> None:
         """Keep the client's latest privacy ledger (record-level DP)."""
         if self.mode != "record" or "privacy" not in reply.content.config_records:
