@@ -7,14 +7,39 @@ aggregate without accumulating rounding error across many clients.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import torch
 
 from fedlora.adapters import AdapterState, is_lora, is_lora_a, split_state
 from strategies.base import ClientResult, ClientSpec, normalised_weights
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def single_threaded(fn: Callable[P, T]) -> Callable[P, T]:
+    """Run ``fn`` with one torch intra-op thread, restoring the previous count afterwards.
+
+    Aggregation works on many small matrices (r x d, r x r). When the machine is busy (a
+    simulation's client workers on every core), waking BLAS/OpenMP threads for each of them
+    costs milliseconds per call, about 1000x the arithmetic; one thread avoids that.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
 
 
 class StrategyError(ValueError):

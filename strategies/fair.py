@@ -9,9 +9,9 @@ averages ``A_bar``, ``B_bar`` and the ideal update ``delta_W = sum_k p_k B_k A_k
 and sends ``A_bar`` and ``B_bar + dB``. All clients share one scale ``s`` (it multiplies both
 sides of the cosine, so the objective is computed on unscaled products; ``dB`` is in the units
 of the stored ``B``). Cosines are of the flattened matrices and are computed from r x r Gram
-matrices, never forming a d_out x d_in product. The optimiser (Adam, float64) keeps the best
-iterate *including* ``dB = 0``, which guarantees the corrected cosine is at least FedIT's; zero
-steps or an infinite ``lam`` give FedIT exactly.
+matrices, never forming a d_out x d_in product. The optimiser (Adam on the closed-form
+gradient, float64) keeps the best iterate *including* ``dB = 0``, which guarantees the corrected
+cosine is at least FedIT's; zero steps or an infinite ``lam`` give FedIT exactly.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from strategies.common import (
     example_weights,
     require_uniform,
     result_pairs,
+    single_threaded,
     weighted_sum,
 )
 from strategies.registry import register
@@ -47,6 +48,53 @@ def factored_cosine(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: to
     num = _frob_inner(b1, a1, b2, a2)
     den_sq = _frob_inner(b1, a1, b1, a1) * _frob_inner(b2, a2, b2, a2)
     return num / torch.sqrt(den_sq.clamp_min(0.0) + _TINY)
+
+
+def fair_objective(
+    d_b: torch.Tensor, b_bar: torch.Tensor, m: torch.Tensor, gram_a: torch.Tensor, norm_w: float, lam: float
+) -> tuple[float, torch.Tensor]:
+    """Return the FAIR objective at ``dB`` and its gradient (d_out x r), in closed form.
+
+    With ``B = B_bar + dB`` and ``Y = B A_bar``: ``<delta_W, Y> = <B, m>`` where
+    ``m = B_cat A_cat A_bar^T`` (d_out x r), and ``q = ||Y||^2 = sum((B^T B) * gram_a)`` with
+    ``gram_a = A_bar A_bar^T`` (r x r), so ``cos = <B, m> / (||delta_W|| sqrt(q))`` and
+    ``d cos / d B = (m - (<B, m> / q) B gram_a) / (||delta_W|| sqrt(q))``.
+    """
+    b = b_bar + d_b
+    inner = float((b * m).sum())
+    q = max(float(((b.T @ b) * gram_a).sum()), 0.0)
+    den = math.sqrt(norm_w**2 * q + _TINY)
+    cosine = inner / den
+    grad_cos = (m - (inner / q) * (b @ gram_a)) / den if q > 0.0 else m / den
+    loss = 1.0 - cosine + lam * float((d_b * d_b).sum())
+    return loss, -grad_cos + 2.0 * lam * d_b
+
+
+def _correct(
+    m: torch.Tensor,
+    gram_a: torch.Tensor,
+    norm_w: float,
+    b_bar: torch.Tensor,
+    lam: float,
+    steps: int,
+    lr: float,
+) -> torch.Tensor:
+    """Return the best ``dB`` seen by Adam (``dB = 0`` included) on :func:`fair_objective`."""
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    d_b = torch.zeros_like(b_bar)  # d_out x r
+    mom, var = torch.zeros_like(b_bar), torch.zeros_like(b_bar)
+    best_loss, best = math.inf, d_b
+    for t in range(1, steps + 2):  # the last pass only evaluates the final iterate
+        loss, grad = fair_objective(d_b, b_bar, m, gram_a, norm_w, lam)
+        if loss < best_loss:
+            best_loss, best = loss, d_b
+        if t > steps:
+            break
+        mom = beta1 * mom + (1 - beta1) * grad
+        var = beta2 * var + (1 - beta2) * grad * grad
+        step = (mom / (1 - beta1**t)) / ((var / (1 - beta2**t)).sqrt() + eps)
+        d_b = d_b - lr * step
+    return best
 
 
 def fair_module(
@@ -67,22 +115,14 @@ def fair_module(
     b_bar = weighted_sum([p.b for p in pairs], weights)  # d_out x r
     b_cat = torch.cat([w * p.b.to(torch.float64) for w, p in zip(weights, pairs, strict=True)], dim=1)
     a_cat = torch.cat([p.a.to(torch.float64) for p in pairs], dim=0)  # (K r) x d_in; delta_W = b_cat a_cat
-    if steps == 0 or math.isinf(lam) or float(_frob_inner(b_cat, a_cat, b_cat, a_cat)) <= 0.0:
+    norm_w = math.sqrt(max(float(_frob_inner(b_cat, a_cat, b_cat, a_cat)), 0.0))
+    if steps == 0 or math.isinf(lam) or norm_w == 0.0:
         return a_bar, b_bar
-    d_b = torch.zeros_like(b_bar, requires_grad=True)
-    opt = torch.optim.Adam([d_b], lr=lr)
-    best_loss, best = math.inf, torch.zeros_like(b_bar)
-    for _ in range(steps + 1):  # the last pass only evaluates the final iterate
-        opt.zero_grad()
-        loss = 1.0 - factored_cosine(b_cat, a_cat, b_bar + d_b, a_bar) + lam * (d_b * d_b).sum()
-        value = float(loss.detach())
-        if value < best_loss:
-            best_loss, best = value, d_b.detach().clone()
-        loss.backward()
-        opt.step()
-    return a_bar, b_bar + best
+    m = b_cat @ (a_cat @ a_bar.T)  # d_out x r
+    return a_bar, b_bar + _correct(m, a_bar @ a_bar.T, norm_w, b_bar, lam, steps, lr)
 
 
+@single_threaded
 def fair_aggregate(
     state: AdapterState, results: Sequence[ClientResult], lam: float, steps: int, lr: float
 ) -> AdapterState:

@@ -29,7 +29,7 @@ import torch
 
 from fedlora.adapters import AdapterState, LoraPair, join_state, split_state
 from strategies.base import ClientResult
-from strategies.common import average_rest, example_weights, result_pairs
+from strategies.common import average_rest, example_weights, result_pairs, single_threaded
 from strategies.ranked import RankedStrategy
 from strategies.registry import register
 
@@ -95,6 +95,7 @@ def flexlora_module(
     return a_g, b_g
 
 
+@single_threaded
 def flexlora_aggregate(
     state: AdapterState, results: Sequence[ClientResult], global_scale: float
 ) -> AdapterState:

@@ -27,7 +27,14 @@ import torch
 
 from fedlora.adapters import AdapterState, LoraPair, a_name, b_name, join_state, split_state
 from strategies.base import ClientResult, ClientSpec, Payload
-from strategies.common import average_rest, clone_state, example_weights, fingerprint, result_pairs
+from strategies.common import (
+    average_rest,
+    clone_state,
+    example_weights,
+    fingerprint,
+    result_pairs,
+    single_threaded,
+)
 from strategies.flexlora import factored_svd
 from strategies.ranked import RankedStrategy
 from strategies.registry import register
@@ -101,6 +108,7 @@ class FLoRA(RankedStrategy):
             extras={FINGERPRINT_KEY: fingerprint(merge or {})},
         )
 
+    @single_threaded
     def aggregate(self, state: AdapterState, results: Sequence[ClientResult]) -> AdapterState:
         """Append this round's stack to the merge; keep the template; FedAvg the head."""
         global_pairs, _ = split_state(state)

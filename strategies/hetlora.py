@@ -21,7 +21,14 @@ import torch
 
 from fedlora.adapters import AdapterState, LoraPair, join_state, split_state
 from strategies.base import ClientResult
-from strategies.common import average_rest, example_weights, pad_rank, result_pairs, weighted_sum
+from strategies.common import (
+    average_rest,
+    example_weights,
+    pad_rank,
+    result_pairs,
+    single_threaded,
+    weighted_sum,
+)
 from strategies.ranked import RankedStrategy
 from strategies.registry import register
 
@@ -68,6 +75,7 @@ def hetlora_module(
     return weighted_sum([a for a, _ in padded], w), weighted_sum([b for _, b in padded], w)
 
 
+@single_threaded
 def hetlora_aggregate(
     state: AdapterState, results: Sequence[ClientResult], global_scale: float
 ) -> AdapterState:

@@ -9,7 +9,7 @@ from strategy_testkit import HEAD_W, PROPERTY, clones, lora_state, product, resu
 from fedlora.adapters import LoraPair
 from strategies.base import ClientSpec
 from strategies.common import StrategyError
-from strategies.fair import LoraFAIR, factored_cosine, fair_module
+from strategies.fair import LoraFAIR, factored_cosine, fair_module, fair_objective
 from strategies.fedit import FedIT
 
 A, B = "m.lora_A.weight", "m.lora_B.weight"
@@ -141,3 +141,26 @@ def test_mixed_ranks_refused():
         LoraFAIR().init_state(
             lora_state(gen, 2, {"m": (3, 2)}), [ClientSpec(0, 2, 4.0), ClientSpec(1, 1, 2.0)]
         )
+
+
+def test_closed_form_gradient_matches_autograd():
+    gen = torch.Generator().manual_seed(5)
+    b_cat = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    a_cat = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    a_bar = torch.randn(2, 5, generator=gen, dtype=torch.float64)
+    b_bar = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    d_b = 0.1 * torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    norm_w = float((b_cat @ a_cat).norm())
+    loss, grad = fair_objective(d_b, b_bar, b_cat @ (a_cat @ a_bar.T), a_bar @ a_bar.T, norm_w, 0.3)
+    x = d_b.clone().requires_grad_(True)
+    ref = 1 - factored_cosine(b_cat, a_cat, b_bar + x, a_bar) + 0.3 * (x * x).sum()
+    ref.backward()
+    assert abs(loss - float(ref.detach())) < 1e-12
+    torch.testing.assert_close(grad, x.grad)
+
+
+def test_aggregation_restores_the_thread_count():
+    before = torch.get_num_threads()
+    state, results = make(1, 2, 1, 3, 3)
+    LoraFAIR(steps=3).aggregate(state, results)
+    assert torch.get_num_threads() == before
