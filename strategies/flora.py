@@ -1,6 +1,6 @@
 """FLoRA: stack the clients' LoRA factors, merge the exact average into the base, restart LoRA.
 
-Wang, Shen, Ju, Yang, Sun, Cheng, "FLoRA: Federated Fine-Tuning Large Language Models with
+Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models with
 Heterogeneous Low-Rank Adaptations", NeurIPS 2024 (arXiv:2409.05976). Per module and round the
 server stacks
 

@@ -1,6 +1,6 @@
 """HetLoRA: heterogeneous ranks by zero-padding, with sparsity-weighted aggregation.
 
-Cho, Liu, Manoel, Joshi, Cherry, "Heterogeneous LoRA for Federated Fine-tuning of On-Device
+Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device
 Foundation Models", EMNLP 2024 (arXiv:2401.06432). Client ``k`` trains rank ``r_k``; the server
 zero-pads its ``A_k`` (rows) and ``B_k`` (columns) to the global rank ``R`` and averages, per
 module, with weights proportional to the Frobenius norm of the client's update::
