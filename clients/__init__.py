@@ -1,0 +1,1 @@
+"""The fedlora ClientApp package (Flower glue + one client round)."""

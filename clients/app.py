@@ -26,7 +26,12 @@ def query(msg: Message, context: Context) -> Message:
     labels = tuple(json.loads(str(msg.content["config"].get("labels", "[]"))))
     train, _ = local_data(cfg, node, labels)
     info = ConfigRecord(
-        {"rank": node.rank, "alpha": float(node.alpha), "num-examples": len(train), "partition-id": node.partition_id}
+        {
+            "rank": node.rank,
+            "alpha": float(node.alpha),
+            "num-examples": len(train),
+            "partition-id": node.partition_id,
+        }
     )
     return Message(RecordDict({"info": info}), reply_to=msg)
 

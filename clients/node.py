@@ -13,9 +13,24 @@ from typing import Any
 
 from fedlora.config import ConfigError, DataConfig, RunConfig
 from fedlora.data.partition import partition_records, split_local
-from fedlora.data.sources import Record, classification_records, instruction_records, load_task_data, read_rows
+from fedlora.data.sources import (
+    Record,
+    classification_records,
+    instruction_records,
+    load_task_data,
+    read_rows,
+)
 
-NODE_KEYS = ("partition-id", "num-partitions", "data-path", "data-format", "lora-rank", "device", "dp-epsilon", "state-dir")
+NODE_KEYS = (
+    "partition-id",
+    "num-partitions",
+    "data-path",
+    "data-format",
+    "lora-rank",
+    "device",
+    "dp-epsilon",
+    "state-dir",
+)
 
 
 @dataclass(frozen=True)
@@ -48,7 +63,9 @@ def node_settings(cfg: RunConfig, node_config: Mapping[str, Any]) -> NodeSetting
     pid = _get(node_config, "partition-id", 0, int)
     n_parts = _get(node_config, "num-partitions", cfg.federation.num_clients, int)
     if not 0 <= pid < n_parts:
-        raise ConfigError(f"node-config partition-id = {pid} is outside 0..{n_parts - 1} (num-partitions = {n_parts})")
+        raise ConfigError(
+            f"node-config partition-id = {pid} is outside 0..{n_parts - 1} (num-partitions = {n_parts})"
+        )
     rank = _get(node_config, "lora-rank", cfg.rank_of(pid), int)
     if rank < 1:
         raise ConfigError(f"node-config lora-rank = {rank}: expected an integer >= 1")
@@ -70,13 +87,21 @@ def node_settings(cfg: RunConfig, node_config: Mapping[str, Any]) -> NodeSetting
 _DATA_CACHE: dict[tuple[str, int, int, str, tuple[str, ...]], tuple[list[Record], list[Record]]] = {}
 
 
-def local_data(cfg: RunConfig, node: NodeSettings, labels: tuple[str, ...]) -> tuple[list[Record], list[Record]]:
+def local_data(
+    cfg: RunConfig, node: NodeSettings, labels: tuple[str, ...]
+) -> tuple[list[Record], list[Record]]:
     """Return this node's (train, validation) records, cached per process.
 
     With ``data-path`` the node's own file is its whole training data; otherwise the run's
     data source is partitioned and the node takes partition ``partition-id``.
     """
-    key = (cfg.data.__repr__() + cfg.model.task + node.data_path, node.partition_id, node.num_partitions, node.data_format, labels)
+    key = (
+        cfg.data.__repr__() + cfg.model.task + node.data_path,
+        node.partition_id,
+        node.num_partitions,
+        node.data_format,
+        labels,
+    )
     if key not in _DATA_CACHE:
         if node.data_path:
             dcfg: DataConfig = replace(cfg.data, source=node.data_path, format=node.data_format)
@@ -88,5 +113,7 @@ def local_data(cfg: RunConfig, node: NodeSettings, labels: tuple[str, ...]) -> t
         else:
             data = load_task_data(cfg.data, cfg.model.task)
             records = partition_records(data.train, node.num_partitions, cfg.data)[node.partition_id]
-        _DATA_CACHE[key] = split_local(records, cfg.data.local_val_fraction, cfg.data.seed + node.partition_id)
+        _DATA_CACHE[key] = split_local(
+            records, cfg.data.local_val_fraction, cfg.data.seed + node.partition_id
+        )
     return _DATA_CACHE[key]

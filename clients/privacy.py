@@ -59,8 +59,12 @@ def _load_ledger(cfg: RunConfig, node: NodeSettings, context: Context, server_co
     found = [f for f in found if f.client_id == client_id(node)]
     if found:
         return max(found, key=lambda led: (led.total_steps, len(led.entries)))
-    return PrivacyLedger(client_id=client_id(node), unit="record", delta=cfg.privacy.delta,
-                         max_grad_norm=cfg.privacy.max_grad_norm)
+    return PrivacyLedger(
+        client_id=client_id(node),
+        unit="record",
+        delta=cfg.privacy.delta,
+        max_grad_norm=cfg.privacy.max_grad_norm,
+    )
 
 
 @dataclass
@@ -82,8 +86,16 @@ class ClientPrivacy:
     _metrics: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def for_round(cls, cfg: RunConfig, node: NodeSettings, context: Context, num_examples: int, steps: int,
-                  server_round: int = 0, server_copy: str = "") -> ClientPrivacy:
+    def for_round(
+        cls,
+        cfg: RunConfig,
+        node: NodeSettings,
+        context: Context,
+        num_examples: int,
+        steps: int,
+        server_round: int = 0,
+        server_copy: str = "",
+    ) -> ClientPrivacy:
         """Prepare this round: calibrate σ, load the ledger, decline if the budget would be exceeded."""
         if cfg.privacy.mode != "record":
             return cls()
@@ -94,25 +106,48 @@ class ClientPrivacy:
         sigma = cfg.privacy.noise_multiplier
         if sigma <= 0:
             total = planned_steps(cfg.federation.num_rounds, steps)
-            sigma = calibrate_noise_multiplier(target, cfg.privacy.delta, q, total, accountant=cfg.privacy.accountant)
-        self = cls(enabled=True, ledger=ledger, noise_multiplier=sigma, sample_rate=q, target_epsilon=target,
-                   accountant=cfg.privacy.accountant, _context=context, _node=node)
+            sigma = calibrate_noise_multiplier(
+                target, cfg.privacy.delta, q, total, accountant=cfg.privacy.accountant
+            )
+        self = cls(
+            enabled=True,
+            ledger=ledger,
+            noise_multiplier=sigma,
+            sample_rate=q,
+            target_epsilon=target,
+            accountant=cfg.privacy.accountant,
+            _context=context,
+            _node=node,
+        )
         if target > 0:
-            entry = LedgerEntry(round=max(server_round, (ledger.rounds[-1] + 1) if ledger.rounds else 1),
-                                noise_multiplier=sigma, sample_rate=q, steps=steps)
+            entry = LedgerEntry(
+                round=max(server_round, (ledger.rounds[-1] + 1) if ledger.rounds else 1),
+                noise_multiplier=sigma,
+                sample_rate=q,
+                steps=steps,
+            )
             if exceeds_budget(ledger, entry, target, accountant=cfg.privacy.accountant):
                 spent = ledger.epsilon(cfg.privacy.accountant)
                 self.declined = True
-                self.reason = (f"another {steps} DP-SGD steps would take ε from {spent:.3f} past the budget "
-                               f"{target:g} (δ={cfg.privacy.delta:g}); the client sits this round out")
+                self.reason = (
+                    f"another {steps} DP-SGD steps would take ε from {spent:.3f} past the budget "
+                    f"{target:g} (δ={cfg.privacy.delta:g}); the client sits this round out"
+                )
         self.wrap = self._wrap if not self.declined else None
         return self
 
-    def _wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-              loader: DataLoader) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]:
+    def _wrap(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]:
         assert self.ledger is not None
-        self._private = make_private_lora(model, optimizer, loader, noise_multiplier=self.noise_multiplier,
-                                          max_grad_norm=self.ledger.max_grad_norm, poisson_sampling=True)
+        self._private = make_private_lora(
+            model,
+            optimizer,
+            loader,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.ledger.max_grad_norm,
+            poisson_sampling=True,
+        )
         return tuple(self._private)  # type: ignore[return-value]
 
     def commit(self, server_round: int) -> None:
@@ -124,8 +159,12 @@ class ClientPrivacy:
         entry = self._private.ledger_entry(label)
         self.ledger = self.ledger.append(entry)
         eps = self.ledger.epsilon(self.accountant)
-        self._metrics = {"dp-epsilon": eps, "dp-noise-multiplier": entry.noise_multiplier,
-                         "dp-sample-rate": entry.sample_rate, "dp-steps": entry.steps}
+        self._metrics = {
+            "dp-epsilon": eps,
+            "dp-noise-multiplier": entry.noise_multiplier,
+            "dp-sample-rate": entry.sample_rate,
+            "dp-steps": entry.steps,
+        }
         self._persist()
 
     def _persist(self) -> None:

@@ -43,9 +43,14 @@ def _start_state(template: AdapterState, received: AdapterState, seed: int, rank
     start = init_adapter_state(template, seed)
     for k, v in received.items():
         if k not in start:
-            raise PayloadError(f"server sent tensor {k!r}, which this client's rank-{rank} adapter does not have")
+            raise PayloadError(
+                f"server sent tensor {k!r}, which this client's rank-{rank} adapter does not have"
+            )
         if start[k].shape != v.shape:
-            raise PayloadError(f"server sent {k!r} with shape {tuple(v.shape)}; this client's rank-{rank} adapter needs {tuple(start[k].shape)}")
+            raise PayloadError(
+                f"server sent {k!r} with shape {tuple(v.shape)}; this client's rank-{rank} adapter "
+                f"needs {tuple(start[k].shape)}"
+            )
         if not torch.isfinite(v).all():
             raise PayloadError(f"server sent non-finite values in {k!r}; refusing to train on them")
         start[k] = v
@@ -60,13 +65,21 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
     labels = tuple(json.loads(str(conf.get("labels", "[]"))))
     rank, alpha = int(conf["rank"]), float(conf["alpha"])
     if rank != node.rank:
-        raise PayloadError(f"server sent a rank-{rank} adapter but this node is configured for rank {node.rank}")
+        raise PayloadError(
+            f"server sent a rank-{rank} adapter but this node is configured for rank {node.rank}"
+        )
     train_a = bool(conf.get("train-a", True))
     server_round = int(conf["round"])
     seed = int(conf.get("seed", cfg.federation.seed))
 
     loaded = get_lora_model(
-        cfg.model.name, cfg.model.task, max(2, len(labels)), rank, alpha, cfg.lora.dropout, cfg.lora.target_modules
+        cfg.model.name,
+        cfg.model.task,
+        max(2, len(labels)),
+        rank,
+        alpha,
+        cfg.lora.dropout,
+        cfg.lora.target_modules,
     )
     received = from_record(content["adapter"])
     start = _start_state(adapter_state(loaded, rank), received, seed, rank)
@@ -75,7 +88,8 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
         mine = fingerprint({k: v for k, v in start.items() if is_lora_a(k)})
         if mine != str(expected_a):
             raise PayloadError(
-                f"shared frozen A fingerprint mismatch (server {expected_a}, client {mine}): this node derives a "
+                f"shared frozen A fingerprint mismatch (server {expected_a}, client {mine}): "
+                "this node derives a "
                 "different A; check that server and nodes run the same model, rank and seed"
             )
     merge = from_record(content["merge"]) if "merge" in content.array_records else None
@@ -90,10 +104,20 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
     train_records, val_records = local_data(cfg, node, labels)
     train_ds = encode(train_records, loaded.tokenizer, cfg.model.max_length, cfg.model.task)
     steps = planned_steps(len(train_ds), cfg.train)
-    privacy = ClientPrivacy.for_round(cfg, node, context, len(train_ds), steps, server_round,
-                                      server_copy=str(conf.get("privacy-ledger", "")))
+    privacy = ClientPrivacy.for_round(
+        cfg,
+        node,
+        context,
+        len(train_ds),
+        steps,
+        server_round,
+        server_copy=str(conf.get("privacy-ledger", "")),
+    )
     metrics: dict[str, float | int] = {
-        "num-examples": len(train_records), "rank": rank, "round": server_round, "bytes-down": record_bytes(content["adapter"]),
+        "num-examples": len(train_records),
+        "rank": rank,
+        "round": server_round,
+        "bytes-down": record_bytes(content["adapter"]),
     }
     reply = RecordDict()
     if privacy.declined:
@@ -105,24 +129,44 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
     t0 = time.perf_counter()
     with merged_into_base(loaded, merge):
         try:
-            result = train_local(model, train_ds, cfg.train, device, wrap=privacy.wrap, steps=steps,
-                                 seed=seed * 100_003 + server_round * 1009 + node.partition_id)
+            result = train_local(
+                model,
+                train_ds,
+                cfg.train,
+                device,
+                wrap=privacy.wrap,
+                steps=steps,
+                seed=seed * 100_003 + server_round * 1009 + node.partition_id,
+            )
             privacy.commit(server_round)
         finally:
             privacy.close()
-        val = evaluate(model, encode(val_records, loaded.tokenizer, cfg.model.max_length, cfg.model.task),
-                       cfg.model.task, device, cfg.train.eval_batch_size)
+        val = evaluate(
+            model,
+            encode(val_records, loaded.tokenizer, cfg.model.max_length, cfg.model.task),
+            cfg.model.task,
+            device,
+            cfg.train.eval_batch_size,
+        )
     new = adapter_state(loaded, rank)
     keys = trained_keys(list(new), train_a)
     update = delta({k: new[k] for k in keys}, start)
     record = to_record(update)
-    metrics.update({
-        "train-loss": result.loss, "steps": result.steps, "train-seconds": time.perf_counter() - t0,
-        "local-val-loss": val.loss, "local-val-accuracy": val.accuracy, "bytes-up": record_bytes(record),
-    })
+    metrics.update(
+        {
+            "train-loss": result.loss,
+            "steps": result.steps,
+            "train-seconds": time.perf_counter() - t0,
+            "local-val-loss": val.loss,
+            "local-val-accuracy": val.accuracy,
+            "bytes-up": record_bytes(record),
+        }
+    )
     metrics.update(privacy.metrics())
     reply["update"] = record
-    reply["metrics"] = MetricRecord({k: v for k, v in metrics.items() if v == v})  # drop NaN (no validation data)
+    reply["metrics"] = MetricRecord(
+        {k: v for k, v in metrics.items() if v == v}
+    )  # drop NaN (no validation data)
     if privacy.enabled:
         reply["privacy"] = ConfigRecord({"ledger": privacy.ledger_json()})
     return reply

@@ -132,7 +132,9 @@ def state_rank(state: Mapping[str, torch.Tensor]) -> int:
     pairs, _ = split_state(state)
     ranks = {p.rank for p in pairs.values()}
     if len(ranks) > 1:
-        raise AdapterError(f"adapter modules have different ranks {sorted(ranks)}; expected one rank per client")
+        raise AdapterError(
+            f"adapter modules have different ranks {sorted(ranks)}; expected one rank per client"
+        )
     return ranks.pop() if ranks else 0
 
 
@@ -151,7 +153,9 @@ def apply_delta(base: Mapping[str, torch.Tensor], upd: Mapping[str, torch.Tensor
         if k not in out:
             raise AdapterError(f"update names {k!r}, which the reference state does not have")
         if out[k].shape != v.shape:
-            raise AdapterError(f"update {k!r} has shape {tuple(v.shape)}, reference has {tuple(out[k].shape)}")
+            raise AdapterError(
+                f"update {k!r} has shape {tuple(v.shape)}, reference has {tuple(out[k].shape)}"
+            )
         out[k] = out[k] + v
     return out
 

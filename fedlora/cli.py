@@ -53,7 +53,8 @@ def _simulate_parser(sub: Any) -> None:
         "simulate",
         help="run a federated LoRA fine-tuning with virtual clients on this machine",
         description="Run many virtual clients and the server on this machine (Flower Simulation Engine). "
-        "Without arguments: 4 clients x 5 rounds of FedIT on the packaged all-MiniLM-L6-v2 and the embedded task.",
+        "Without arguments: 4 clients x 5 rounds of FedIT on the packaged all-MiniLM-L6-v2 "
+        "and the embedded task.",
     )
     p.add_argument("--config", help="scenario TOML file (default: simulations/default.toml)")
     g = p.add_argument_group("federation")
@@ -73,8 +74,12 @@ def _simulate_parser(sub: Any) -> None:
     g.add_argument("--test-data", help="separate held-out file (default: hold out data.test_fraction)")
     g.add_argument("--text-column", help="text column for classification")
     g.add_argument("--label-column", help="label column for classification")
-    g.add_argument("--partitioner", choices=["iid", "dirichlet", "shards"], help="how data is split across clients")
-    g.add_argument("--dirichlet-alpha", type=float, help="Dirichlet concentration (smaller = more label skew)")
+    g.add_argument(
+        "--partitioner", choices=["iid", "dirichlet", "shards"], help="how data is split across clients"
+    )
+    g.add_argument(
+        "--dirichlet-alpha", type=float, help="Dirichlet concentration (smaller = more label skew)"
+    )
     g = p.add_argument_group("training")
     g.add_argument("--lr", type=float, help="AdamW learning rate")
     g.add_argument("--batch-size", type=int, help="local batch size")
@@ -82,21 +87,32 @@ def _simulate_parser(sub: Any) -> None:
     g.add_argument("--local-epochs", type=float, help="local epochs per round")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="training device")
     g = p.add_argument_group("privacy")
-    g.add_argument("--dp", choices=["none", "record", "client"], help="DP mode: record (DP-SGD) or client (DP-FedAvg)")
+    g.add_argument(
+        "--dp", choices=["none", "record", "client"], help="DP mode: record (DP-SGD) or client (DP-FedAvg)"
+    )
     g.add_argument("--dp-epsilon", type=float, help="target epsilon for the whole run (calibrates the noise)")
     g.add_argument("--dp-delta", type=float, help="delta (default 1e-5)")
     g.add_argument("--dp-noise", type=float, help="noise multiplier (instead of a target epsilon)")
     g.add_argument("--dp-clip", type=float, help="per-sample clipping norm C for DP-SGD")
-    g.add_argument("--client-sampling", choices=["fixed", "poisson"], help="client sampling (client-level DP)")
+    g.add_argument(
+        "--client-sampling", choices=["fixed", "poisson"], help="client sampling (client-level DP)"
+    )
     g.add_argument("--client-sample-rate", type=float, help="Poisson client sampling probability")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="run directory (default runs/<timestamp>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config field, e.g. --set train.weight_decay=0.01 (repeatable)")
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config field, e.g. --set train.weight_decay=0.01 (repeatable)",
+    )
     g = p.add_argument_group("resources")
     g.add_argument("--cpus-per-client", type=float, default=0.0, help="CPUs per virtual client (0 = all)")
-    g.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per virtual client (0 = auto)")
+    g.add_argument(
+        "--gpus-per-client", type=float, default=0.0, help="GPU share per virtual client (0 = auto)"
+    )
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
@@ -128,8 +144,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_parser(sub: Any) -> None:
-    p = sub.add_parser("evaluate", help="score a saved adapter on a data set",
-                       description="Load the base model plus a PEFT adapter directory and report loss and accuracy.")
+    p = sub.add_parser(
+        "evaluate",
+        help="score a saved adapter on a data set",
+        description="Load the base model plus a PEFT adapter directory and report loss and accuracy.",
+    )
     p.add_argument("adapter_dir", help="PEFT adapter directory (e.g. runs/<id>/adapter)")
     p.add_argument("--data", default="embedded", help="'embedded' (its held-out split) or a data file")
     p.add_argument("--data-format", default="auto", help="csv, jsonl, parquet, hf-disk")
@@ -145,8 +164,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedlora.evaluate import evaluate_adapter
 
     res = evaluate_adapter(
-        Path(args.adapter_dir), data=args.data, data_format=args.data_format, text_column=args.text_column,
-        label_column=args.label_column, model=args.model, device=args.device,
+        Path(args.adapter_dir),
+        data=args.data,
+        data_format=args.data_format,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        model=args.model,
+        device=args.device,
     )
     if args.json:
         print(json.dumps(res))
@@ -187,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     _simulate_parser(sub)
     _evaluate_parser(sub)
     _report_parser(sub)
-    sub.add_parser("certs", help="create a CA, SuperLink certificate and SuperNode keys (fedlora certs --help)")
+    sub.add_parser(
+        "certs", help="create a CA, SuperLink certificate and SuperNode keys (fedlora certs --help)"
+    )
     args = parser.parse_args(argv)
     handlers = {"simulate": cmd_simulate, "evaluate": cmd_evaluate, "report": cmd_report}
     try:

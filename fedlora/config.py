@@ -238,7 +238,11 @@ class PrivacyConfig:
         if not 0.0 < self.client_sample_rate <= 1.0:
             _fail("privacy.client_sample_rate", self.client_sample_rate, "a number in (0, 1]")
         if self.mode != "none" and self.epsilon == 0 and self.noise_multiplier == 0:
-            _fail("privacy.epsilon/noise_multiplier", 0, f"a target epsilon or a noise multiplier > 0 for mode {self.mode!r}")
+            _fail(
+                "privacy.epsilon/noise_multiplier",
+                0,
+                f"a target epsilon or a noise multiplier > 0 for mode {self.mode!r}",
+            )
 
 
 @dataclass(frozen=True)
@@ -368,7 +372,9 @@ def _build_section(section: str, values: Mapping[str, Any]) -> Any:
         key = _norm_key(raw_key)
         if key not in fields:
             allowed = ", ".join(sorted(fields))
-            raise ConfigError(f"unknown config key {section}.{raw_key}: allowed keys in [{section}] are {allowed}")
+            raise ConfigError(
+                f"unknown config key {section}.{raw_key}: allowed keys in [{section}] are {allowed}"
+            )
         kwargs[key] = _coerce(f"{section}.{key}", fields[key], value)
     return cls(**kwargs)
 
@@ -394,11 +400,15 @@ def with_overrides(base: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
         key = ALIASES.get(raw_key.strip(), raw_key.strip())
         if "." not in key:
             known = ", ".join(sorted(ALIASES))
-            raise ConfigError(f"unknown config key {raw_key!r}: use 'section.field' (e.g. train.lr) or one of {known}")
+            raise ConfigError(
+                f"unknown config key {raw_key!r}: use 'section.field' (e.g. train.lr) or one of {known}"
+            )
         section, name = key.split(".", 1)
         section = _norm_key(section)
         if section not in _SECTION_TYPES:
-            raise ConfigError(f"unknown config section in key {raw_key!r}: allowed are {', '.join(_SECTION_TYPES)}")
+            raise ConfigError(
+                f"unknown config section in key {raw_key!r}: allowed are {', '.join(_SECTION_TYPES)}"
+            )
         nested.setdefault(section, {})[_norm_key(name)] = value
     return from_mapping(nested)
 
@@ -413,7 +423,9 @@ def load_toml(path: str | Path) -> RunConfig:
     """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing scenario, e.g. simulations/default.toml")
+        raise ConfigError(
+            f"config file {str(p)!r} does not exist; pass an existing scenario, e.g. simulations/default.toml"
+        )
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:

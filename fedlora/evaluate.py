@@ -8,7 +8,13 @@ from typing import Any
 
 from fedlora.config import DataConfig
 from fedlora.data.encode import encode
-from fedlora.data.sources import DataError, classification_records, instruction_records, load_task_data, read_rows
+from fedlora.data.sources import (
+    DataError,
+    classification_records,
+    instruction_records,
+    load_task_data,
+    read_rows,
+)
 from fedlora.export import META_FILE
 from fedlora.models import resolve_model_path
 from fedlora.train import evaluate, resolve_device
@@ -36,7 +42,10 @@ def evaluate_adapter(
 
     meta_path = adapter_dir / META_FILE
     if not (adapter_dir / "adapter_config.json").is_file() or not meta_path.is_file():
-        raise FileNotFoundError(f"{str(adapter_dir)!r} is not a fedlora adapter directory (needs adapter_config.json and {META_FILE})")
+        raise FileNotFoundError(
+            f"{str(adapter_dir)!r} is not a fedlora adapter directory "
+            f"(needs adapter_config.json and {META_FILE})"
+        )
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     labels, task, max_length = tuple(meta["labels"]), meta["task"], int(meta["max_length"])
     path = resolve_model_path(model or meta["model"])

@@ -70,5 +70,7 @@ def load_peft_state(adapter_dir: Path) -> tuple[AdapterState, LoraConfig]:
     cfg_path, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     for p in (cfg_path, weights):
         if not p.is_file():
-            raise FileNotFoundError(f"{str(p)!r} not found: {str(adapter_dir)!r} is not a PEFT adapter directory")
+            raise FileNotFoundError(
+                f"{str(p)!r} not found: {str(adapter_dir)!r} is not a PEFT adapter directory"
+            )
     return load_file(str(weights)), LoraConfig.from_pretrained(str(adapter_dir))

@@ -23,7 +23,12 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 from fedlora.adapters import AdapterState, is_lora_a, is_lora_b, module_of, split_state
 
@@ -70,10 +75,14 @@ def resolve_model_path(name: str) -> str:
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
-            raise ModelError(f"model directory {str(p)!r} has no config.json; pass a Hugging Face model directory")
+            raise ModelError(
+                f"model directory {str(p)!r} has no config.json; pass a Hugging Face model directory"
+            )
         return str(p)
     if name.startswith((".", "/", "~")):
-        raise ModelError(f"model directory {name!r} does not exist; pass 'minilm', a model directory or a hub id")
+        raise ModelError(
+            f"model directory {name!r} does not exist; pass 'minilm', a model directory or a hub id"
+        )
     return name  # a hub id; loading fails with a clear message when offline
 
 
@@ -223,7 +232,10 @@ def load_adapter_state(loaded: LoadedModel, rank: int, state: Mapping[str, torch
         if k not in current:
             raise ModelError(f"adapter tensor {k!r} is not part of this model's rank-{rank} adapter")
         if tuple(current[k].shape) != tuple(v.shape):
-            raise ModelError(f"adapter tensor {k!r} has shape {tuple(v.shape)}, the model expects {tuple(current[k].shape)}")
+            raise ModelError(
+                f"adapter tensor {k!r} has shape {tuple(v.shape)}, "
+                f"the model expects {tuple(current[k].shape)}"
+            )
     merged = {k: state.get(k, current[k]) for k in current}
     result = set_peft_model_state_dict(loaded.peft, merged, adapter_name=adapter_name(rank))
     unexpected = getattr(result, "unexpected_keys", [])
@@ -304,7 +316,10 @@ def merged_into_base(loaded: LoadedModel, merge: Mapping[str, torch.Tensor] | No
             if getattr(layer, "fan_in_fan_out", False):
                 dense = dense.T
             if dense.shape != weight.shape:
-                raise ModelError(f"merge update for {module!r} has shape {tuple(dense.shape)}, base weight {tuple(weight.shape)}")
+                raise ModelError(
+                    f"merge update for {module!r} has shape {tuple(dense.shape)}, "
+                    f"base weight {tuple(weight.shape)}"
+                )
             saved[module] = weight.data.clone()
             weight.data += dense.to(weight.device)
         yield
@@ -320,9 +335,7 @@ def _strip_prefix(name: str) -> str:
 def _lora_layers(model: PeftModel) -> dict[str, torch.nn.Module]:
     from peft.tuners.lora import LoraLayer
 
-    return {
-        _strip_prefix(n): m for n, m in model.named_modules() if isinstance(m, LoraLayer)
-    }
+    return {_strip_prefix(n): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
 def count_parameters(state: Mapping[str, torch.Tensor]) -> int:

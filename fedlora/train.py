@@ -20,7 +20,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedlora.config import TrainConfig
 
-Wrap = Callable[[torch.nn.Module, torch.optim.Optimizer, DataLoader], tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]]
+Wrap = Callable[
+    [torch.nn.Module, torch.optim.Optimizer, DataLoader],
+    tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader],
+]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,7 +124,9 @@ def train_local(
     if wrap is not None:
         train_model, optimizer, loader = wrap(model, optimizer, loader)
     warmup = cfg.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+    )
     amp = autocast_dtype(device, cfg.precision)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     train_model.train()
@@ -150,11 +155,15 @@ def train_local(
         scheduler.step()
         total += float(loss.detach())
         seen += len(batch[0])
-    return TrainResult(loss=total / max(1, n_steps), steps=n_steps, examples_seen=seen, seconds=time.perf_counter() - t0)
+    return TrainResult(
+        loss=total / max(1, n_steps), steps=n_steps, examples_seen=seen, seconds=time.perf_counter() - t0
+    )
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: Dataset, task: str, device: torch.device, batch_size: int = 64) -> EvalResult:
+def evaluate(
+    model: torch.nn.Module, dataset: Dataset, task: str, device: torch.device, batch_size: int = 64
+) -> EvalResult:
     """Return mean loss and accuracy of ``model`` on ``dataset`` (token accuracy for causal LM)."""
     if len(dataset) == 0:  # type: ignore[arg-type]
         return EvalResult(loss=float("nan"), accuracy=float("nan"), examples=0)

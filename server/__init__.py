@@ -1,0 +1,1 @@
+"""The fedlora ServerApp package (Flower glue + the round loop)."""

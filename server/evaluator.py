@@ -12,7 +12,13 @@ from fedlora.config import RunConfig
 from fedlora.data.encode import encode
 from fedlora.data.sources import Record
 from fedlora.export import save_peft_adapter
-from fedlora.models import adapter_state, get_lora_model, init_adapter_state, load_adapter_state, merged_into_base
+from fedlora.models import (
+    adapter_state,
+    get_lora_model,
+    init_adapter_state,
+    load_adapter_state,
+    merged_into_base,
+)
 from fedlora.train import EvalResult, evaluate, resolve_device
 
 
@@ -30,14 +36,22 @@ class ServerModel:
     def _loaded(self, rank: int, alpha: float | None = None):  # noqa: ANN202 - LoadedModel
         alpha = self.cfg.lora.alpha_for(rank) if alpha is None else alpha
         return get_lora_model(
-            self.cfg.model.name, self.cfg.model.task, self.num_labels, rank, alpha, 0.0, self.cfg.lora.target_modules
+            self.cfg.model.name,
+            self.cfg.model.task,
+            self.num_labels,
+            rank,
+            alpha,
+            0.0,
+            self.cfg.lora.target_modules,
         )
 
     def template(self, rank: int, seed: int) -> AdapterState:
         """Return the seeded initial adapter at ``rank`` (what every client derives too)."""
         return init_adapter_state(adapter_state(self._loaded(rank), rank), seed)
 
-    def evaluate(self, adapter: Mapping[str, torch.Tensor], merge: Mapping[str, torch.Tensor] | None = None) -> EvalResult:
+    def evaluate(
+        self, adapter: Mapping[str, torch.Tensor], merge: Mapping[str, torch.Tensor] | None = None
+    ) -> EvalResult:
         """Score ``adapter`` (and an optional base merge) on the held-out test split."""
         pairs, _ = split_state(adapter)
         rank = next(iter(pairs.values())).rank
@@ -46,9 +60,13 @@ class ServerModel:
         load_adapter_state(loaded, rank, adapter)
         model = loaded.peft.to(self.device)
         with merged_into_base(loaded, merge):
-            return evaluate(model, self.test, self.cfg.model.task, self.device, self.cfg.train.eval_batch_size)
+            return evaluate(
+                model, self.test, self.cfg.model.task, self.device, self.cfg.train.eval_batch_size
+            )
 
-    def export(self, out_dir: Path, adapter: Mapping[str, torch.Tensor], merge: Mapping[str, torch.Tensor] | None) -> Path:
+    def export(
+        self, out_dir: Path, adapter: Mapping[str, torch.Tensor], merge: Mapping[str, torch.Tensor] | None
+    ) -> Path:
         """Write the final global adapter in PEFT format.
 
         With a base merge (FLoRA) the merge itself is the exported LoRA (scale folded in, so
@@ -61,8 +79,13 @@ class ServerModel:
         else:
             state = dict(adapter)
             alpha = self.cfg.lora.alpha_for(next(iter(split_state(adapter)[0].values())).rank)
-        meta = {"labels": list(self.labels), "model": self.cfg.model.name, "task": self.cfg.model.task,
-                "max_length": self.cfg.model.max_length, "strategy": self.cfg.federation.strategy}
+        meta = {
+            "labels": list(self.labels),
+            "model": self.cfg.model.name,
+            "task": self.cfg.model.task,
+            "max_length": self.cfg.model.max_length,
+            "strategy": self.cfg.federation.strategy,
+        }
         return save_peft_adapter(
             out_dir,
             state,

@@ -59,19 +59,32 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -
             return nodes[:wanted] if len(nodes) > wanted else nodes
         if time.monotonic() > deadline:
             raise FederationError(
-                f"only {len(nodes)} of {wanted} nodes connected within {timeout:.0f} s; start more SuperNodes, "
+                f"only {len(nodes)} of {wanted} nodes connected within {timeout:.0f} s; "
+                "start more SuperNodes, "
                 "or lower federation.num_clients / raise federation.node_wait_timeout"
             )
         time.sleep(poll)
 
 
-def query_nodes(grid: Grid, nodes: Sequence[int], cfg: RunConfig, labels: Sequence[str]) -> dict[int, NodeInfo]:
+def reply_nodes(msgs: Sequence[Message], replies: Sequence[Message]) -> list[int]:
+    """Return the node each reply answers for, matched through the message it replies to.
+
+    ``src_node_id`` is not enough: when a node stops sending heartbeats, the SuperLink
+    answers in its place with an error reply whose source is the SuperLink itself (id 1).
+    """
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+    return [sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies]
+
+
+def query_nodes(
+    grid: Grid, nodes: Sequence[int], cfg: RunConfig, labels: Sequence[str]
+) -> dict[int, NodeInfo]:
     """Ask every node for its rank, alpha and example count; nodes that fail are left out."""
     content = ConfigRecord({"run-config": cfg.to_json(), "labels": json.dumps(list(labels))})
     msgs = [Message(RecordDict({"config": content}), dst_node_id=n, message_type=QUERY) for n in nodes]
     infos: dict[int, NodeInfo] = {}
-    for reply in grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout):
-        src = reply.metadata.src_node_id
+    replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout))
+    for src, reply in zip(reply_nodes(msgs, replies), replies, strict=True):
         if reply.has_error():
             log.warning("node %s failed its query and is left out: %s", src, reply.error.reason)
             continue
@@ -83,11 +96,20 @@ def query_nodes(grid: Grid, nodes: Sequence[int], cfg: RunConfig, labels: Sequen
     return infos
 
 
-def _train_message(node: int, payload: Payload, base_conf: Mapping[str, Any], spec: ClientSpec, rnd: int) -> Message:
-    conf = ConfigRecord({
-        **base_conf, "round": rnd, "rank": spec.rank, "alpha": float(spec.alpha),
-        "train-a": payload.train_a, "fresh-adapter": payload.fresh_adapter, **dict(payload.extras),
-    })
+def _train_message(
+    node: int, payload: Payload, base_conf: Mapping[str, Any], spec: ClientSpec, rnd: int
+) -> Message:
+    conf = ConfigRecord(
+        {
+            **base_conf,
+            "round": rnd,
+            "rank": spec.rank,
+            "alpha": float(spec.alpha),
+            "train-a": payload.train_a,
+            "fresh-adapter": payload.fresh_adapter,
+            **dict(payload.extras),
+        }
+    )
     content = RecordDict({"adapter": to_record(payload.adapter), "config": conf})
     if payload.merge:
         content["merge"] = to_record(payload.merge)
@@ -109,10 +131,17 @@ class ServerRun:
         self.max_rank = cfg.max_rank()
 
     def _checkpoint(self, rnd: int, state: AdapterState) -> None:
-        save_checkpoint(self.run_dir / CHECKPOINT, {
-            "round": rnd, "state": state, "strategy": self.strategy.state_dict(),
-            "privacy": self.privacy.state_dict(), "rng": self.rng.getstate(), "config": self.cfg.to_json(),
-        })
+        save_checkpoint(
+            self.run_dir / CHECKPOINT,
+            {
+                "round": rnd,
+                "state": state,
+                "strategy": self.strategy.state_dict(),
+                "privacy": self.privacy.state_dict(),
+                "rng": self.rng.getstate(),
+                "config": self.cfg.to_json(),
+            },
+        )
 
     def _resume(self) -> tuple[int, AdapterState] | None:
         path = self.run_dir / CHECKPOINT
@@ -156,23 +185,50 @@ class ServerRun:
         k = self.cfg.federation.clients_per_round
         return self.privacy.sample_clients(nodes, k, self.rng)
 
-    def _round(self, rnd: int, state: AdapterState, infos: Mapping[int, NodeInfo]) -> tuple[AdapterState, dict[str, Any]]:
+    def _round(
+        self, rnd: int, state: AdapterState, infos: Mapping[int, NodeInfo]
+    ) -> tuple[AdapterState, dict[str, Any]]:
         t0 = time.perf_counter()
         selected = self._sample(infos)
-        base_conf = {"run-config": self.cfg.to_json(), "labels": json.dumps(list(self.labels)), "seed": self.cfg.federation.seed}
+        base_conf = {
+            "run-config": self.cfg.to_json(),
+            "labels": json.dumps(list(self.labels)),
+            "seed": self.cfg.federation.seed,
+        }
         payloads = {n: self.strategy.payload(state, infos[n].spec) for n in selected}
-        msgs = [_train_message(n, payloads[n], {**base_conf, **self.privacy.client_conf(infos[n].partition_id)},
-                               infos[n].spec, rnd) for n in selected]
-        bytes_down = sum(record_bytes(m.content["adapter"]) + record_bytes(m.content.array_records.get("merge")) for m in msgs)
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout)) if msgs else []
+        msgs = [
+            _train_message(
+                n,
+                payloads[n],
+                {**base_conf, **self.privacy.client_conf(infos[n].partition_id)},
+                infos[n].spec,
+                rnd,
+            )
+            for n in selected
+        ]
+        bytes_down = sum(
+            record_bytes(m.content["adapter"]) + record_bytes(m.content.array_records.get("merge"))
+            for m in msgs
+        )
+        replies = (
+            list(self.grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout)) if msgs else []
+        )
         results, rejected, client_rows, bytes_up = [], [], [], 0
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        replied = reply_nodes(msgs, replies)
+        for node, reply in zip(replied, replies, strict=True):
             if reply.has_error():
                 rejected.append({"node": node, "reason": f"client error: {reply.error.reason}"})
                 continue
             metrics = dict(reply.content["metrics"]) if "metrics" in reply.content.metric_records else {}
-            client_rows.append({"kind": "client", "round": rnd, "node": node, "partition": infos[node].partition_id, **metrics})
+            client_rows.append(
+                {
+                    "kind": "client",
+                    "round": rnd,
+                    "node": node,
+                    "partition": infos[node].partition_id,
+                    **metrics,
+                }
+            )
             self.privacy.observe_reply(node, infos[node].partition_id, reply)
             if metrics.get("declined"):
                 rejected.append({"node": node, "reason": "declined: privacy budget exhausted"})
@@ -183,7 +239,7 @@ class ServerRun:
                 continue
             bytes_up += record_bytes(reply.content["update"])
             results.append(result)
-        missing = set(selected) - {r.metadata.src_node_id for r in replies}
+        missing = set(selected) - set(replied)
         rejected += [{"node": n, "reason": "no reply before the round timeout"} for n in sorted(missing)]
         for r in rejected:
             log.warning("round %s: update of node %s excluded: %s", rnd, r["node"], r["reason"])
@@ -191,14 +247,33 @@ class ServerRun:
             results = self.privacy.process_updates(results, payloads, rnd)
             state = self.strategy.aggregate(state, results)
         else:
-            print(f"round {rnd}: only {len(results)} valid updates (< min_replies = {self.cfg.federation.min_replies}); "
-                  "global adapter unchanged", flush=True)
+            print(
+                f"round {rnd}: only {len(results)} valid updates "
+                f"(< min_replies = {self.cfg.federation.min_replies}); "
+                "global adapter unchanged",
+                flush=True,
+            )
         for row in client_rows:
             self.out.log(row)
-        train_losses = [(r.num_examples, float(row.get("train-loss", 0.0))) for r, row in zip(results, [
-            next(c for c in client_rows if c["node"] == r.spec.node_id) for r in results], strict=True)]
-        rec = self._record_global(rnd, state, results, rejected, bytes_up, bytes_down, time.perf_counter() - t0, len(selected),
-                                  train_losses)
+        train_losses = [
+            (r.num_examples, float(row.get("train-loss", 0.0)))
+            for r, row in zip(
+                results,
+                [next(c for c in client_rows if c["node"] == r.spec.node_id) for r in results],
+                strict=True,
+            )
+        ]
+        rec = self._record_global(
+            rnd,
+            state,
+            results,
+            rejected,
+            bytes_up,
+            bytes_down,
+            time.perf_counter() - t0,
+            len(selected),
+            train_losses,
+        )
         return state, rec
 
     def _decode(self, reply: Message, payload: Payload, info: NodeInfo) -> tuple[str, ClientResult | None]:
@@ -218,21 +293,37 @@ class ServerRun:
         return (reason, None) if reason is not None else ("", result)
 
     def _global_view(self, state: AdapterState) -> tuple[AdapterState, AdapterState | None]:
-        """The adapter (at the largest client rank) and base merge that the server evaluates and exports."""
+        """Return the adapter (at the largest client rank) and base merge the server evaluates and exports."""
         spec = ClientSpec(node_id=0, rank=self.max_rank, alpha=self.cfg.lora.alpha_for(self.max_rank))
         return self.strategy.final_adapter(state, spec), self.strategy.final_merge(state)
 
-    def _record_global(self, rnd: int, state: AdapterState, results: Sequence[ClientResult], rejected: list[dict[str, Any]],
-                       bytes_up: int, bytes_down: int, seconds: float, sampled: int,
-                       train_losses: Sequence[tuple[int, float]] = ()) -> dict[str, Any]:
+    def _record_global(
+        self,
+        rnd: int,
+        state: AdapterState,
+        results: Sequence[ClientResult],
+        rejected: list[dict[str, Any]],
+        bytes_up: int,
+        bytes_down: int,
+        seconds: float,
+        sampled: int,
+        train_losses: Sequence[tuple[int, float]] = (),
+    ) -> dict[str, Any]:
         adapter, merge = self._global_view(state)
         ev = self.model.evaluate(adapter, merge)
         n = sum(w for w, _ in train_losses)
         rec = {
-            "kind": "global", "round": rnd, "test_accuracy": ev.accuracy, "test_loss": ev.loss,
+            "kind": "global",
+            "round": rnd,
+            "test_accuracy": ev.accuracy,
+            "test_loss": ev.loss,
             "train_loss": (sum(w * loss for w, loss in train_losses) / n) if n else None,
-            "clients_sampled": sampled, "clients_ok": len(results), "rejected": rejected,
-            "bytes_up": bytes_up, "bytes_down": bytes_down, "seconds": seconds,
+            "clients_sampled": sampled,
+            "clients_ok": len(results),
+            "rejected": rejected,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "seconds": seconds,
             **self.privacy.round_summary(rnd),
         }
         self.out.log(rec)

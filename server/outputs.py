@@ -36,8 +36,11 @@ class RunOutputs:
         """Drop metric lines of rounds after ``last_round`` (a resumed run redoes them)."""
         if not self.metrics_path.exists():
             return
-        keep = [line for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("round", 0) <= last_round]
+        keep = [
+            line
+            for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("round", 0) <= last_round
+        ]
         self.metrics_path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 

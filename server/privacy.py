@@ -52,16 +52,20 @@ class ServerPrivacy:
             require_client_dp(cfg.federation.strategy)
             q = self._client_rate()
             if self.sigma <= 0:
-                self.sigma = calibrate_noise_multiplier(p.epsilon, p.delta, q, cfg.federation.num_rounds,
-                                                        accountant=p.accountant)
-            self.ledgers[CLIENT_LEVEL_KEY] = PrivacyLedger(client_id=CLIENT_LEVEL_KEY, unit="client", delta=p.delta,
-                                                           max_grad_norm=p.clip_norm)
+                self.sigma = calibrate_noise_multiplier(
+                    p.epsilon, p.delta, q, cfg.federation.num_rounds, accountant=p.accountant
+                )
+            self.ledgers[CLIENT_LEVEL_KEY] = PrivacyLedger(
+                client_id=CLIENT_LEVEL_KEY, unit="client", delta=p.delta, max_grad_norm=p.clip_norm
+            )
         self.noise = torch.Generator().manual_seed(cfg.federation.seed + 7919)
         self.facts = RunFacts.create(
-            p.mode, sampling=self.sampling if p.mode != "none" else None,
+            p.mode,
+            sampling=self.sampling if p.mode != "none" else None,
             accountant=p.accountant if p.mode != "none" else "rdp",
             target_epsilon=p.epsilon or None if p.mode != "none" else None,
-            delta=p.delta if p.mode != "none" else None, strategy=cfg.federation.strategy,
+            delta=p.delta if p.mode != "none" else None,
+            strategy=cfg.federation.strategy,
         )
 
     def _client_rate(self) -> float:
@@ -102,7 +106,9 @@ class ServerPrivacy:
         ledger = PrivacyLedger.from_json(text)
         self.ledgers[ledger.client_id] = ledger
 
-    def process_updates(self, results: list[ClientResult], payloads: Mapping[int, Payload], rnd: int) -> list[ClientResult]:
+    def process_updates(
+        self, results: list[ClientResult], payloads: Mapping[int, Payload], rnd: int
+    ) -> list[ClientResult]:
         """Apply client-level DP to the round's results (identity in other modes).
 
         Returns one result holding ``payload + noisy mean update`` with weight 1: the strategy's
@@ -113,14 +119,29 @@ class ServerPrivacy:
         first = payloads[results[0].spec.node_id]
         names = dp_tensor_names(self.cfg.federation.strategy, list(first.adapter))
         updates = [{k: r.state[k] - payloads[r.spec.node_id].adapter[k] for k in names} for r in results]
-        m = expected_clients(len(payloads) if self.sampling == "fixed" else self.cfg.federation.num_clients,
-                             self._client_rate() if self.sampling == "poisson" else 1.0, self.sampling)
-        noisy, norms = privatize_updates(updates, clip_norm=self.cfg.privacy.clip_norm, noise_multiplier=self.sigma,
-                                         expected_clients=m, template=updates[0], generator=self.noise)
-        log.info("round %s: client-level DP over %d updates, pre-clip norms %s", rnd, len(updates),
-                 [round(n, 4) for n in norms])
+        m = expected_clients(
+            len(payloads) if self.sampling == "fixed" else self.cfg.federation.num_clients,
+            self._client_rate() if self.sampling == "poisson" else 1.0,
+            self.sampling,
+        )
+        noisy, norms = privatize_updates(
+            updates,
+            clip_norm=self.cfg.privacy.clip_norm,
+            noise_multiplier=self.sigma,
+            expected_clients=m,
+            template=updates[0],
+            generator=self.noise,
+        )
+        log.info(
+            "round %s: client-level DP over %d updates, pre-clip norms %s",
+            rnd,
+            len(updates),
+            [round(n, 4) for n in norms],
+        )
         ledger = self.ledgers[CLIENT_LEVEL_KEY]
-        self.ledgers[CLIENT_LEVEL_KEY] = ledger.record(rnd, self.sigma, self._client_rate(), 1, sampling=self.sampling)
+        self.ledgers[CLIENT_LEVEL_KEY] = ledger.record(
+            rnd, self.sigma, self._client_rate(), 1, sampling=self.sampling
+        )
         return [ClientResult(spec=results[0].spec, num_examples=1, state=apply_delta(first.adapter, noisy))]
 
     def round_summary(self, rnd: int) -> dict[str, Any]:
@@ -128,13 +149,19 @@ class ServerPrivacy:
         if self.mode == "none":
             return {}
         save_run_ledgers(self.run_dir, self.ledgers, self.facts)
-        eps = {cid: ledger.epsilon(self.cfg.privacy.accountant) for cid, ledger in self.ledgers.items() if ledger.entries}
+        eps = {
+            cid: ledger.epsilon(self.cfg.privacy.accountant)
+            for cid, ledger in self.ledgers.items()
+            if ledger.entries
+        }
         return {"dp_epsilon_max": max(eps.values()) if eps else 0.0, "dp_epsilon": eps}
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpointable state: every ledger as JSON."""
-        return {"ledgers": {cid: ledger.to_json() for cid, ledger in self.ledgers.items()},
-                "noise_rng": self.noise.get_state()}
+        return {
+            "ledgers": {cid: ledger.to_json() for cid, ledger in self.ledgers.items()},
+            "noise_rng": self.noise.get_state(),
+        }
 
     def load_state_dict(self, data: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""

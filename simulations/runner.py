@@ -52,7 +52,9 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path]:
     run_dir = run_dir.resolve()
     if run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.resume:
         if (run_dir / "metrics.jsonl").exists():
-            raise SimulationError(f"{run_dir} already holds a run; pass --resume to continue it or a new --out")
+            raise SimulationError(
+                f"{run_dir} already holds a run; pass --resume to continue it or a new --out"
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
     return replace(cfg, output=replace(cfg.output, out_dir=str(run_dir))), run_dir
 
@@ -84,8 +86,11 @@ def simulate(cfg: RunConfig, cpus_per_client: float = 0.0, gpus_per_client: floa
     cfg, run_dir = prepare_run_dir(cfg)
     config_file = run_dir / "resolved_config.json"
     config_file.write_text(cfg.to_json(), encoding="utf-8")
-    print(f"fedlora simulate: {cfg.federation.num_clients} clients x {cfg.federation.num_rounds} rounds, "
-          f"strategy {cfg.federation.strategy}, model {cfg.model.name}, privacy {cfg.privacy.mode}; run dir {run_dir}")
+    print(
+        f"fedlora simulate: {cfg.federation.num_clients} clients x {cfg.federation.num_rounds} rounds, "
+        f"strategy {cfg.federation.strategy}, model {cfg.model.name}, privacy {cfg.privacy.mode}; "
+        f"run dir {run_dir}"
+    )
     print_partitions(cfg, run_dir)
     n_cpus = os.cpu_count() or 1
     if gpus_per_client == 0.0 and torch.cuda.is_available() and cfg.train.device in ("auto", "cuda"):
@@ -93,16 +98,27 @@ def simulate(cfg: RunConfig, cpus_per_client: float = 0.0, gpus_per_client: floa
     resources = {"num_cpus": cpus_per_client or n_cpus, "num_gpus": gpus_per_client}
     backend = {
         "client_resources": resources,
-        "init_args": {"num_cpus": n_cpus, "include_dashboard": False, "logging_level": "ERROR", "log_to_driver": True},
+        "init_args": {
+            "num_cpus": n_cpus,
+            "include_dashboard": False,
+            "logging_level": "ERROR",
+            "log_to_driver": True,
+        },
     }
     os.environ[CONFIG_ENV] = str(config_file)
     t0 = time.perf_counter()
     try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
-                       backend_config=backend)
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.federation.num_clients,
+            backend_config=backend,
+        )
     finally:
         os.environ.pop(CONFIG_ENV, None)
     if not (run_dir / "adapter" / "adapter_model.safetensors").exists():
-        raise SimulationError(f"the simulation ended without a final adapter; see the log above and {run_dir}")
+        raise SimulationError(
+            f"the simulation ended without a final adapter; see the log above and {run_dir}"
+        )
     print(f"done in {time.perf_counter() - t0:.0f} s; results in {run_dir}", flush=True)
     return run_dir

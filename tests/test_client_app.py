@@ -26,33 +26,62 @@ def _task_identity():
 
 
 def _cfg(**over) -> RunConfig:
-    base = {"data.num_train": 80, "data.num_test": 20, "train.local_steps": 2, "train.batch_size": 8,
-            "federation.num_clients": 2, "lora.rank": 4}
+    base = {
+        "data.num_train": 80,
+        "data.num_test": 20,
+        "train.local_steps": 2,
+        "train.batch_size": 8,
+        "federation.num_clients": 2,
+        "lora.rank": 4,
+    }
     return with_overrides(RunConfig(), {**base, **over})
 
 
 def _context(pid=0, n=2, **node):
-    return Context(run_id=1, node_id=pid + 10, node_config={"partition-id": pid, "num-partitions": n, **node},
-                   state=RecordDict(), run_config={})
+    return Context(
+        run_id=1,
+        node_id=pid + 10,
+        node_config={"partition-id": pid, "num-partitions": n, **node},
+        state=RecordDict(),
+        run_config={},
+    )
 
 
 def _template(rank=4):
-    return init_adapter_state(adapter_state(get_lora_model("minilm", "classification", 4, rank, 2.0 * rank), rank), 0)
+    return init_adapter_state(
+        adapter_state(get_lora_model("minilm", "classification", 4, rank, 2.0 * rank), rank), 0
+    )
 
 
 def _train_msg(cfg, adapter, rank=4, **conf):
-    content = RecordDict({
-        "adapter": to_record(adapter),
-        "config": ConfigRecord({"run-config": cfg.to_json(), "labels": json.dumps(LABELS), "round": 1, "rank": rank,
-                                "alpha": 2.0 * rank, "seed": 0, "train-a": True, "fresh-adapter": False, **conf}),
-    })
+    content = RecordDict(
+        {
+            "adapter": to_record(adapter),
+            "config": ConfigRecord(
+                {
+                    "run-config": cfg.to_json(),
+                    "labels": json.dumps(LABELS),
+                    "round": 1,
+                    "rank": rank,
+                    "alpha": 2.0 * rank,
+                    "seed": 0,
+                    "train-a": True,
+                    "fresh-adapter": False,
+                    **conf,
+                }
+            ),
+        }
+    )
     return Message(content, dst_node_id=10, message_type=TRAIN)
 
 
 def test_query_reports_rank_from_node_config():
     cfg = _cfg()
-    msg = Message(RecordDict({"config": ConfigRecord({"run-config": cfg.to_json(), "labels": json.dumps(LABELS)})}),
-                  dst_node_id=10, message_type=QUERY)
+    msg = Message(
+        RecordDict({"config": ConfigRecord({"run-config": cfg.to_json(), "labels": json.dumps(LABELS)})}),
+        dst_node_id=10,
+        message_type=QUERY,
+    )
     info = app(msg, _context(pid=1, **{"lora-rank": 16})).content["info"]
     assert info["rank"] == 16 and info["alpha"] == 32.0 and info["num-examples"] == 36
 
@@ -100,5 +129,7 @@ def test_partitions_differ_between_nodes(pid):
 
     cfg = _cfg()
     train, _ = local_data(cfg, node_settings(cfg, {"partition-id": pid, "num-partitions": 2}), tuple(LABELS))
-    other, _ = local_data(cfg, node_settings(cfg, {"partition-id": 1 - pid, "num-partitions": 2}), tuple(LABELS))
+    other, _ = local_data(
+        cfg, node_settings(cfg, {"partition-id": 1 - pid, "num-partitions": 2}), tuple(LABELS)
+    )
     assert not {r["text"] for r in train} & {r["text"] for r in other}

@@ -13,10 +13,16 @@ def test_defaults_round_trip_through_json_and_toml(tmp_path):
 
 
 def test_overrides_accept_flower_style_keys_and_strings():
-    cfg = with_overrides(RunConfig(), {
-        "num-server-rounds": "3", "train.lr": "0.01", "lora.ranks": "4,8,16",
-        "federation.strategy-params": '{"lam": 0.1}', "output.resume": "true",
-    })
+    cfg = with_overrides(
+        RunConfig(),
+        {
+            "num-server-rounds": "3",
+            "train.lr": "0.01",
+            "lora.ranks": "4,8,16",
+            "federation.strategy-params": '{"lam": 0.1}',
+            "output.resume": "true",
+        },
+    )
     assert cfg.federation.num_rounds == 3
     assert cfg.train.lr == 0.01
     assert cfg.lora.ranks == (4, 8, 16)
@@ -25,19 +31,22 @@ def test_overrides_accept_flower_style_keys_and_strings():
     assert [cfg.rank_of(i) for i in range(4)] == [4, 8, 16, 4]
 
 
-@pytest.mark.parametrize(("key", "value", "needle"), [
-    ("train.lr", "-1", "train.lr = -1.0"),
-    ("train.batch_size", "many", "train.batch_size = 'many'"),
-    ("train.batch_size", "2.5", "expected an integer"),
-    ("model.task", "translation", "one of 'classification', 'causal-lm'"),
-    ("data.partitioner", "random", "'iid', 'dirichlet', 'shards'"),
-    ("federation.min_replies", "9", "1 to num_clients"),
-    ("lora.dropout", "1.5", "[0, 1)"),
-    ("privacy.delta", "2", "(0, 1)"),
-    ("train.bogus", "1", "allowed keys in [train]"),
-    ("bogus", "1", "use 'section.field'"),
-    ("nosuch.key", "1", "allowed are"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("train.lr", "-1", "train.lr = -1.0"),
+        ("train.batch_size", "many", "train.batch_size = 'many'"),
+        ("train.batch_size", "2.5", "expected an integer"),
+        ("model.task", "translation", "one of 'classification', 'causal-lm'"),
+        ("data.partitioner", "random", "'iid', 'dirichlet', 'shards'"),
+        ("federation.min_replies", "9", "1 to num_clients"),
+        ("lora.dropout", "1.5", "[0, 1)"),
+        ("privacy.delta", "2", "(0, 1)"),
+        ("train.bogus", "1", "allowed keys in [train]"),
+        ("bogus", "1", "use 'section.field'"),
+        ("nosuch.key", "1", "allowed are"),
+    ],
+)
 def test_invalid_values_name_field_value_and_allowed(key, value, needle):
     with pytest.raises(ConfigError) as err:
         with_overrides(RunConfig(), {key: value})

@@ -9,7 +9,10 @@ from fedlora.data.sources import DataError, load_task_data, read_rows
 
 
 def _rows(n=120, labels=("pos", "neg", "neutral", "mixed")):
-    return [{"sentence": f"example {i} about {labels[i % len(labels)]}", "y": labels[i % len(labels)]} for i in range(n)]
+    return [
+        {"sentence": f"example {i} about {labels[i % len(labels)]}", "y": labels[i % len(labels)]}
+        for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet", "hf-disk"])
@@ -96,7 +99,9 @@ def test_empty_partition_and_too_few_records_are_errors():
     with pytest.raises(DataError, match="cannot be split across 5 clients"):
         partition_records(recs, 5, DataConfig())
     with pytest.raises(DataError, match="needs labels"):
-        partition_records([{"instruction": "a", "response": "b"}] * 10, 2, DataConfig(partitioner="dirichlet"))
+        partition_records(
+            [{"instruction": "a", "response": "b"}] * 10, 2, DataConfig(partitioner="dirichlet")
+        )
 
 
 def test_split_local_keeps_a_training_record():

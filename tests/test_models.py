@@ -45,7 +45,9 @@ def test_seeded_init_is_identical_across_calls_and_name_keyed(minilm):
     assert all(torch.count_nonzero(v) == 0 for k, v in one.items() if is_lora_b(k))
     assert all(v.abs().max() <= 1 / 384**0.5 for k, v in one.items() if is_lora_a(k))
     other = init_adapter_state(template, 8)
-    assert not torch.equal(one[next(k for k in one if is_lora_a(k))], other[next(k for k in other if is_lora_a(k))])
+    assert not torch.equal(
+        one[next(k for k in one if is_lora_a(k))], other[next(k for k in other if is_lora_a(k))]
+    )
 
 
 def test_adapters_of_different_ranks_share_one_base(minilm):
@@ -62,7 +64,7 @@ def test_load_adapter_rejects_wrong_names_and_shapes(minilm):
     key = next(iter(state))
     with pytest.raises(ModelError, match="shape"):
         load_adapter_state(minilm, 4, {key: torch.zeros(3, 3)})
-    with pytest.raises(ModelError, match="not part of this model"):
+    with pytest.raises(ModelError, match=r"not part of this model"):
         load_adapter_state(minilm, 4, {"base_model.model.nope.lora_A.weight": torch.zeros(1)})
 
 
@@ -96,8 +98,15 @@ def test_peft_export_loads_with_plain_peft_and_reproduces_outputs(tmp_path, mini
     ids, mask, _ = ds.tensors
     with torch.no_grad():
         ours = minilm.peft(input_ids=ids, attention_mask=mask).logits
-    out = save_peft_adapter(tmp_path / "adapter", state, base_model="minilm", task="classification", alpha=8.0,
-                            target_modules=minilm.target_modules, head_modules=minilm.head_modules)
+    out = save_peft_adapter(
+        tmp_path / "adapter",
+        state,
+        base_model="minilm",
+        task="classification",
+        alpha=8.0,
+        target_modules=minilm.target_modules,
+        head_modules=minilm.head_modules,
+    )
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path("minilm"), num_labels=4)
     plain = PeftModel.from_pretrained(base, str(out)).eval()
     with torch.no_grad():
@@ -107,7 +116,7 @@ def test_peft_export_loads_with_plain_peft_and_reproduces_outputs(tmp_path, mini
 
 def test_unknown_architecture_needs_explicit_targets():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3))
-    with pytest.raises(ModelError, match="set lora.target_modules"):
+    with pytest.raises(ModelError, match=r"set lora\.target_modules"):
         detect_target_modules(model)
     with pytest.raises(ModelError, match="does not exist"):
         resolve_model_path("./no/such/model")
@@ -119,9 +128,17 @@ def _tiny_llama_dir(tmp_path):
     tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     tok.eos_token = "[SEP]"
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id)
+    cfg = LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.sep_token_id,
+    )
     path = tmp_path / "tiny-llama"
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
@@ -132,14 +149,18 @@ def test_causal_lm_path_on_tiny_llama(tmp_path):
     path = _tiny_llama_dir(tmp_path)
     loaded = get_lora_model(str(path), "causal-lm", 2, rank=4, alpha=8.0)
     assert loaded.target_modules == ("q_proj", "v_proj") and loaded.head_modules == ()
-    records = [{"instruction": f"repeat {w}", "response": f"{w} {w}"} for w in ["red", "blue", "green", "gold"] * 8]
+    records = [
+        {"instruction": f"repeat {w}", "response": f"{w} {w}"} for w in ["red", "blue", "green", "gold"] * 8
+    ]
     ds = encode(records, loaded.tokenizer, 24, "causal-lm")
-    ids, mask, labels = ds.tensors
+    labels = ds.tensors[2]
     assert (labels[0][:3] == IGNORE_INDEX).all() and (labels[0] != IGNORE_INDEX).any()
     set_trainable(loaded, 4, train_a=True)
     before = evaluate(loaded.peft, ds, "causal-lm", torch.device("cpu"))
     start = adapter_state(loaded, 4)
-    train_local(loaded.peft, ds, TrainConfig(lr=3e-2, local_steps=40, batch_size=8), torch.device("cpu"), seed=0)
+    train_local(
+        loaded.peft, ds, TrainConfig(lr=3e-2, local_steps=40, batch_size=8), torch.device("cpu"), seed=0
+    )
     after = evaluate(loaded.peft, ds, "causal-lm", torch.device("cpu"))
     assert after.loss < before.loss - 0.2
     moved = adapter_state(loaded, 4)

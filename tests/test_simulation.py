@@ -12,8 +12,15 @@ from simulations.runner import simulate
 pytestmark = pytest.mark.slow
 
 SMALL = {
-    "data.num_train": 96, "data.num_test": 48, "model.max_length": 16, "train.local_steps": 3, "train.batch_size": 8,
-    "train.lr": 0.005, "federation.num_clients": 2, "federation.num_rounds": 2, "lora.rank": 4,
+    "data.num_train": 96,
+    "data.num_test": 48,
+    "model.max_length": 16,
+    "train.local_steps": 3,
+    "train.batch_size": 8,
+    "train.lr": 0.005,
+    "federation.num_clients": 2,
+    "federation.num_rounds": 2,
+    "lora.rank": 4,
 }
 
 
@@ -26,7 +33,7 @@ def run_small(tmp_path, name, **over) -> tuple[RunConfig, list[dict]]:
 @pytest.fixture(scope="module")
 def fedit_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sim")
-    cfg, metrics = run_small(tmp, "fedit")
+    _, metrics = run_small(tmp, "fedit")
     return tmp / "fedit", metrics
 
 
@@ -38,8 +45,13 @@ def test_two_clients_two_rounds_complete_with_outputs(fedit_run):
     clients = [m for m in metrics if m["kind"] == "client"]
     assert sorted((m["round"], m["partition"]) for m in clients) == [(1, 0), (1, 1), (2, 0), (2, 1)]
     assert all(m["bytes-up"] > 0 and m["bytes-down"] > 0 for m in clients)
-    for name in ["config.toml", "metrics.png", "partitions.json", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors"]:
+    for name in [
+        "config.toml",
+        "metrics.png",
+        "partitions.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ]:
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "partitions.json").read_text())[0]["size"] == 48
 

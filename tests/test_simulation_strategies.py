@@ -11,9 +11,15 @@ from tests.test_simulation import run_small
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize(("strategy", "ranks"), [
-    ("fair", ""), ("hetlora", "4,8"), ("flexlora", "4,8"), ("flora", "4,8"),
-])
+@pytest.mark.parametrize(
+    ("strategy", "ranks"),
+    [
+        ("fair", ""),
+        ("hetlora", "4,8"),
+        ("flexlora", "4,8"),
+        ("flora", "4,8"),
+    ],
+)
 def test_strategy_runs_end_to_end(tmp_path, strategy, ranks):
     over = {"federation.strategy": strategy, "train.local_steps": 2}
     if ranks:
@@ -33,9 +39,16 @@ def test_strategy_runs_end_to_end(tmp_path, strategy, ranks):
 
 
 def test_ffa_under_record_level_dp_sends_only_b_and_meets_target(tmp_path):
-    _, metrics = run_small(tmp_path, "ffa-dp", **{
-        "federation.strategy": "ffa", "privacy.mode": "record", "privacy.epsilon": 4.0, "train.local_steps": 2,
-    })
+    _, metrics = run_small(
+        tmp_path,
+        "ffa-dp",
+        **{
+            "federation.strategy": "ffa",
+            "privacy.mode": "record",
+            "privacy.epsilon": 4.0,
+            "train.local_steps": 2,
+        },
+    )
     clients = [m for m in metrics if m["kind"] == "client"]
     assert len(clients) == 4 and all(0 < m["dp-epsilon"] <= 4.0 for m in clients)
     ffa_up = clients[0]["bytes-up"]
@@ -46,15 +59,22 @@ def test_ffa_under_record_level_dp_sends_only_b_and_meets_target(tmp_path):
     assert "client-0" in html and "client-1" in html
     # FFA-LoRA sends B (and the head) only: about half of FedIT's upload.
     _, fedit = run_small(tmp_path, "fedit-ref", **{"train.local_steps": 1, "federation.num_rounds": 1})
-    fedit_up = [m for m in fedit if m["kind"] == "client"][0]["bytes-up"]
+    fedit_up = next(m for m in fedit if m["kind"] == "client")["bytes-up"]
     assert ffa_up < 0.6 * fedit_up
 
 
 def test_client_level_dp_with_poisson_client_sampling(tmp_path):
-    _, metrics = run_small(tmp_path, "cdp", **{
-        "privacy.mode": "client", "privacy.noise_multiplier": 0.5, "privacy.client_sampling": "poisson",
-        "privacy.client_sample_rate": 0.9, "train.local_steps": 1,
-    })
+    _, metrics = run_small(
+        tmp_path,
+        "cdp",
+        **{
+            "privacy.mode": "client",
+            "privacy.noise_multiplier": 0.5,
+            "privacy.client_sampling": "poisson",
+            "privacy.client_sample_rate": 0.9,
+            "train.local_steps": 1,
+        },
+    )
     glob = [m for m in metrics if m["kind"] == "global"]
     assert [m["round"] for m in glob] == [0, 1, 2]
     ledger = json.loads((tmp_path / "cdp" / "privacy" / "ledger.json").read_text())
@@ -67,7 +87,9 @@ def test_client_level_dp_refuses_nonlinear_strategies(tmp_path):
     from fedlora.config import RunConfig, with_overrides
     from server.privacy import ServerPrivacy
 
-    cfg = with_overrides(RunConfig(), {"privacy.mode": "client", "privacy.noise_multiplier": 1.0,
-                                       "federation.strategy": "flexlora"})
+    cfg = with_overrides(
+        RunConfig(),
+        {"privacy.mode": "client", "privacy.noise_multiplier": 1.0, "federation.strategy": "flexlora"},
+    )
     with pytest.raises(ValueError, match="flexlora"):
         ServerPrivacy(cfg, tmp_path)

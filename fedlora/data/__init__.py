@@ -1,0 +1,1 @@
+"""Data: sources, partitioners, the embedded task, tokenisation."""

@@ -23,7 +23,11 @@ IGNORE_INDEX = -100
 def encode_classification(records: Sequence[Record], tokenizer: Any, max_length: int) -> TensorDataset:
     """Tokenise ``{"text", "label"}`` records into a TensorDataset (ids, mask, labels)."""
     enc = tokenizer(
-        [r["text"] for r in records], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        [r["text"] for r in records],
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
     )
     labels = torch.tensor([int(r["label"]) for r in records], dtype=torch.long)
     return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)

@@ -31,15 +31,22 @@ def partition_records(records: Sequence[Record], num_clients: int, cfg: DataConf
     if num_clients < 1:
         raise DataError(f"cannot partition data for {num_clients} clients")
     if len(records) < num_clients:
-        raise DataError(f"{len(records)} training records cannot be split across {num_clients} clients; add data or use fewer clients")
+        raise DataError(
+            f"{len(records)} training records cannot be split across {num_clients} clients; "
+            "add data or use fewer clients"
+        )
     shuffled = list(records)
     random.Random(cfg.seed).shuffle(shuffled)
     if cfg.partitioner != "iid" and "label" not in shuffled[0]:
-        raise DataError(f"partitioner {cfg.partitioner!r} needs labels; use data.partitioner = 'iid' for causal-lm data")
+        raise DataError(
+            f"partitioner {cfg.partitioner!r} needs labels; use data.partitioner = 'iid' for causal-lm data"
+        )
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, ShardPartitioner
 
-    ds = Dataset.from_dict({"idx": list(range(len(shuffled))), "label": [r.get("label", 0) for r in shuffled]})
+    ds = Dataset.from_dict(
+        {"idx": list(range(len(shuffled))), "label": [r.get("label", 0) for r in shuffled]}
+    )
     if cfg.partitioner == "iid":
         partitioner: Any = IidPartitioner(num_partitions=num_clients)
     elif cfg.partitioner == "dirichlet":
@@ -53,7 +60,10 @@ def partition_records(records: Sequence[Record], num_clients: int, cfg: DataConf
         )
     else:
         partitioner = ShardPartitioner(
-            num_partitions=num_clients, partition_by="label", num_shards_per_partition=cfg.shards_per_client, seed=cfg.seed
+            num_partitions=num_clients,
+            partition_by="label",
+            num_shards_per_partition=cfg.shards_per_client,
+            seed=cfg.seed,
         )
     partitioner.dataset = ds
     parts = []
@@ -61,7 +71,9 @@ def partition_records(records: Sequence[Record], num_clients: int, cfg: DataConf
         try:
             idx = partitioner.load_partition(cid)["idx"]
         except ValueError as err:
-            raise DataError(f"partitioner {cfg.partitioner!r} failed for {num_clients} clients: {err}") from err
+            raise DataError(
+                f"partitioner {cfg.partitioner!r} failed for {num_clients} clients: {err}"
+            ) from err
         if not idx:
             raise DataError(
                 f"client {cid} got an empty partition with partitioner {cfg.partitioner!r}; "
@@ -86,7 +98,13 @@ def summarize(parts: Sequence[Sequence[Record]], labels: Sequence[str]) -> list[
     out = []
     for cid, part in enumerate(parts):
         hist = Counter(r["label"] for r in part if "label" in r)
-        out.append({"client": cid, "size": len(part), "labels": {labels[k] if labels else str(k): hist[k] for k in sorted(hist)}})
+        out.append(
+            {
+                "client": cid,
+                "size": len(part),
+                "labels": {labels[k] if labels else str(k): hist[k] for k in sorted(hist)},
+            }
+        )
     return out
 
 

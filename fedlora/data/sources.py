@@ -39,12 +39,21 @@ def detect_format(path: Path) -> str:
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
             return "hf-disk"
-        raise DataError(f"{str(path)!r} is a directory but not a saved Hugging Face dataset (no dataset_info.json)")
+        raise DataError(
+            f"{str(path)!r} is a directory but not a saved Hugging Face dataset (no dataset_info.json)"
+        )
     suffix = path.suffix.lower()
-    for fmt, suffixes in {"csv": (".csv",), "jsonl": (".jsonl", ".json"), "parquet": (".parquet", ".pq")}.items():
+    for fmt, suffixes in {
+        "csv": (".csv",),
+        "jsonl": (".jsonl", ".json"),
+        "parquet": (".parquet", ".pq"),
+    }.items():
         if suffix in suffixes:
             return fmt
-    raise DataError(f"cannot tell the format of {str(path)!r} from its suffix; set data.format to csv, jsonl, parquet or hf-disk")
+    raise DataError(
+        f"cannot tell the format of {str(path)!r} from its suffix; "
+        "set data.format to csv, jsonl, parquet or hf-disk"
+    )
 
 
 def read_rows(source: str, fmt: str = "auto") -> list[Record]:
@@ -57,7 +66,9 @@ def read_rows(source: str, fmt: str = "auto") -> list[Record]:
     """
     path = Path(source).expanduser()
     if not path.exists():
-        raise DataError(f"data source {source!r} does not exist; pass a CSV/JSONL/Parquet file or a saved dataset dir")
+        raise DataError(
+            f"data source {source!r} does not exist; pass a CSV/JSONL/Parquet file or a saved dataset dir"
+        )
     fmt = detect_format(path) if fmt == "auto" else fmt
     try:
         if fmt == "csv":
@@ -108,7 +119,8 @@ def _require_columns(rows: Sequence[Record], columns: Sequence[str], source: str
     for col in columns:
         if col not in rows[0]:
             raise DataError(
-                f"column {col!r} not found in {source!r} (columns: {available}); set {field_hint} to the right column"
+                f"column {col!r} not found in {source!r} (columns: {available}); "
+                f"set {field_hint} to the right column"
             )
 
 
@@ -120,7 +132,9 @@ def classification_records(
     ``labels`` fixes the label list (for a test set read after the training set); a label
     outside it is an error. Without it, labels are the sorted distinct values.
     """
-    _require_columns(rows, [cfg.text_column, cfg.label_column], source, "data.text_column / data.label_column")
+    _require_columns(
+        rows, [cfg.text_column, cfg.label_column], source, "data.text_column / data.label_column"
+    )
     raw_labels = [r[cfg.label_column] for r in rows]
     if labels is None:
         labels = tuple(str(v) for v in sorted({_label_key(v) for v in raw_labels}, key=_sort_key))
@@ -129,7 +143,9 @@ def classification_records(
     for i, row in enumerate(rows):
         key = str(_label_key(row[cfg.label_column]))
         if key not in index:
-            raise DataError(f"row {i} of {source!r} has label {key!r}, which is not among the known labels {list(labels)}")
+            raise DataError(
+                f"row {i} of {source!r} has label {key!r}, which is not among the known labels {list(labels)}"
+            )
         text = row[cfg.text_column]
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"row {i} of {source!r} has an empty or non-text {cfg.text_column!r}")
@@ -150,8 +166,15 @@ def _sort_key(value: Any) -> tuple[int, Any]:
 
 def instruction_records(rows: Sequence[Record], cfg: DataConfig, source: str) -> list[Record]:
     """Map raw rows to ``{"instruction", "response"}`` records for causal-LM fine-tuning."""
-    _require_columns(rows, [cfg.instruction_column, cfg.response_column], source, "data.instruction_column / data.response_column")
-    return [{"instruction": str(r[cfg.instruction_column]), "response": str(r[cfg.response_column])} for r in rows]
+    _require_columns(
+        rows,
+        [cfg.instruction_column, cfg.response_column],
+        source,
+        "data.instruction_column / data.response_column",
+    )
+    return [
+        {"instruction": str(r[cfg.instruction_column]), "response": str(r[cfg.response_column])} for r in rows
+    ]
 
 
 def load_task_data(cfg: DataConfig, task: str) -> TaskData:
@@ -172,7 +195,9 @@ def load_task_data(cfg: DataConfig, task: str) -> TaskData:
         test, _ = classification_records(test_rows, cfg, cfg.test_source or cfg.source, labels)
         return TaskData(train, test, labels)
     return TaskData(
-        instruction_records(rows, cfg, cfg.source), instruction_records(test_rows, cfg, cfg.test_source or cfg.source), ()
+        instruction_records(rows, cfg, cfg.source),
+        instruction_records(test_rows, cfg, cfg.test_source or cfg.source),
+        (),
     )
 
 
@@ -183,5 +208,7 @@ def _split(rows: list[Record], fraction: float, seed: int) -> tuple[list[Record]
     random.Random(seed).shuffle(order)
     n_test = max(1, round(len(rows) * fraction))
     if n_test >= len(rows):
-        raise DataError(f"only {len(rows)} rows: too few to hold out a test split; add data or pass data.test_source")
+        raise DataError(
+            f"only {len(rows)} rows: too few to hold out a test split; add data or pass data.test_source"
+        )
     return [rows[i] for i in order[n_test:]], [rows[i] for i in order[:n_test]]
