@@ -53,7 +53,7 @@ def _template(rank=4):
     )
 
 
-def _train_msg(cfg, adapter, rank=4, **conf):
+def _train_msg(cfg, adapter, rank=4, round=1, **conf):
     content = RecordDict(
         {
             "adapter": to_record(adapter),
@@ -61,7 +61,7 @@ def _train_msg(cfg, adapter, rank=4, **conf):
                 {
                     "run-config": cfg.to_json(),
                     "labels": json.dumps(LABELS),
-                    "round": 1,
+                    "round": round,
                     "rank": rank,
                     "alpha": 2.0 * rank,
                     "seed": 0,
@@ -133,3 +133,42 @@ def test_partitions_differ_between_nodes(pid):
         cfg, node_settings(cfg, {"partition-id": 1 - pid, "num-partitions": 2}), tuple(LABELS)
     )
     assert not {r["text"] for r in train} & {r["text"] for r in other}
+
+
+def test_record_level_dp_round_moves_adapter_and_keeps_ledger_in_state():
+    cfg = _cfg(**{"privacy.mode": "record", "privacy.noise_multiplier": 1.0, "train.local_steps": 3})
+    start = _template()
+    ctx = _context()
+    reply = app(_train_msg(cfg, start), ctx)
+    upd = from_record(reply.content["update"])
+    # opacus#820 guard: DP training must really change the LoRA factors.
+    assert any(torch.count_nonzero(v) for k, v in upd.items() if is_lora_b(k))
+    m = reply.content["metrics"]
+    assert m["dp-steps"] == 3 and m["dp-noise-multiplier"] == 1.0 and m["dp-epsilon"] > 0
+    first_eps = m["dp-epsilon"]
+    ledger = json.loads(str(reply.content["privacy"]["ledger"]))
+    assert [e["round"] for e in ledger["entries"]] == [1]
+    # Round 2 on the same context: the accountant continues from the persisted ledger.
+    reply2 = app(_train_msg(cfg, start, round=2), ctx)
+    assert reply2.content["metrics"]["dp-epsilon"] > first_eps
+    ledger2 = json.loads(str(reply2.content["privacy"]["ledger"]))
+    assert [e["round"] for e in ledger2["entries"]] == [1, 2]
+
+
+def test_client_declines_a_round_that_would_exceed_its_budget(tmp_path):
+    # sigma 0.6 spends far more than epsilon 0.5 in one round: the client must sit it out.
+    cfg = _cfg(**{"privacy.mode": "record", "privacy.noise_multiplier": 0.6, "privacy.epsilon": 0.5})
+    reply = app(_train_msg(cfg, _template()), _context(**{"state-dir": str(tmp_path)}))
+    assert "update" not in reply.content.array_records
+    assert reply.content["metrics"]["declined"] == 1
+    assert "past the budget 0.5" in str(reply.content["privacy"]["declined-reason"])
+
+
+def test_dp_ledger_survives_a_node_restart_through_its_state_dir(tmp_path):
+    cfg = _cfg(**{"privacy.mode": "record", "privacy.noise_multiplier": 1.0})
+    app(_train_msg(cfg, _template()), _context(**{"state-dir": str(tmp_path)}))
+    assert (tmp_path / "privacy_ledger.json").is_file()
+    # A fresh context (restarted node) continues from the file instead of starting over.
+    reply = app(_train_msg(cfg, _template(), round=2), _context(**{"state-dir": str(tmp_path)}))
+    ledger = json.loads(str(reply.content["privacy"]["ledger"]))
+    assert [e["round"] for e in ledger["entries"]] == [1, 2]
