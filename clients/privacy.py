@@ -67,6 +67,26 @@ def _load_ledger(cfg: RunConfig, node: NodeSettings, context: Context, server_co
     )
 
 
+SIGMA_KEY = "fedlora-dp-sigma"
+
+
+def _calibrated_sigma(cfg: RunConfig, context: Context, target: float, q: float, total_steps: int) -> float:
+    """Return σ for ``target`` ε over ``total_steps``, calibrated once per run and kept in context.state.
+
+    Calibration costs seconds (PRV); SuperNodes start a fresh ClientApp process per round,
+    so the result is cached in the node's run state, keyed by everything it depends on.
+    """
+    key = f"{target}|{cfg.privacy.delta}|{q}|{total_steps}|{cfg.privacy.accountant}"
+    cached = context.state.config_records.get(SIGMA_KEY)
+    if cached is not None and str(cached["key"]) == key:
+        return float(cached["sigma"])
+    sigma = calibrate_noise_multiplier(
+        target, cfg.privacy.delta, q, total_steps, accountant=cfg.privacy.accountant
+    )
+    context.state.config_records[SIGMA_KEY] = ConfigRecord({"key": key, "sigma": sigma})
+    return sigma
+
+
 @dataclass
 class ClientPrivacy:
     """The privacy side of one client round (inactive unless ``privacy.mode = "record"``)."""
@@ -105,9 +125,8 @@ class ClientPrivacy:
         target = node.dp_epsilon
         sigma = cfg.privacy.noise_multiplier
         if sigma <= 0:
-            total = planned_steps(cfg.federation.num_rounds, steps)
-            sigma = calibrate_noise_multiplier(
-                target, cfg.privacy.delta, q, total, accountant=cfg.privacy.accountant
+            sigma = _calibrated_sigma(
+                cfg, context, target, q, planned_steps(cfg.federation.num_rounds, steps)
             )
         self = cls(
             enabled=True,

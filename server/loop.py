@@ -145,7 +145,12 @@ class ServerRun:
 
     def _resume(self) -> tuple[int, AdapterState] | None:
         path = self.run_dir / CHECKPOINT
-        if not (self.cfg.output.resume and (path.exists() or prev_path(path).exists())):
+        if not self.cfg.output.resume:
+            return None
+        if not (path.exists() or prev_path(path).exists()):
+            # Crashed before the first checkpoint: start over, dropping the partial metrics.
+            self.out.truncate_after(-1)
+            print(f"no checkpoint in {self.run_dir}; starting the run from round 1", flush=True)
             return None
         ckpt = load_checkpoint(path)
         self.strategy.load_state_dict(ckpt["strategy"])
@@ -176,20 +181,24 @@ class ServerRun:
         self._finish(state)
         return last
 
-    def _sample(self, infos: Mapping[int, NodeInfo]) -> list[int]:
-        # Only nodes still connected: a SuperNode that died is not waited for again.
+    def _sample(self, infos: Mapping[int, NodeInfo]) -> tuple[list[int], list[int]]:
+        """Return (nodes sampled this round, known nodes no longer connected).
+
+        A SuperNode that died is not waited for again; it rejoins the pool if it reconnects.
+        """
         online = set(self.grid.get_node_ids())
         nodes = sorted(n for n in infos if n in online)
-        if len(nodes) < len(infos):
-            log.warning("%d of %d nodes are no longer connected", len(infos) - len(nodes), len(infos))
+        offline = sorted(n for n in infos if n not in online)
+        if offline:
+            log.warning("%d of %d nodes are no longer connected: %s", len(offline), len(infos), offline)
         k = self.cfg.federation.clients_per_round
-        return self.privacy.sample_clients(nodes, k, self.rng)
+        return self.privacy.sample_clients(nodes, k, self.rng), offline
 
     def _round(
         self, rnd: int, state: AdapterState, infos: Mapping[int, NodeInfo]
     ) -> tuple[AdapterState, dict[str, Any]]:
         t0 = time.perf_counter()
-        selected = self._sample(infos)
+        selected, offline = self._sample(infos)
         base_conf = {
             "run-config": self.cfg.to_json(),
             "labels": json.dumps(list(self.labels)),
@@ -241,6 +250,7 @@ class ServerRun:
             results.append(result)
         missing = set(selected) - set(replied)
         rejected += [{"node": n, "reason": "no reply before the round timeout"} for n in sorted(missing)]
+        rejected += [{"node": n, "reason": "node disconnected before the round"} for n in offline]
         for r in rejected:
             log.warning("round %s: update of node %s excluded: %s", rnd, r["node"], r["reason"])
         if len(results) >= self.cfg.federation.min_replies:
