@@ -1,31 +1,39 @@
 """The embedded default task: *who acts?* — classify the category of a sentence's agent.
 
-Every record is a short synthetic sentence about two entities drawn from two *different*
-categories, for example::
+Each record is a short synthetic sentence about three entities from three *different*
+categories: an agent, a patient it acts on, and a bystander in a place phrase. The label
+is the category of the agent, one of :data:`EMBEDDED_LABELS`::
 
-    "the old farmer quietly follows the small tractor near the river"   -> person
-    "the small tractor quietly follows the old farmer near the river"   -> vehicle
+    "it is the farmer that follows the old tractor near the dog"     -> person
+    "it is the farmer that the old tractor follows near the dog"     -> vehicle
+    "behind the drone the old tractor was followed by the farmer"    -> person
+    "behind the drone the farmer was followed by the old tractor"    -> vehicle
 
-The label is the category of the entity that performs the action (the agent), one of
-:data:`EMBEDDED_LABELS`. Both sentences above contain exactly the same words; only their
-order (and, for passive templates, the voice) tells which entity acts. That is the point of
-the task:
+The first two sentences hold exactly the same words; only word order and construction tell
+who acts. Four constructions (active, passive, subject cleft, object cleft) put the agent
+first in half the cases and second in the other half, and the bystander goes at either end,
+so neither the order of mention nor any single position gives the label.
 
-* **A frozen-base linear probe cannot solve it.** A sentence embedding that is close to a
-  bag of words (mean-pooled or CLS features of a frozen encoder, as sentence-transformers
-  models are trained to produce) identifies the *pair* of categories present, but not their
-  roles. Given the pair, the best it can do is guess between the two, so its ceiling is about
-  50 % against 25 % chance. Verbs, adjectives, adverbs and filler clauses are drawn
-  independently of the label, so none of them leaks it.
-* **LoRA fine-tuning solves it quickly.** Adapting the attention projections lets the
-  encoder route the agent's identity into the pooled representation; on the packaged
-  all-MiniLM-L6-v2 a rank-8 adapter on ``query``/``value`` reaches well above 85 % within a
-  couple of hundred optimizer steps (see ``benchmarks/linear_probe.py``).
+Why a frozen-base linear probe fails
+-------------------------------------
+Frozen sentence-transformer features (mean-pooled or CLS) are close to a bag of words: they
+tell which three categories occur, not which one acts. Given the three, a bag-of-words
+classifier can only guess, a ceiling of 1/3 (chance is 1/4). The frozen encoder does carry
+some syntax, so a logistic-regression probe trained to convergence lands a little above that
+ceiling, under 50 %. Verbs, adjectives, adverbs and filler clauses are drawn independently
+of the label, so none of them leaks it.
 
-So the task separates "the federation really trained the adapter" from "the head learned
-something from frozen features", which a bag-of-words-separable task (topic, sentiment)
-cannot. It needs no download, is deterministic for a seed, and keeps sentences under about
-20 word-piece tokens so a CPU step is cheap.
+Why LoRA fine-tuning succeeds quickly
+-------------------------------------
+Adapting the attention ``query``/``value`` projections lets the encoder bind role to entity
+and route the agent's category into the pooled representation. On the packaged
+all-MiniLM-L6-v2 a rank-8 adapter reaches over 95 % test accuracy in about 100 AdamW steps
+at batch size 16 (``benchmarks/linear_probe.py`` measures both numbers).
+
+The task therefore separates "the federation really trained the adapter" from "a head
+learned something from frozen features", which bag-of-words-separable tasks (topic,
+sentiment) cannot. It needs no download, is deterministic for a seed, and sentences stay
+under 26 word pieces (about 15 on average) so a CPU training step is cheap.
 """
 
 from __future__ import annotations
@@ -35,9 +43,9 @@ import random
 #: Class names, indexed by label. The label is the category of the acting entity.
 EMBEDDED_LABELS: tuple[str, ...] = ("person", "animal", "vehicle", "robot")
 
-# Entities per category. Lists are long enough that the combinations (about 4 * 3 * 12**2
-# noun pairs times adjectives, verbs and clauses) cannot be memorised from a few thousand
-# examples; the test split also re-draws them, so accuracy measures the rule, not recall.
+# Entities per category. With 4 * 3 * 2 category triples times 12**3 noun triples, times
+# adjectives, verbs and clauses, a few thousand examples cannot be memorised; test accuracy
+# on fresh sentences measures the rule, not recall.
 _ENTITIES: tuple[tuple[str, ...], ...] = (
     (
         "farmer",
@@ -128,7 +136,8 @@ _VERBS: tuple[tuple[str, str], ...] = (
 
 _ADVERBS: tuple[str, ...] = ("", "", "", "quietly", "slowly", "suddenly", "often", "again")
 
-# Clauses without any entity noun, prepended or appended to add surface variety.
+# Clauses without any entity noun, prepended or appended to add surface variety. Empty
+# strings make "no clause" common. "by the road" keeps "by" from marking only passive agents.
 _PREFIXES: tuple[str, ...] = (
     "",
     "",
@@ -164,53 +173,49 @@ def _noun_phrase(rng: random.Random, category: int) -> str:
     return f"the {noun}"
 
 
-# Constructions, as (template, agent mentioned first). Half put the agent first and half
-# second, so the order of mention alone says nothing about who acts; only the construction
-# (voice, cleft) combined with the order does. {A}: agent, {P}: patient, {v}: verb phrase in
-# present tense, {pp}: participle phrase, {aux}: auxiliary.
-_CONSTRUCTIONS: tuple[tuple[str, bool], ...] = (
-    ("{A} {v} {P}", True),
-    ("it is {A} that {v} {P}", True),
-    ("{P} {aux} {pp} by {A}", False),
-    ("it is {P} that {A} {v}", False),
+# Constructions. Two put the agent first (active, subject cleft) and two second (passive,
+# object cleft), so the order of mention alone says nothing about who acts; only order and
+# construction together do. {A}: agent, {P}: patient, {v}: present-tense verb phrase,
+# {pp}: participle phrase, {aux}: auxiliary.
+_CONSTRUCTIONS: tuple[str, ...] = (
+    "{A} {v} {P}",
+    "it is {A} that {v} {P}",
+    "{P} {aux} {pp} by {A}",
+    "it is {P} that {A} {v}",
 )
 
+# Prepositions of the bystander's place phrase ("near the dog").
 _PLACES: tuple[str, ...] = ("near", "beside", "behind", "in front of", "next to")
-
-# Share of sentences that end with a place phrase naming a third, bystander entity.
-_BYSTANDER_RATE = 1.0
 
 
 def _sentence(rng: random.Random, agent: int, patient: int) -> str:
     """Return one sentence in which an entity of ``agent`` acts on one of ``patient``."""
     present, participle = rng.choice(_VERBS)
     adverb = rng.choice(_ADVERBS)
-    template, _ = rng.choice(_CONSTRUCTIONS)
-    core = template.format(
+    core = rng.choice(_CONSTRUCTIONS).format(
         A=_noun_phrase(rng, agent),
         P=_noun_phrase(rng, patient),
         v=f"{adverb} {present}" if adverb else present,
         pp=f"{adverb} {participle}" if adverb else participle,
         aux=rng.choice(("is", "was", "gets", "got")),
     )
+    # The bystander's category differs from both others: three categories occur in the
+    # sentence and only one of them acts, whichever two were drawn.
+    others = [c for c in range(len(EMBEDDED_LABELS)) if c not in (agent, patient)]
+    place = f"{rng.choice(_PLACES)} {_noun_phrase(rng, rng.choice(others))}"
     prefix, suffix = rng.choice(_PREFIXES), rng.choice(_SUFFIXES)
-    if rng.random() < _BYSTANDER_RATE:
-        # A bystander from a third category ("near the old dog") puts three categories in
-        # the bag of words, of which only one acts; it never shares the agent's category.
-        # It goes first or last, so a position in the sentence does not identify it either.
-        others = [c for c in range(len(EMBEDDED_LABELS)) if c not in (agent, patient)]
-        place = f"{rng.choice(_PLACES)} {_noun_phrase(rng, rng.choice(others))}"
-        if rng.random() < 0.5:
-            prefix = place
-        else:
-            suffix = place
+    # It goes first or last (displacing a filler), so no fixed position identifies it.
+    if rng.random() < 0.5:
+        prefix = place
+    else:
+        suffix = place
     return " ".join(w for w in (prefix, core, suffix) if w)
 
 
 def _example(rng: random.Random, label: int) -> dict[str, str | int]:
     """Draw one record whose agent belongs to category ``label``."""
-    # The other entity comes uniformly from the remaining categories, so the *pair* of
-    # categories present is independent of which one of them acts.
+    # The patient comes uniformly from the remaining categories, so the *set* of categories
+    # present is independent of which one of them acts.
     patient = rng.choice([c for c in range(len(EMBEDDED_LABELS)) if c != label])
     return {"text": _sentence(rng, label, patient), "label": label}
 
