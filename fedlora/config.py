@@ -147,7 +147,7 @@ class DataConfig:
 class TrainConfig:
     """Local training on each client. ``local_steps > 0`` overrides ``local_epochs``."""
 
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
     local_epochs: float = 1.0
