@@ -22,17 +22,17 @@ from collections.abc import Sequence
 import torch
 
 from fedlora.adapters import AdapterState, LoraPair, join_state, split_state
-from strategies.base import ClientResult, ClientSpec, LoraStrategy, Payload
+from strategies.base import ClientResult
 from strategies.common import (
     average_rest,
     check_number,
-    clone_state,
     example_weights,
     require_uniform,
     result_pairs,
     single_threaded,
     weighted_sum,
 )
+from strategies.fedit import FedIT
 from strategies.registry import register
 
 _TINY = 1e-300  # keeps the cosine finite (and differentiable) when a product is zero
@@ -139,7 +139,7 @@ def fair_aggregate(
 
 
 @register
-class LoraFAIR(LoraStrategy):
+class LoraFAIR(FedIT):
     """FedIT with a server-side correction of ``B`` towards the ideal average update.
 
     Parameters
@@ -160,15 +160,6 @@ class LoraFAIR(LoraStrategy):
         self.lr = float(check_number("lr", lr, minimum=0.0, strict=True))
         if math.isinf(self.lr):
             raise ValueError(f"parameter 'lr' must be finite, got {lr!r}")
-
-    def init_state(self, template: AdapterState, clients: Sequence[ClientSpec]) -> AdapterState:
-        """Check all clients share one rank/scale and keep ``template``."""
-        require_uniform(clients, self.name)
-        return clone_state(template)
-
-    def payload(self, state: AdapterState, client: ClientSpec) -> Payload:
-        """Send the global adapter unchanged."""
-        return Payload(adapter=clone_state(state))
 
     def aggregate(self, state: AdapterState, results: Sequence[ClientResult]) -> AdapterState:
         """Average A and B, then correct B per module."""
