@@ -36,8 +36,6 @@ import atexit
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -47,10 +45,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import tomli_w
 
 from fedlora import certs
+from fedlora.processes import (
+    FleetError,
+    ManagedProcess,
+    exe,
+    free_port,
+    join_host_port,
+    kill_trees,
+    read_log,
+    strip_ansi,
+    wait_for_port,
+)
+
+# Re-exported: tests and scripts import these from here.
+__all__ = [
+    "Fleet",
+    "FleetError",
+    "FleetNode",
+    "ManagedProcess",
+    "RunResult",
+    "free_port",
+    "read_log",
+    "write_connection",
+]
 
 ConfigArg = Mapping[str, Any] | str | Path | None
 
@@ -63,39 +83,6 @@ BASE_ENV: dict[str, str] = {
     "COLUMNS": "200",
 }
 RUN_COMPLETED = "finished:completed"
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-class FleetError(RuntimeError):
-    """A fleet process failed to start, died, or a run did not complete in time."""
-
-
-@dataclass
-class ManagedProcess:
-    """One process started by the fleet, with its log file."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def alive(self) -> bool:
-        """Whether the process is still running."""
-        return self.popen.poll() is None
-
-    def log(self) -> str:
-        """Return the process log so far (ANSI colour codes removed)."""
-        return read_log(self.log_path)
-
-    def wait(self, timeout: float) -> int:
-        """Wait for the process to exit and return its exit code.
-
-        Raises
-        ------
-        subprocess.TimeoutExpired
-            If it is still running after ``timeout`` seconds.
-        """
-        return self.popen.wait(timeout)
 
 
 @dataclass
@@ -194,7 +181,7 @@ class Fleet:
         """``host:port`` of the SuperLink (Fleet, Control and Runtime APIs)."""
         if self.port is None:
             raise FleetError("The SuperLink is not started; call start_superlink() first.")
-        return _join_host_port(self.host, self.port)
+        return join_host_port(self.host, self.port)
 
     # ------------------------------------------------------------------ SuperLink
 
@@ -220,7 +207,7 @@ class Fleet:
         if self.tls and self.pki is None:
             self.pki = certs.init_pki(self.workdir / "pki", list(self.sans), force=True)
         self.port = port or free_port(self.host)
-        cmd = [_exe("flower-superlink"), *self._server_tls_args()]
+        cmd = [exe("flower-superlink"), *self._server_tls_args()]
         if self.node_auth:
             cmd.append("--enable-supernode-auth")
         cmd += [
@@ -233,7 +220,7 @@ class Fleet:
             str(home / "state.db"),
         ]
         self.superlink = self._spawn("superlink", cmd, home / "flwr-home")
-        _wait_for_port(self.host, self.port, self.superlink, timeout)
+        wait_for_port(self.host, self.port, self.superlink, timeout)
         self.write_cli_connection()
         return self.superlink
 
@@ -371,7 +358,7 @@ class Fleet:
                 raise FleetError(f"Registering node {name!r} timed out after {timeout:.0f} s.") from None
             payload = _last_json(out + err)
             if proc.returncode != 0 or not payload.get("success"):
-                raise FleetError(f"Registering node {name!r} failed: {_ANSI.sub('', out + err)[-2000:]}")
+                raise FleetError(f"Registering node {name!r} failed: {strip_ansi(out + err)[-2000:]}")
             ids[name] = int(payload["node-id"])
         return ids
 
@@ -440,7 +427,7 @@ class Fleet:
         start = time.monotonic()
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen(
-                [_exe("flwr"), *args, "--stream"],
+                [exe("flwr"), *args, "--stream"],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -451,7 +438,7 @@ class Fleet:
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                _kill_trees([proc.pid], grace=2.0)
+                kill_trees([proc.pid], grace=2.0)
                 run_id = _started_run_id(read_log(log_path))
                 if run_id is not None:
                     self.flwr("stop", str(run_id), self.connection, check=False)
@@ -504,7 +491,7 @@ class Fleet:
 
     def run_logs(self, run_id: int) -> str:
         """Return the run's ServerApp logs as stored by the SuperLink (``flwr log --show``)."""
-        return _ANSI.sub("", self.flwr("log", str(run_id), self.connection, "--show").stdout)
+        return strip_ansi(self.flwr("log", str(run_id), self.connection, "--show").stdout)
 
     # ------------------------------------------------------------------ CLI, logs, cleanup
 
@@ -514,7 +501,7 @@ class Fleet:
         """Run the ``flwr`` CLI with the fleet's private FLWR_HOME."""
         try:
             proc = subprocess.run(
-                [_exe("flwr"), *args],
+                [exe("flwr"), *args],
                 capture_output=True,
                 text=True,
                 env=self._env(self.cli_home),
@@ -527,7 +514,7 @@ class Fleet:
         if check and proc.returncode != 0:
             raise FleetError(
                 f"`flwr {' '.join(args)}` failed with exit code {proc.returncode}:\n"
-                f"{_ANSI.sub('', proc.stdout + proc.stderr)[-4000:]}"
+                f"{strip_ansi(proc.stdout + proc.stderr)[-4000:]}"
             )
         return proc
 
@@ -540,7 +527,7 @@ class Fleet:
         proc = self.flwr(*args, timeout=timeout)
         payload = _last_json(proc.stdout)
         if payload.get("success") is False:
-            message = _ANSI.sub("", str(payload.get("error-message", payload)))
+            message = strip_ansi(str(payload.get("error-message", payload)))
             raise FleetError(f"`flwr {' '.join(args)}` failed: {message}")
         return payload
 
@@ -563,7 +550,7 @@ class Fleet:
         link = [p for p in self.processes if p is self.superlink]
         others = [p for p in self.processes if p is not self.superlink]
         for batch in (others, link):
-            _kill_trees([p.popen.pid for p in batch], grace=grace)
+            kill_trees([p.popen.pid for p in batch], grace=grace)
             for process in batch:
                 try:
                     process.popen.wait(1.0)  # reap
@@ -598,7 +585,7 @@ class Fleet:
         node_dir = self.workdir / "nodes" / name
         node_dir.mkdir(parents=True, exist_ok=True)
         port = free_port("127.0.0.1")  # the node's own Runtime API (ClientApp <-> SuperNode)
-        cmd = [_exe("flower-supernode"), "--superlink", self.address]
+        cmd = [exe("flower-supernode"), "--superlink", self.address]
         if insecure:
             cmd.append("--insecure")
         else:
@@ -620,7 +607,7 @@ class Fleet:
 
     def _flwr_popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [_exe("flwr"), *args],
+            [exe("flwr"), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -745,77 +732,6 @@ def write_connection(
     return path
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that is free on ``host`` right now."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def read_log(path: Path) -> str:
-    """Read a log file as text with ANSI colour codes removed."""
-    try:
-        return _ANSI.sub("", path.read_text("utf-8", errors="replace"))
-    except FileNotFoundError:
-        return ""
-
-
-def _kill_trees(pids: Sequence[int], grace: float) -> None:
-    """SIGTERM processes, their process groups and all descendants together; SIGKILL survivors.
-
-    Descendants are collected first because Flower starts some of them in new
-    sessions (the SuperLink's ``flower-superexec``), outside the parent's group.
-    """
-    family: list[psutil.Process] = []
-    groups: set[int] = set()
-    for pid in pids:
-        groups.add(pid)  # started with start_new_session: its group outlives it (e.g. a node that exited)
-        try:
-            root = psutil.Process(pid)
-            family += [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-    for proc in family:
-        try:
-            groups.add(os.getpgid(proc.pid))
-        except (ProcessLookupError, PermissionError):
-            pass
-    groups.discard(os.getpgrp())  # never signal our own group
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-        for group in groups:
-            try:
-                os.killpg(group, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for proc in family:
-            try:
-                proc.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-        _, family = psutil.wait_procs(family, timeout=wait)
-        if not family:
-            return
-
-
-def _wait_for_port(host: str, port: int, process: ManagedProcess, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not process.alive:
-            raise FleetError(
-                f"{process.name} exited with code {process.popen.returncode} during start-up:\n"
-                f"{process.log()[-4000:]}"
-            )
-        try:
-            with socket.create_connection((host, port), timeout=1.0):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise FleetError(
-        f"{process.name} did not listen on {host}:{port} within {timeout:.0f} s:\n{process.log()}"
-    )
-
-
 def _config_arg(config: ConfigArg, toml_path: Path) -> str | None:
     """Turn a run/node config into a CLI argument: a TOML file path or a ``k=v`` string."""
     if config is None:
@@ -840,18 +756,6 @@ def _last_json(text: str) -> dict[str, Any]:
     if start < 0:
         raise FleetError(f"Expected JSON from the flwr CLI, got:\n{text[-2000:]}")
     return dict(json.loads(text[start:]))
-
-
-def _join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _exe(name: str) -> str:
-    """Return the console script ``name`` of this interpreter's environment."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.exists():
-        return str(candidate)
-    return name
 
 
 # ---------------------------------------------------------------------- command line

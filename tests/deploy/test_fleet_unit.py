@@ -9,7 +9,8 @@ import tomllib
 import psutil
 import pytest
 
-from fedlora.fleet import Fleet, FleetError, _config_arg, _kill_trees, _last_json, write_connection
+from fedlora.fleet import Fleet, FleetError, _config_arg, _last_json, write_connection
+from fedlora.processes import kill_trees
 
 
 def test_write_connection_merges_and_sets_default(tmp_path):
@@ -94,7 +95,7 @@ def test_kill_trees_reaches_descendants_in_other_sessions():
             assert time.monotonic() < deadline, "grandchild did not start"
             time.sleep(0.05)
         family = [psutil.Process(parent.pid), *psutil.Process(parent.pid).children(recursive=True)]
-        _kill_trees([parent.pid], grace=2.0)
+        kill_trees([parent.pid], grace=2.0)
         parent.wait(5)
         _, alive = psutil.wait_procs(family, timeout=5)
         assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
