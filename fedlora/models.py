@@ -30,7 +30,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from fedlora.adapters import AdapterState, is_lora_a, is_lora_b, module_of, split_state
+from fedlora.adapters import AdapterState, is_lora_a, is_lora_b, split_state
 
 log = logging.getLogger(__name__)
 
@@ -338,22 +338,15 @@ def _lora_layers(model: PeftModel) -> dict[str, torch.nn.Module]:
     return {_strip_prefix(n): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def count_parameters(state: Mapping[str, torch.Tensor]) -> int:
-    """Return the number of scalars in ``state``."""
-    return sum(t.numel() for t in state.values())
-
-
 __all__ = [
     "LoadedModel",
     "ModelError",
     "adapter_state",
-    "count_parameters",
     "detect_target_modules",
     "get_lora_model",
     "init_adapter_state",
     "load_adapter_state",
     "merged_into_base",
-    "module_of",
     "resolve_model_path",
     "set_trainable",
     "trained_keys",
