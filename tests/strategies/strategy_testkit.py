@@ -70,3 +70,22 @@ def same(x: object, y: object) -> bool:
     if isinstance(x, list | tuple):
         return len(x) == len(y) and all(same(a, b) for a, b in zip(x, y, strict=True))
     return x == y
+
+
+def hand_pair() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Two rank-1 client states for module ``m`` (d_out = 3, d_in = 2) plus a head.
+
+    The hand-computed tests weight them (1, 3) / 4 = (0.25, 0.75).
+    """
+    a, b = a_name("m"), b_name("m")
+    s1 = {
+        a: torch.tensor([[1.0, 2.0]]),
+        b: torch.tensor([[1.0], [0.0], [2.0]]),
+        HEAD_W: torch.tensor([[4.0, 8.0]]),
+    }
+    s2 = {
+        a: torch.tensor([[3.0, 0.0]]),
+        b: torch.tensor([[0.0], [1.0], [-2.0]]),
+        HEAD_W: torch.tensor([[0.0, 4.0]]),
+    }
+    return s1, s2

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from strategy_testkit import HEAD_W, PROPERTY, clones, lora_state, product, result, same
+from strategy_testkit import HEAD_W, PROPERTY, clones, hand_pair, lora_state, product, result, same
 
 from fedlora.adapters import LoraPair
 from strategies.base import ClientSpec
@@ -35,16 +35,7 @@ def ideal(results) -> torch.Tensor:
 
 
 def test_hand_zero_steps_equals_fedit_values():
-    s1 = {
-        A: torch.tensor([[1.0, 2.0]]),
-        B: torch.tensor([[1.0], [0.0], [2.0]]),
-        HEAD_W: torch.tensor([[4.0, 8.0]]),
-    }
-    s2 = {
-        A: torch.tensor([[3.0, 0.0]]),
-        B: torch.tensor([[0.0], [1.0], [-2.0]]),
-        HEAD_W: torch.tensor([[0.0, 4.0]]),
-    }
+    s1, s2 = hand_pair()
     res = [result(0, 1, 2.0, 1, s1), result(1, 1, 2.0, 3, s2)]
     out = LoraFAIR(steps=0).aggregate(s1, res)
     assert torch.equal(out[A], torch.tensor([[2.5, 0.5]]))

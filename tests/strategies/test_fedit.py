@@ -2,7 +2,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from strategy_testkit import HEAD_B, HEAD_W, PROPERTY, clones, lora_state, result, same
+from strategy_testkit import HEAD_B, HEAD_W, PROPERTY, clones, hand_pair, lora_state, result, same
 
 from strategies.base import ClientSpec
 from strategies.common import StrategyError
@@ -13,16 +13,7 @@ A, B = "m.lora_A.weight", "m.lora_B.weight"
 
 def hand_results():
     # p = (1, 3) / 4 = (0.25, 0.75); r = 1, d_out = 3, d_in = 2
-    s1 = {
-        A: torch.tensor([[1.0, 2.0]]),
-        B: torch.tensor([[1.0], [0.0], [2.0]]),
-        HEAD_W: torch.tensor([[4.0, 8.0]]),
-    }
-    s2 = {
-        A: torch.tensor([[3.0, 0.0]]),
-        B: torch.tensor([[0.0], [1.0], [-2.0]]),
-        HEAD_W: torch.tensor([[0.0, 4.0]]),
-    }
+    s1, s2 = hand_pair()
     return [result(0, 1, 2.0, 1, s1), result(1, 1, 2.0, 3, s2)]
 
 

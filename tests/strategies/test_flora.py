@@ -3,7 +3,7 @@ import io
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from strategy_testkit import HEAD_W, PROPERTY, clones, lora_state, product, result, same
+from strategy_testkit import HEAD_W, PROPERTY, clones, hand_pair, lora_state, product, result, same
 
 from fedlora.adapters import LoraPair
 from strategies.base import ClientSpec
@@ -22,16 +22,7 @@ def started(specs, rank, dims, seed=0):
 
 def hand():
     # client 0: r=1, s=1; client 1: r=1, s=2; p = (1/4, 3/4)
-    s1 = {
-        A: torch.tensor([[1.0, 2.0]]),
-        B: torch.tensor([[1.0], [0.0], [2.0]]),
-        HEAD_W: torch.tensor([[4.0, 8.0]]),
-    }
-    s2 = {
-        A: torch.tensor([[3.0, 0.0]]),
-        B: torch.tensor([[0.0], [1.0], [-2.0]]),
-        HEAD_W: torch.tensor([[0.0, 4.0]]),
-    }
+    s1, s2 = hand_pair()
     return [result(0, 1, 1.0, 1, s1), result(1, 1, 2.0, 3, s2)]
 
 
