@@ -12,7 +12,8 @@ Crash safety (a crash loses at most the checkpoint being written):
    then ``fsync``-ed;
 2. the current checkpoint is hard-linked to ``<name>.prev`` (so ``<name>`` never
    disappears), then the temporary file atomically replaces ``<name>`` via
-   ``os.replace`` and the directory is ``fsync``-ed.
+   ``os.replace`` and the directory is ``fsync``-ed (:func:`fedlora.atomic.atomic_write`;
+   files are owner-only, 0600).
 
 ``load_checkpoint`` verifies length and digest before unpickling with
 ``torch.load(weights_only=True)`` (no arbitrary code runs on load) and falls back to
@@ -29,7 +30,6 @@ import hashlib
 import io
 import logging
 import os
-import secrets
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,9 +37,11 @@ from typing import Any
 
 import torch
 
+from fedlora.atomic import TMP_MARK, atomic_write, temp_path
+
 MAGIC = b"FEDLORA-CKPT-v1\n"
 _HEADER_LEN = len(MAGIC) + 8 + 32
-_TMP_MARK = ".tmp-"
+_TMP_MARK = TMP_MARK
 PREV_SUFFIX = ".prev"
 
 logger = logging.getLogger(__name__)
@@ -84,22 +86,8 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> P
     payload = buffer.getvalue()
     header = MAGIC + len(payload).to_bytes(8, "big") + hashlib.sha256(payload).digest()
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(target)
-    tmp = target.with_name(f".{target.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(header)
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if target.exists():
-            _keep_previous(target)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
+    atomic_write(target, header + payload, before_replace=_keep_previous)
     return target
 
 
@@ -224,7 +212,7 @@ def _check_state(value: Any, where: str) -> None:
 def _keep_previous(target: Path) -> None:
     """Make ``<target>.prev`` the current file without ever removing ``target``."""
     previous = prev_path(target)
-    link_tmp = target.with_name(f".{previous.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    link_tmp = temp_path(previous)
     try:
         os.link(target, link_tmp)
     except OSError:  # file systems without hard links: copy instead (still atomic via replace)
@@ -238,15 +226,3 @@ def _remove_stale_temps(target: Path) -> None:
         for stale in target.parent.glob(pattern):
             stale.unlink(missing_ok=True)
 
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -141,7 +141,8 @@ _WRITER = textwrap.dedent(
 
     import builtins
     real_open = builtins.open
-    checkpoint.open = lambda *a, **k: SlowFile(real_open(*a, **k))
+    from fedlora import atomic
+    atomic.open = lambda *a, **k: SlowFile(real_open(*a, **k))
     checkpoint.save_checkpoint(path, {"round": 2, "w": torch.zeros(100_000)})
     """
 )

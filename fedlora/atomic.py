@@ -1,0 +1,108 @@
+"""Atomic, owner-only file writes: the one helper every run-output writer uses.
+
+A crash (or power loss) while writing leaves either the old file or the new one, never a
+truncated mix: the bytes go to a temporary file in the target's directory (same file
+system, so the rename is atomic), are ``fsync``-ed, then ``os.replace`` swaps it in and the
+directory is ``fsync``-ed. Files are created ``0600`` and missing directories ``0700``:
+run outputs (ledgers, checkpoints, metrics) describe clients and are the operator's alone.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+TMP_MARK = ".tmp-"
+
+
+def private_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (and missing parents) owner-only (0700) and return it.
+
+    An existing directory the current user owns is tightened to 0700 too, so a run
+    directory made by an older version or by ``mkdir`` becomes private on first write.
+    """
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    try:
+        if p.stat().st_uid == os.getuid():
+            os.chmod(p, DIR_MODE)
+    except (OSError, AttributeError):  # AttributeError: os.getuid is missing on Windows
+        pass
+    return p
+
+
+def temp_path(target: Path) -> Path:
+    """Return a fresh temporary name beside ``target`` (hidden, unique per process and call)."""
+    return target.with_name(f".{target.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def fsync_dir(directory: Path) -> None:
+    """``fsync`` a directory so a rename inside it survives power loss (no-op where unsupported)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(
+    path: str | os.PathLike[str],
+    data: bytes | str | Callable[[BinaryIO], None],
+    *,
+    mode: int = FILE_MODE,
+    before_replace: Callable[[Path], None] | None = None,
+) -> Path:
+    """Atomically replace ``path`` with ``data``, owner-only.
+
+    Parameters
+    ----------
+    path
+        Target file; its directory is created 0700 if missing.
+    data
+        Bytes, text (written as UTF-8), or a function that writes into the open binary file.
+    mode
+        Permission bits of the new file (default 0600).
+    before_replace
+        Called with the target path after the new bytes are durable and just before the
+        swap (checkpoints use it to keep the old file as ``<name>.prev``).
+
+    Returns
+    -------
+    Path
+        The target path.
+    """
+    target = Path(path)
+    private_dir(target.parent)
+    tmp = temp_path(target)
+    try:
+        with open(tmp, "xb", opener=lambda name, flags: os.open(name, flags, mode)) as handle:
+            if callable(data):
+                data(handle)
+            else:
+                handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)  # the umask may have removed bits; never adds group/other
+        if before_replace is not None and target.exists():
+            before_replace(target)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+    return target
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Atomically write ``text`` (UTF-8) to ``path``, owner-only."""
+    return atomic_write(path, text)
