@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedlora.privacy.accounting import compact_history, compute_epsilon
 from fedlora.privacy.ledger import LedgerEntry, LedgerError, PrivacyLedger
@@ -40,15 +40,30 @@ def test_rounds_compose_like_one_block():
     assert split.epsilon("rdp") == pytest.approx(acc.get_epsilon(DELTA), rel=1e-12)
 
 
+def opacus_prv(history):
+    # Opacus itself on the raw, unmerged history: independent of compact_history.
+    acc = PRVAccountant()
+    acc.history = list(history)
+    return acc.get_epsilon(delta=DELTA, eps_error=0.01)
+
+
 def test_rounds_compose_like_one_block_prv():
     split = make_ledger((1.2, 0.1, 10), (1.2, 0.1, 20))
     assert split.epsilon("prv") == make_ledger((1.2, 0.1, 30)).epsilon("prv")
+    # The equality above holds by construction (blocks are merged); check against Opacus unmerged.
+    assert split.epsilon("prv") == pytest.approx(opacus_prv([(1.2, 0.1, 10), (1.2, 0.1, 20)]), rel=1e-6)
+    assert split.epsilon("prv") == pytest.approx(2.9663362970969183, rel=1e-8)
 
 
 def test_heterogeneous_history_is_order_free_and_grows():
     a = make_ledger((1.0, 0.05, 100), (2.0, 0.05, 300), (1.0, 0.05, 50))
     b = make_ledger((2.0, 0.05, 300), (1.0, 0.05, 150))
     assert a.epsilon() == b.epsilon()
+    hist = [(1.0, 0.05, 100), (2.0, 0.05, 300), (1.0, 0.05, 50)]
+    acc = RDPAccountant()
+    acc.history = list(hist)
+    assert a.epsilon() == pytest.approx(acc.get_epsilon(DELTA), rel=1e-12)
+    assert a.epsilon("prv") == pytest.approx(opacus_prv(hist), rel=1e-6)
     assert a.epsilon() > make_ledger((1.0, 0.05, 150)).epsilon()
     assert compact_history(a.history) == ((1.0, 0.05, 150), (2.0, 0.05, 300))
 

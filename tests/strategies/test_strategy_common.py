@@ -1,3 +1,6 @@
+import hashlib
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -62,7 +65,12 @@ def test_fingerprint_is_stable_and_sensitive():
     assert fingerprint({**s, "x": torch.tensor([3.5])}) != fp
     assert fingerprint({"m.lora_A.weight": s["m.lora_A.weight"], "y": s["x"]}) != fp  # names count
     assert fingerprint({**s, "x": torch.tensor([[3.0]])}) != fp  # shapes count
-    assert fingerprint({}) == fingerprint({})
+    # The documented encoding, hashed independently: name, repr(shape), little-endian float32.
+    h = hashlib.sha256()
+    for name, shape, values in (("m.lora_A.weight", (1, 2), [1.0, 2.0]), ("x", (1,), [3.0])):
+        h.update(name.encode() + repr(shape).encode() + np.asarray(values, dtype="<f4").tobytes())
+    assert fp == h.hexdigest()
+    assert fingerprint({}) == hashlib.sha256().hexdigest()
 
 
 def test_require_uniform_messages():
