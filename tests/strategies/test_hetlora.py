@@ -133,3 +133,25 @@ def test_product_norm_matches_dense():
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 5, generator=gen), torch.randn(4, 3, generator=gen)
     assert abs(product_norm(a, b) - float(torch.linalg.matrix_norm((b @ a).double()))) < 1e-5
+
+
+def test_mixed_alpha_folds_each_clients_scale_into_b():
+    # client 0: r=1, alpha=1 (s=1); client 1: r=2, alpha=8 (s=4) fixes R=2, s_g=4.
+    # s_0 B_0 A_0 = [[2, 0], [0, 0], [0, 0]] -> norm 2; s_1 B_1 A_1 = [[0, 0], [0, 4], [0, 0]] -> norm 4
+    # => w = (1/3, 2/3). Folded: B_0 * (s_0 / s_g) = [[0.5], [0], [0]], B_1 * (4 / 4) = B_1.
+    # A_g = [[1/3, 2/3], [2/3, 0]], B_g = 1/3 [[0.5, 0], 0, 0] + 2/3 [[0, 0], [1, 0], 0].
+    specs = [ClientSpec(0, 1, 1.0), ClientSpec(1, 2, 8.0)]
+    s, state = started(specs)
+    assert s.global_scale == 4.0
+    s1 = {A: torch.tensor([[1.0, 0.0]]), B: torch.tensor([[2.0], [0.0], [0.0]]), HEAD_W: torch.zeros(1, 2)}
+    s2 = {
+        A: torch.tensor([[0.0, 1.0], [1.0, 0.0]]),
+        B: torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]]),
+        HEAD_W: torch.zeros(1, 2),
+    }
+    out = s.aggregate(state, [result(0, 1, 1.0, 1, s1), result(1, 2, 8.0, 1, s2)])
+    torch.testing.assert_close(out[A], torch.tensor([[1 / 3, 2 / 3], [2 / 3, 0.0]]))
+    torch.testing.assert_close(out[B], torch.tensor([[1 / 6, 0.0], [2 / 3, 0.0], [0.0, 0.0]]))
+    # Client 0's next payload folds s_g / s_0 = 4 back into its rank-1 slice of B_g.
+    view = s.payload(out, specs[0]).adapter
+    torch.testing.assert_close(view[B], torch.tensor([[2 / 3], [8 / 3], [0.0]]))
