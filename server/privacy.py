@@ -16,13 +16,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import Message
 
 from fedlora.adapters import apply_delta
 from fedlora.config import RunConfig
 from fedlora.privacy.calibrate import calibrate_noise_multiplier
 from fedlora.privacy.client_dp import (
+    check_client_sampling,
     dp_tensor_names,
     expected_clients,
     privatize_updates,
@@ -30,6 +30,7 @@ from fedlora.privacy.client_dp import (
     sample_clients,
 )
 from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.randomness import entropy_generator, system_random
 from fedlora.privacy.report import write_report
 from fedlora.privacy.runfile import CLIENT_LEVEL_KEY, RunFacts, save_run_ledgers
 from strategies.base import ClientResult, Payload
@@ -50,6 +51,9 @@ class ServerPrivacy:
         self.sampling = p.client_sampling if p.mode == "client" else "poisson"
         if p.mode == "client":
             require_client_dp(cfg.federation.strategy)
+            check_client_sampling(
+                p.client_sampling, cfg.federation.clients_per_round, cfg.federation.num_clients
+            )
             q = self._client_rate()
             if self.sigma <= 0:
                 self.sigma = calibrate_noise_multiplier(
@@ -58,7 +62,10 @@ class ServerPrivacy:
             self.ledgers[CLIENT_LEVEL_KEY] = PrivacyLedger(
                 client_id=CLIENT_LEVEL_KEY, unit="client", delta=p.delta, max_grad_norm=p.clip_norm
             )
-        self.noise = torch.Generator().manual_seed(cfg.federation.seed + 7919)
+        # DP draws come from OS entropy, fresh in every process (so after every resume), and are
+        # never checkpointed: the run seed is in every client's run config.
+        self.noise = entropy_generator()
+        self._sampler = system_random()
         self.facts = RunFacts.create(
             p.mode,
             sampling=self.sampling if p.mode != "none" else None,
@@ -69,18 +76,23 @@ class ServerPrivacy:
         )
 
     def _client_rate(self) -> float:
-        f = self.cfg.federation
+        # Calibrate with exactly the q the ledger accounts: fixed-size sampling is only allowed
+        # with every client in every round (check_client_sampling), which is q = 1.
         if self.cfg.privacy.client_sampling == "poisson":
             return self.cfg.privacy.client_sample_rate
-        k = f.clients_per_round or f.num_clients
-        return k / f.num_clients
+        return 1.0
 
     def sample_clients(self, nodes: Sequence[int], k: int, rng: random.Random) -> list[int]:
         """Return the nodes that train this round.
 
         Poisson sampling (client-level DP with ``client_sampling = "poisson"``) includes each
         node independently with probability q; otherwise all nodes or a fixed-size sample of ``k``.
+        Under DP the draw uses the OS CSPRNG, not ``rng`` (seeded from the run seed, which
+        every client knows): who took part must not be predictable. ``rng`` serves runs
+        without DP, which stay reproducible.
         """
+        if self.mode != "none":
+            rng = self._sampler
         if self.mode == "client" and self.sampling == "poisson":
             return sorted(sample_clients(list(nodes), self.cfg.privacy.client_sample_rate, "poisson", rng))
         if k == 0 or k >= len(nodes):
@@ -157,17 +169,13 @@ class ServerPrivacy:
         return {"dp_epsilon_max": max(eps.values()) if eps else 0.0, "dp_epsilon": eps}
 
     def state_dict(self) -> dict[str, Any]:
-        """Checkpointable state: every ledger as JSON."""
-        return {
-            "ledgers": {cid: ledger.to_json() for cid, ledger in self.ledgers.items()},
-            "noise_rng": self.noise.get_state(),
-        }
+        """Checkpointable state: every ledger as JSON (and no generator state: see __init__)."""
+        return {"ledgers": {cid: ledger.to_json() for cid, ledger in self.ledgers.items()}}
 
     def load_state_dict(self, data: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
+        # A checkpoint of an older version may hold "noise_rng": it is ignored on purpose.
         self.ledgers = {cid: PrivacyLedger.from_json(text) for cid, text in data.get("ledgers", {}).items()}
-        if "noise_rng" in data:
-            self.noise.set_state(data["noise_rng"])
 
     def write_report(self) -> dict[str, Path]:
         """Write the run's privacy ledger file and Markdown/HTML/JSON report."""

@@ -197,6 +197,34 @@ def sample_clients(
     raise ClientDPError(f"method={method!r} must be 'poisson' or 'fixed'")
 
 
+def check_client_sampling(method: str, clients_per_round: int, num_clients: int) -> None:
+    """Refuse client sampling that the ledger cannot account soundly.
+
+    Fixed-size sampling of ``k < N`` clients per round is neither Poisson sampling (whose
+    amplification the accountant computes) nor covered by accounting ``q = 1`` at
+    sensitivity ``C``: under add/remove, a fixed-size sample of a neighbouring population
+    can differ in two clients (one swapped for another), which ``q = 1`` does not bound.
+    Fixed-size sampling is therefore allowed only with every client in every round
+    (``clients_per_round`` 0 or ``N``), where it is exactly ``q = 1``.
+
+    Raises
+    ------
+    ClientDPError
+        For ``method = "fixed"`` with ``0 < clients_per_round < num_clients``, naming the fix.
+    """
+    if method not in ("poisson", "fixed"):
+        raise ClientDPError(f"privacy.client_sampling={method!r} must be 'poisson' or 'fixed'")
+    if method == "fixed" and 0 < clients_per_round < num_clients:
+        raise ClientDPError(
+            f"client-level DP with privacy.client_sampling = 'fixed' and federation.clients_per_round = "
+            f"{clients_per_round} < num_clients = {num_clients} has no sound accounting here (a fixed-size "
+            "sample is not amplified like a Poisson one, and q = 1 does not bound it either). Set "
+            f"privacy.client_sampling = 'poisson' with privacy.client_sample_rate = "
+            f"{clients_per_round / num_clients:g} (the same expected load), or clients_per_round = 0 to "
+            "train every client every round"
+        )
+
+
 def expected_clients(num_clients: int, sample_rate: float, method: ClientSampling) -> float:
     """Return the fixed denominator ``m`` of :func:`noisy_mean` for this sampling scheme."""
     if num_clients < 1:

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 
 from fedlora.adapters import AdapterState
 from fedlora.privacy.ledger import LedgerEntry, Sampling
+from fedlora.privacy.randomness import entropy_generator
 
 
 class DPSetupError(ValueError):
@@ -198,6 +199,7 @@ def make_private_lora(
     max_grad_norm: float,
     poisson_sampling: bool = True,
     noise_generator: torch.Generator | None = None,
+    sampling_generator: torch.Generator | None = None,
 ) -> PrivateTraining:
     """Wrap a PEFT model, its optimizer and loader for DP-SGD on the trainable (LoRA) parameters.
 
@@ -209,7 +211,8 @@ def make_private_lora(
         Built AFTER the model was moved, over (a subset of) the model's parameters.
     data_loader
         A map-style loader; its ``batch_size / len(dataset)`` sets the sample rate
-        ``q = 1 / len(data_loader)`` and its ``generator`` seeds Poisson sampling.
+        ``q = 1 / len(data_loader)``. Its ``generator`` is NOT used for Poisson sampling:
+        that seed is known to whoever built the loader's seed (the server sends it).
     noise_multiplier
         σ ≥ 0 (noise std / C); calibrate it with :mod:`fedlora.privacy.calibrate`.
     max_grad_norm
@@ -217,8 +220,12 @@ def make_private_lora(
     poisson_sampling
         True (default) for Poisson batches (amplification applies); False keeps the loader's
         fixed-size batches and the ledger then accounts with q = 1.
-    noise_generator
-        Seeded generator for the noise (tests, reproducibility); None uses torch's global RNG.
+    noise_generator, sampling_generator
+        Generators for the Gaussian noise and the Poisson sampler. None (the default, and
+        the only sound choice in a federation) draws each from fresh OS entropy
+        (:func:`fedlora.privacy.randomness.entropy_generator`), so neither the server nor
+        anyone who knows the run's seed can rebuild the batches or subtract the noise.
+        Pass seeded generators only in tests of the mechanism itself.
 
     Returns
     -------
@@ -239,11 +246,19 @@ def make_private_lora(
         raise DPSetupError("the model is already wrapped by Opacus; call PrivateTraining.release() first")
     _check_optimizer(model, optimizer)
     template = data_loader.collate_fn([data_loader.dataset[0]])  # shapes/dtypes only
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    if noise_generator is None:
+        noise_generator = entropy_generator(device)
+    if sampling_generator is None:
+        sampling_generator = entropy_generator("cpu")  # the sampler draws on the CPU
     model.train()  # Opacus hooks capture activations only in train mode
     with warnings.catch_warnings():
         # secure_mode needs torchcsprng, which cannot be installed; reports state this instead.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+    # Opacus builds the Poisson DPDataLoader with ``generator=engine.secure_rng`` and falls back
+    # to the loader's own (seeded) generator when that is None; give it the OS-entropy one.
+    engine.secure_rng = sampling_generator
     gs_model, dp_optimizer, loader = engine.make_private(
         module=model,
         optimizer=optimizer,

@@ -70,7 +70,12 @@ def test_empty_poisson_batches_do_not_crash():
     # 3 records at q = 1/3: a batch is empty with probability (2/3)^3 ≈ 0.3. With this seed the
     # very first batch is empty, before Opacus has seen any batch to copy a structure from.
     private = make_private_lora(
-        model, opt, token_loader(3, 1, seed=1), noise_multiplier=1.0, max_grad_norm=1.0
+        model,
+        opt,
+        token_loader(3, 1, seed=1),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        sampling_generator=torch.Generator().manual_seed(2),  # first batch empty
     )
     guard = private.data_loader.collate_fn
     assert isinstance(guard, EmptyBatchGuard)
