@@ -196,7 +196,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_certs(argv: list[str]) -> int:
     """Run ``fedlora certs`` (TLS and node-authentication material)."""
-    from fedlora.certs import certs_main
+    from fedlora.deploy.cli import certs_main
 
     return certs_main(argv)
 

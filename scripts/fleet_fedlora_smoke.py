@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import tomli_w
 
-from fedlora.fleet import Fleet
+from fedlora.deploy.fleet import Fleet
 
 APP_DIR = Path(__file__).resolve().parent.parent
 

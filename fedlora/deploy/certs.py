@@ -1,4 +1,4 @@
-"""TLS certificates and SuperNode authentication keys for a Flower deployment.
+"""TLS certificates for a Flower deployment (node keys: :mod:`fedlora.deploy.nodekeys`).
 
 A deployment needs three kinds of key material:
 
@@ -13,17 +13,15 @@ A deployment needs three kinds of key material:
   SECP384R1 in OpenSSH format, the same as ``ssh-keygen -t ecdsa -b 384``.
 
 Private keys are written with mode 0600 and never overwritten unless asked.
-``certs_main`` implements ``fedlora certs init|server|node``.
+:func:`fedlora.deploy.cli.certs_main` implements ``fedlora certs init|server|node``.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import ipaddress
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +33,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 DEFAULT_SANS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 CA_VALIDITY_DAYS = 3650
 SERVER_VALIDITY_DAYS = 825  # the longest lifetime common TLS clients accept for leaf certs
-_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -56,14 +53,6 @@ class PkiPaths:
             server_cert=out_dir / "server.crt",
             server_key=out_dir / "server.key",
         )
-
-
-@dataclass(frozen=True)
-class NodeKeyPaths:
-    """Where ``write_node_keys`` put one SuperNode's key pair."""
-
-    private_key: Path
-    public_key: Path
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -233,34 +222,6 @@ def create_server_certificate(
     return key, cert
 
 
-def node_key_pair(comment: str = "") -> tuple[bytes, bytes]:
-    """Create a SuperNode authentication key pair in OpenSSH format.
-
-    Parameters
-    ----------
-    comment : str
-        Appended to the public key line (``ecdsa-sha2-nistp384 AAAA... comment``),
-        conventionally the node name.
-
-    Returns
-    -------
-    tuple[bytes, bytes]
-        ``(private_key, public_key)``: an unencrypted ``OPENSSH PRIVATE KEY`` block for
-        ``flower-supernode --auth-supernode-private-key`` and a one-line public key for
-        ``flwr supernode register``.
-    """
-    key = generate_private_key()
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    if comment:
-        public += b" " + comment.encode("utf-8")
-    return private, public + b"\n"
-
-
 def cert_to_pem(cert: x509.Certificate) -> bytes:
     """Serialise a certificate as PEM."""
     return cert.public_bytes(serialization.Encoding.PEM)
@@ -339,7 +300,7 @@ def init_pki(
     """
     paths = PkiPaths.in_dir(Path(out_dir))
     if not force:
-        _refuse_existing([paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key])
+        refuse_existing([paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key])
     ca_key, ca_cert = create_ca()
     write_file(paths.ca_key, key_to_pem(ca_key), private=True, force=force)
     write_file(paths.ca_cert, cert_to_pem(ca_cert), private=False, force=force)
@@ -384,109 +345,6 @@ def issue_server_files(out_dir: Path, sans: tuple[str, ...] | list[str], force: 
     return paths
 
 
-def write_node_keys(out_dir: Path, name: str, force: bool = False) -> NodeKeyPaths:
-    """Write one SuperNode's key pair as ``<name>.key`` (0600) and ``<name>.pub``.
-
-    Parameters
-    ----------
-    out_dir : Path
-        Target directory.
-    name : str
-        Node name: letters, digits, ``_``, ``.`` and ``-``, at most 64 characters.
-    force : bool
-        Overwrite existing files.
-
-    Returns
-    -------
-    NodeKeyPaths
-        The written files.
-
-    Raises
-    ------
-    ValueError
-        If ``name`` is not a safe file name.
-    """
-    check_node_name(name)
-    out = Path(out_dir)
-    paths = NodeKeyPaths(private_key=out / f"{name}.key", public_key=out / f"{name}.pub")
-    if not force:
-        _refuse_existing([paths.private_key, paths.public_key])
-    private, public = node_key_pair(comment=name)
-    write_file(paths.private_key, private, private=True, force=force)
-    write_file(paths.public_key, public, private=False, force=force)
-    return paths
-
-
-def check_node_name(name: str) -> str:
-    """Return ``name`` if it is a safe node/file name, else raise ``ValueError``."""
-    if not _NODE_NAME.match(name):
-        raise ValueError(
-            f"Invalid node name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit (e.g. 'hospital-a')."
-        )
-    return name
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def build_parser(prog: str = "fedlora certs") -> argparse.ArgumentParser:
-    """Return the argument parser of ``fedlora certs``."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Create TLS certificates and SuperNode authentication keys."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{init,server,node}")
-    san_help = (
-        "DNS name or IP address of the SuperLink (repeatable). "
-        f"Default: {' '.join(DEFAULT_SANS)}. Include every name/IP that SuperNodes and the flwr CLI use."
-    )
-    init = sub.add_parser("init", help="create a CA and a SuperLink server certificate")
-    init.add_argument("--out", required=True, type=Path, help="output directory")
-    init.add_argument("--san", action="append", default=None, help=san_help)
-    init.add_argument("--force", action="store_true", help="overwrite existing files")
-
-    server = sub.add_parser("server", help="re-issue the server certificate from an existing CA")
-    server.add_argument("--out", required=True, type=Path, help="directory holding ca.crt/ca.key")
-    server.add_argument("--san", action="append", default=None, help=san_help)
-
-    node = sub.add_parser("node", help="create a SuperNode authentication key pair")
-    node.add_argument("--out", required=True, type=Path, help="output directory")
-    node.add_argument("--name", required=True, help="node name, used for the file names")
-    node.add_argument("--force", action="store_true", help="overwrite existing files")
-    return parser
-
-
-def certs_main(argv: list[str] | None = None) -> int:
-    """Run ``fedlora certs``; return a process exit code.
-
-    Parameters
-    ----------
-    argv : list[str] | None
-        Arguments after ``certs`` (``sys.argv[1:]`` if None).
-
-    Returns
-    -------
-    int
-        0 on success, 1 on a reported error.
-    """
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "init":
-            paths = init_pki(args.out, tuple(args.san or DEFAULT_SANS), force=args.force)
-            _print_pki(paths)
-        elif args.command == "server":
-            paths = issue_server_files(args.out, tuple(args.san or DEFAULT_SANS))
-            _print_pki(paths)
-        else:
-            node = write_node_keys(args.out, args.name, force=args.force)
-            print(f"private key (keep on the node, pass to --auth-supernode-private-key): {node.private_key}")
-            print(f"public key (register on the SuperLink with `flwr supernode register`): {node.public_key}")
-    except (OSError, ValueError) as err:
-        print(f"fedlora certs: error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -524,7 +382,8 @@ def _check_days(days: int) -> None:
         raise ValueError(f"Certificate validity must be at least 1 day, got {days}.")
 
 
-def _refuse_existing(paths: list[Path]) -> None:
+def refuse_existing(paths: list[Path]) -> None:
+    """Raise ``FileExistsError`` naming every path in ``paths`` that exists."""
     existing = [str(p) for p in paths if p.exists()]
     if existing:
         raise FileExistsError(
@@ -533,12 +392,9 @@ def _refuse_existing(paths: list[Path]) -> None:
         )
 
 
-def _print_pki(paths: PkiPaths) -> None:
-    print(f"CA certificate (copy to every SuperNode and operator): {paths.ca_cert}")
-    print(f"CA private key (keep offline; signs server certificates): {paths.ca_key}")
-    print(f"SuperLink certificate: {paths.server_cert}")
-    print(f"SuperLink private key: {paths.server_key}")
-
-
 if __name__ == "__main__":
+    import sys
+
+    from fedlora.deploy.cli import certs_main
+
     sys.exit(certs_main())

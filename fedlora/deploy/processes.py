@@ -1,6 +1,6 @@
 """Processes of a local Flower deployment: start-up checks, logs and tree-wide clean-up.
 
-Used by :mod:`fedlora.fleet`. Flower starts some helpers (``flower-superexec``) in new
+Used by :mod:`fedlora.deploy.fleet`. Flower starts some helpers (``flower-superexec``) in new
 sessions, so killing a component means collecting its whole process tree first.
 """
 
@@ -13,13 +13,21 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+BASE_ENV: dict[str, str] = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONIOENCODING": "utf-8",
+    "COLUMNS": "200",
+}
 
 
 class FleetError(RuntimeError):
@@ -142,3 +150,54 @@ def exe(name: str) -> str:
     if candidate.exists():
         return str(candidate)
     return name
+
+
+def process_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Return this process' environment plus :data:`BASE_ENV`, ``extra`` and ``FLWR_HOME``.
+
+    This interpreter's ``bin`` directory goes first on ``PATH``: Flower starts
+    ``flower-superexec`` / ``flwr-serverapp`` / ``flwr-clientapp`` by name.
+    """
+    env = dict(os.environ)
+    env.update(BASE_ENV)
+    env.update(extra or {})
+    env["FLWR_HOME"] = str(flwr_home)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def spawn_logged(
+    name: str, cmd: list[str], log_path: Path, env: Mapping[str, str], home: Path
+) -> ManagedProcess:
+    """Start ``cmd`` in its own session, stdout and stderr appended to ``log_path``.
+
+    ``home`` (the component's FLWR_HOME) is created; the process runs in its parent
+    directory. Its own process group lets :func:`kill_trees` stop it as a unit.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        log_file.write(f"$ {' '.join(cmd)}\n".encode())
+        log_file.flush()
+        popen = subprocess.Popen(
+            cmd,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
+            cwd=home.parent,
+            start_new_session=True,
+        )
+    return ManagedProcess(name=name, popen=popen, log_path=log_path)
+
+
+def stop_processes(processes: Sequence[ManagedProcess], last: ManagedProcess | None, grace: float) -> None:
+    """Kill every process tree, ``last`` (the SuperLink) after the others, and reap them."""
+    first = [p for p in processes if p is not last]
+    for batch in (first, [p for p in processes if p is last]):
+        kill_trees([p.popen.pid for p in batch], grace=grace)
+        for process in batch:
+            try:
+                process.popen.wait(1.0)  # reap
+            except subprocess.TimeoutExpired:
+                pass

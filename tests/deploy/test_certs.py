@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from fedlora import certs
+from fedlora.deploy import certs, nodekeys
+from fedlora.deploy.cli import certs_main
 
 
 def _load(path: Path) -> x509.Certificate:
@@ -114,7 +115,7 @@ def test_node_keys_load_with_flower_loaders(tmp_path):
     from flwr.cli.supernode.register import try_load_public_key
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes, uses_nist_ec_curve
 
-    paths = certs.write_node_keys(tmp_path, "hospital-a")
+    paths = nodekeys.write_node_keys(tmp_path, "hospital-a")
     assert _mode(paths.private_key) == 0o600
     # flower-supernode --auth-supernode-private-key reads it like this:
     private = serialization.load_ssh_private_key(paths.private_key.read_bytes(), None)
@@ -129,11 +130,11 @@ def test_node_keys_load_with_flower_loaders(tmp_path):
 
 
 def test_refuses_to_overwrite_and_force_overwrites(tmp_path):
-    first = certs.write_node_keys(tmp_path, "n1")
+    first = nodekeys.write_node_keys(tmp_path, "n1")
     before = first.private_key.read_bytes()
     with pytest.raises(FileExistsError, match="--force"):
-        certs.write_node_keys(tmp_path, "n1")
-    certs.write_node_keys(tmp_path, "n1", force=True)
+        nodekeys.write_node_keys(tmp_path, "n1")
+    nodekeys.write_node_keys(tmp_path, "n1", force=True)
     assert first.private_key.read_bytes() != before
     assert _mode(first.private_key) == 0o600
 
@@ -147,29 +148,29 @@ def test_invalid_sans_are_named(bad):
 @pytest.mark.parametrize("bad", ["", "../x", "a/b", "x" * 65, "-n"])
 def test_invalid_node_names(tmp_path, bad):
     with pytest.raises(ValueError, match="node name"):
-        certs.write_node_keys(tmp_path, bad)
+        nodekeys.write_node_keys(tmp_path, bad)
 
 
 def test_cli_init_server_node(tmp_path, capsys):
     out = tmp_path / "pki"
-    assert certs.certs_main(["init", "--out", str(out), "--san", "10.0.0.7"]) == 0
+    assert certs_main(["init", "--out", str(out), "--san", "10.0.0.7"]) == 0
     san = _load(out / "server.crt").extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(i) for i in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.7"]
     # a second init refuses, with a message naming the fix
-    assert certs.certs_main(["init", "--out", str(out)]) == 1
+    assert certs_main(["init", "--out", str(out)]) == 1
     assert "--force" in capsys.readouterr().err
     # re-issue the server certificate with new SANs from the same CA
     ca_before = (out / "ca.crt").read_bytes()
-    assert certs.certs_main(["server", "--out", str(out), "--san", "link.lan"]) == 0
+    assert certs_main(["server", "--out", str(out), "--san", "link.lan"]) == 0
     assert (out / "ca.crt").read_bytes() == ca_before
     verifier = (
         PolicyBuilder().store(Store([_load(out / "ca.crt")])).build_server_verifier(x509.DNSName("link.lan"))
     )
     verifier.verify(_load(out / "server.crt"), [])
-    assert certs.certs_main(["node", "--out", str(out / "nodes"), "--name", "pi-1"]) == 0
+    assert certs_main(["node", "--out", str(out / "nodes"), "--name", "pi-1"]) == 0
     assert (out / "nodes" / "pi-1.key").is_file() and (out / "nodes" / "pi-1.pub").is_file()
 
 
 def test_cli_server_without_ca_explains(tmp_path, capsys):
-    assert certs.certs_main(["server", "--out", str(tmp_path)]) == 1
+    assert certs_main(["server", "--out", str(tmp_path)]) == 1
     assert "fedlora certs init" in capsys.readouterr().err

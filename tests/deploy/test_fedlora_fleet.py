@@ -1,6 +1,6 @@
 """The real fedlora app on a real local deployment: a SuperLink and two SuperNodes, TLS + node auth.
 
-Every test starts its own :class:`fedlora.fleet.Fleet` (processes on localhost, cleaned up on
+Every test starts its own :class:`fedlora.deploy.fleet.Fleet` (processes on localhost, cleaned up on
 exit) and runs ``server/app.py`` / ``clients/app.py`` through ``flwr run``, with a tiny
 configuration (64 training examples, 2 local steps, sequence length 16, rank 4) because each
 SuperNode starts a fresh ClientApp process, which loads torch and the model, for every message.
@@ -27,7 +27,8 @@ import psutil
 import pytest
 
 from fedlora.checkpoint import load_checkpoint
-from fedlora.fleet import Fleet, FleetError, ManagedProcess
+from fedlora.deploy.fleet import Fleet, FleetError
+from fedlora.deploy.processes import ManagedProcess
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.runfile import RUN_LEDGER_PATH
 

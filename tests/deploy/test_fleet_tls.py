@@ -14,8 +14,9 @@ import httpx
 import psutil
 import pytest
 
-from fedlora import certs
-from fedlora.fleet import Fleet, FleetError, write_connection
+from fedlora.deploy import certs
+from fedlora.deploy.fleet import Fleet, FleetError
+from fedlora.deploy.flwr_cli import write_connection
 
 pytestmark = pytest.mark.slow
 

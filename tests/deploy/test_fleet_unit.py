@@ -9,8 +9,9 @@ import tomllib
 import psutil
 import pytest
 
-from fedlora.fleet import Fleet, FleetError, _config_arg, _last_json, write_connection
-from fedlora.processes import kill_trees
+from fedlora.deploy.fleet import Fleet, FleetError
+from fedlora.deploy.flwr_cli import config_arg, last_json, write_connection
+from fedlora.deploy.processes import kill_trees
 
 
 def test_write_connection_merges_and_sets_default(tmp_path):
@@ -43,9 +44,9 @@ def test_connection_is_readable_by_flower(tmp_path, monkeypatch):
 
 
 def test_config_arg_forms(tmp_path):
-    assert _config_arg(None, tmp_path / "x.toml") is None
-    assert _config_arg("a=1 b='x'", tmp_path / "x.toml") == "a=1 b='x'"
-    path = _config_arg(
+    assert config_arg(None, tmp_path / "x.toml") is None
+    assert config_arg("a=1 b='x'", tmp_path / "x.toml") == "a=1 b='x'"
+    path = config_arg(
         {"partition-id": 1, "data-path": "/d ir/f.csv", "dp-epsilon": 2.5}, tmp_path / "n.toml"
     )
     assert tomllib.loads((tmp_path / "n.toml").read_text()) == {
@@ -67,12 +68,12 @@ def test_nodes_need_a_superlink(tmp_path):
 
 
 def test_last_json_skips_banner():
-    assert _last_json('Using SuperLink: x\n{\n  "success": true, "run-id": "7"\n}\n') == {
+    assert last_json('Using SuperLink: x\n{\n  "success": true, "run-id": "7"\n}\n') == {
         "success": True,
         "run-id": "7",
     }
     with pytest.raises(FleetError, match="Expected JSON"):
-        _last_json("no json here")
+        last_json("no json here")
 
 
 def test_kill_trees_reaches_descendants_in_other_sessions():
