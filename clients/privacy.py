@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from fedlora.config import RunConfig
 from fedlora.privacy.calibrate import calibrate_noise_multiplier, planned_steps
 from fedlora.privacy.calibrate import would_exceed as exceeds_budget
 from fedlora.privacy.dpsgd import PrivateTraining, make_private_lora
-from fedlora.privacy.ledger import LedgerEntry, PrivacyLedger
+from fedlora.privacy.ledger import LedgerEntry, LedgerError, PrivacyLedger
 from fedlora.train import Wrap
 
 log = logging.getLogger(__name__)
@@ -42,29 +42,68 @@ def client_id(node: NodeSettings) -> str:
     return f"client-{node.partition_id}"
 
 
-def _load_ledger(cfg: RunConfig, node: NodeSettings, context: Context, server_copy: str) -> PrivacyLedger:
-    """Return the client's ledger with the most spent of: its state file, context.state, the server's copy.
+def _own_ledger(node: NodeSettings, context: Context) -> PrivacyLedger | None:
+    """Return the union of the client's own copies (state file, run state), or None if it has none.
 
-    A new ledger is started only when none exists. Taking the ledger with the most steps
-    means a restart (of the node, of the ServerApp, of a simulation) continues the
-    accounting and a server cannot make a client forget what it spent.
+    Raises
+    ------
+    LedgerError
+        If an own copy is unreadable or belongs to another client: refusing to train is
+        safer than forgetting what was spent (delete or repair the file to go on).
     """
-    found: list[PrivacyLedger] = []
+    own: list[PrivacyLedger] = []
     if node.state_dir and (Path(node.state_dir) / LEDGER_FILE).is_file():
-        found.append(PrivacyLedger.load(Path(node.state_dir) / LEDGER_FILE))
+        path = Path(node.state_dir) / LEDGER_FILE
+        try:
+            own.append(PrivacyLedger.from_json(path.read_text(encoding="utf-8")))
+        except (LedgerError, OSError) as e:
+            raise LedgerError(
+                f"this node's privacy ledger {path} cannot be read ({e}); it records budget already spent, "
+                "so the client will not train until it is restored (from a backup) or deliberately removed"
+            ) from None
     if STATE_KEY in context.state.config_records:
-        found.append(PrivacyLedger.from_json(str(context.state.config_records[STATE_KEY]["ledger"])))
-    if server_copy:
-        found.append(PrivacyLedger.from_json(server_copy))
-    found = [f for f in found if f.client_id == client_id(node)]
-    if found:
-        return max(found, key=lambda led: (led.total_steps, len(led.entries)))
-    return PrivacyLedger(
+        own.append(PrivacyLedger.from_json(str(context.state.config_records[STATE_KEY]["ledger"])))
+    for led in own:
+        if (led.client_id, led.unit) != (client_id(node), "record"):
+            raise LedgerError(
+                f"this node's own privacy ledger belongs to {led.client_id!r} ({led.unit}), not to "
+                f"{client_id(node)!r}: was state-dir shared between nodes? Give each node its own state-dir"
+            )
+    if not own:
+        return None
+    merged = own[0]
+    for led in own[1:]:
+        merged = merged.union(led)
+    return merged
+
+
+def _load_ledger(cfg: RunConfig, node: NodeSettings, context: Context, server_copy: str) -> PrivacyLedger:
+    """Return the client's ledger: its own copies, plus any entries only the server's copy holds.
+
+    The client's own ledger (state file and ``context.state``) is authoritative for its
+    decisions. The server's copy can only ADD entries (:meth:`PrivacyLedger.union` keyed by
+    ``(run, round)``): it restores spending a client forgot (a simulation restarted without
+    state) and the server's worst-case charges for rounds in flight at a crash, but a forged
+    copy cannot remove, replace or re-weigh what the client recorded itself, so it cannot make
+    a client that should decline train again. A server copy that does not parse, or names
+    another client, is ignored (with a warning).
+    """
+    fresh = PrivacyLedger(
         client_id=client_id(node),
         unit="record",
         delta=cfg.privacy.delta,
         max_grad_norm=cfg.privacy.max_grad_norm,
     )
+    ledger = _own_ledger(node, context) or fresh
+    target = node.dp_epsilon if node.dp_epsilon > 0 else None
+    if ledger.target_epsilon != target:
+        ledger = replace(ledger, target_epsilon=target)
+    if server_copy.strip():
+        try:
+            ledger = ledger.union(PrivacyLedger.from_json(server_copy))
+        except LedgerError as e:
+            log.warning("ignoring the server's copy of the privacy ledger: %s", e)
+    return ledger
 
 
 SIGMA_KEY = "fedlora-dp-sigma"
@@ -99,6 +138,7 @@ class ClientPrivacy:
     sample_rate: float = 0.0
     target_epsilon: float = 0.0
     accountant: str = "prv"
+    run: str = ""
     wrap: Wrap | None = None
     _context: Context | None = None
     _node: NodeSettings | None = None
@@ -135,15 +175,17 @@ class ClientPrivacy:
             sample_rate=q,
             target_epsilon=target,
             accountant=cfg.privacy.accountant,
+            run=str(context.run_id),
             _context=context,
             _node=node,
         )
         if target > 0:
             entry = LedgerEntry(
-                round=max(server_round, (ledger.rounds[-1] + 1) if ledger.rounds else 1),
+                round=ledger.next_round(self.run, max(1, server_round)),
                 noise_multiplier=sigma,
                 sample_rate=q,
                 steps=steps,
+                run=self.run,
             )
             if exceeds_budget(ledger, entry, target, accountant=cfg.privacy.accountant):
                 spent = ledger.epsilon(cfg.privacy.accountant)
@@ -174,8 +216,8 @@ class ClientPrivacy:
         if not self.enabled or self._private is None or self.ledger is None:
             return
         # A round redone after a server restart spends budget again: it gets the next free label.
-        label = max(server_round, (self.ledger.rounds[-1] + 1) if self.ledger.rounds else 1)
-        entry = self._private.ledger_entry(label)
+        label = self.ledger.next_round(self.run, max(1, server_round))
+        entry = replace(self._private.ledger_entry(label), run=self.run)
         self.ledger = self.ledger.append(entry)
         eps = self.ledger.epsilon(self.accountant)
         self._metrics = {

@@ -1,11 +1,21 @@
 """Server-side privacy: client sampling, client-level DP-FedAvg, run ledgers and the report.
 
-Record-level DP (``privacy.mode = "record"``) runs on clients; the server only collects each
-client's ledger from its replies and writes ``privacy/ledger.json`` after every round.
-Client-level DP (``"client"``) runs here: the round's updates are clipped to
-``privacy.clip_norm``, summed, noised with σ·C and divided by the expected number of clients
-(:func:`fedlora.privacy.client_dp.privatize_updates`); the ledger gets one step per round
-with the client sampling rate actually used (fixed-size sampling claims no amplification).
+Record-level DP (``privacy.mode = "record"``) runs on clients; the server keeps a COPY of
+each client's ledger, keyed by the node it received the reply from (its partition as bound
+at setup, never the id a reply claims), grown only by union (:meth:`PrivacyLedger.union`),
+and writes ``privacy/ledger.json`` after every round.
+
+Client-level DP (``"client"``) is :class:`ClientLevelDP`, a wrapper around any strategy that
+declares which tensors it can privatise (``LoraStrategy.dp_tensors``): the round's updates
+are clipped to ``privacy.clip_norm``, summed, noised with σ·C from OS entropy and divided by
+the expected number of clients (:func:`fedlora.privacy.client_dp.privatize_updates`); the
+run ledger gets one step per round, every round, even one without valid updates (the
+sampled Gaussian mechanism releases a noisy, possibly empty, sum every step).
+
+Accounting that never under-counts a crash: before a round's messages leave,
+:meth:`ServerPrivacy.before_dispatch` writes a pending entry for every party that may spend
+budget in it; a resumed run charges every pending entry as a worst-case round
+(:meth:`ServerPrivacy.charge_pending`) unless the party's own ledger later proves otherwise.
 """
 
 from __future__ import annotations
@@ -13,29 +23,70 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import Message
 
-from fedlora.adapters import apply_delta
+from fedlora.adapters import AdapterState, apply_delta, is_lora_a
 from fedlora.config import RunConfig
-from fedlora.privacy.calibrate import calibrate_noise_multiplier
+from fedlora.privacy.calibrate import calibrate_noise_multiplier, planned_steps, would_exceed
 from fedlora.privacy.client_dp import (
+    ClientDPError,
     check_client_sampling,
-    dp_tensor_names,
     expected_clients,
     privatize_updates,
-    require_client_dp,
+    refusal_reason,
     sample_clients,
 )
-from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.ledger import LedgerEntry, LedgerError, PrivacyLedger
 from fedlora.privacy.randomness import entropy_generator, system_random
 from fedlora.privacy.report import write_report
-from fedlora.privacy.runfile import CLIENT_LEVEL_KEY, RunFacts, save_run_ledgers
-from strategies.base import ClientResult, Payload
+from fedlora.privacy.runfile import CLIENT_LEVEL_KEY, RunFacts, load_run_file, save_run_ledgers
+from strategies.base import ClientResult, ClientSpec, LoraStrategy, Payload
 
 log = logging.getLogger(__name__)
+
+
+class PrivacyBudgetExceeded(Exception):
+    """A release would take the run past its ε target.
+
+    Deliberately not a ValueError/RuntimeError: nothing may catch it as an ordinary
+    aggregation failure and carry on.
+    """
+
+
+def client_key(partition_id: int) -> str:
+    """Return the ledger key of the client bound to ``partition_id`` at setup (``client-<id>``)."""
+    return f"client-{int(partition_id)}"
+
+
+def grid_run_id(grid: Any) -> str:
+    """Return the Flower run id of ``grid`` as text (``""`` when the grid has no run, as in unit tests)."""
+    try:
+        return str(grid.run.run_id)
+    except Exception:  # a grid without a run (tests) or an older Flower
+        return ""
+
+
+def privatisable_names(scope: str | None, names: Sequence[str], strategy_name: str = "") -> list[str]:
+    """Return the tensor names a strategy's ``dp_tensors`` declaration lets client-level DP noise.
+
+    Raises
+    ------
+    ClientDPError
+        If the strategy declares nothing (``scope`` None): its release is not a noisy sum.
+    """
+    if scope == "all":
+        return list(names)
+    if scope == "no_lora_a":
+        return [n for n in names if not is_lora_a(n)]
+    raise ClientDPError(
+        f"client-level DP is not supported with strategy {strategy_name!r}: {refusal_reason(strategy_name)}. "
+        "Use fedit or ffa, or record-level DP on the clients instead"
+    )
 
 
 class ServerPrivacy:
@@ -49,23 +100,36 @@ class ServerPrivacy:
         self.ledgers: dict[str, PrivacyLedger] = {}
         self.sigma = p.noise_multiplier
         self.sampling = p.client_sampling if p.mode == "client" else "poisson"
+        self.target = p.epsilon if p.epsilon > 0 else None
         if p.mode == "client":
-            require_client_dp(cfg.federation.strategy)
             check_client_sampling(
                 p.client_sampling, cfg.federation.clients_per_round, cfg.federation.num_clients
             )
-            q = self._client_rate()
             if self.sigma <= 0:
                 self.sigma = calibrate_noise_multiplier(
-                    p.epsilon, p.delta, q, cfg.federation.num_rounds, accountant=p.accountant
+                    p.epsilon,
+                    p.delta,
+                    self._client_rate(),
+                    cfg.federation.num_rounds,
+                    accountant=p.accountant,
                 )
             self.ledgers[CLIENT_LEVEL_KEY] = PrivacyLedger(
-                client_id=CLIENT_LEVEL_KEY, unit="client", delta=p.delta, max_grad_norm=p.clip_norm
+                client_id=CLIENT_LEVEL_KEY,
+                unit="client",
+                delta=p.delta,
+                max_grad_norm=p.clip_norm,
+                target_epsilon=self.target,
             )
         # DP draws come from OS entropy, fresh in every process (so after every resume), and are
         # never checkpointed: the run seed is in every client's run config.
         self.noise = entropy_generator()
         self._sampler = system_random()
+        self.run_id = ""
+        self.round = 0
+        self.pending: list[dict[str, Any]] = []
+        self.resumes: list[dict[str, Any]] = []
+        self._owners: dict[str, int] = {}
+        self._released_round = -1
         self.facts = RunFacts.create(
             p.mode,
             sampling=self.sampling if p.mode != "none" else None,
@@ -74,6 +138,8 @@ class ServerPrivacy:
             delta=p.delta if p.mode != "none" else None,
             strategy=cfg.federation.strategy,
         )
+        if p.mode != "none" and cfg.output.resume:
+            self._resume_from_run_file()
 
     def _client_rate(self) -> float:
         # Calibrate with exactly the q the ledger accounts: fixed-size sampling is only allowed
@@ -81,6 +147,21 @@ class ServerPrivacy:
         if self.cfg.privacy.client_sampling == "poisson":
             return self.cfg.privacy.client_sample_rate
         return 1.0
+
+    # -- strategy wrapping -------------------------------------------------------------------
+
+    def wrap(self, strategy: LoraStrategy) -> LoraStrategy:
+        """Return ``strategy`` wrapped in client-level DP when the run asks for it (else unchanged)."""
+        if self.mode != "client":
+            return strategy
+        return ClientLevelDP(strategy, self)
+
+    @property
+    def releases_every_round(self) -> bool:
+        """True in client mode: a round is released (and charged) whatever the number of valid updates."""
+        return self.mode == "client"
+
+    # -- sampling and dispatch ---------------------------------------------------------------
 
     def sample_clients(self, nodes: Sequence[int], k: int, rng: random.Random) -> list[int]:
         """Return the nodes that train this round.
@@ -99,49 +180,120 @@ class ServerPrivacy:
             return list(nodes)
         return sorted(rng.sample(list(nodes), k))
 
+    def budget_stop(self, rnd: int) -> str | None:
+        """Return why the run must stop before round ``rnd`` (client mode, budget spent), else None."""
+        if self.mode != "client" or self.target is None:
+            return None
+        ledger = self.ledgers[CLIENT_LEVEL_KEY]
+        label = ledger.next_round(self.run_id, rnd)
+        entry = LedgerEntry(label, self.sigma, self._client_rate(), 1, self.sampling, self.run_id)
+        if not would_exceed(ledger, entry, self.target, self.cfg.privacy.accountant):
+            return None
+        spent = ledger.epsilon(self.cfg.privacy.accountant)
+        return (
+            f"stopping before round {rnd}: one more client-level DP release would take ε from "
+            f"{spent:.3f} past the target {self.target:g} (δ={self.cfg.privacy.delta:g}, "
+            f"{self.cfg.privacy.accountant}); the global adapter of the last completed round is exported. "
+            "Raise privacy.epsilon or plan fewer rounds"
+        )
+
+    def before_dispatch(self, rnd: int, nodes: Mapping[int, tuple[int, int]], run_id: str = "") -> None:
+        """Persist a pending entry for every party that may spend budget in round ``rnd``.
+
+        Call it before the round's messages leave. ``nodes`` maps each node sent to onto
+        ``(partition id, example count)`` from its setup reply; ``run_id`` is Flower's run id
+        (:func:`grid_run_id`), the ``run`` of every entry spent in this run.
+        """
+        self.run_id, self.round = run_id, rnd
+        if self.mode == "none":
+            return
+        if self.mode == "client":
+            self.pending = [{"key": CLIENT_LEVEL_KEY, "run": run_id, "round": rnd}]
+        else:
+            self.pending = [
+                {"key": client_key(pid), "run": run_id, "round": rnd, "num_examples": int(n)}
+                for pid, n in (nodes[node] for node in sorted(nodes))
+            ]
+        self._save()
+
     def client_conf(self, partition_id: int) -> dict[str, str]:
         """Round-config entries for one client: the server's copy of its ledger (record-level DP).
 
-        A client whose own state was lost (a restarted simulation) continues from this copy;
-        a client keeps whichever ledger has spent more, so the server cannot lower its ε.
+        A client whose own state was lost (a restarted simulation) gets back what it spent, and
+        the server's worst-case charges, from this copy; a client only ever ADDS entries from it.
         """
-        ledger = self.ledgers.get(f"client-{partition_id}")
+        ledger = self.ledgers.get(client_key(partition_id))
         return {"privacy-ledger": ledger.to_json()} if self.mode == "record" and ledger is not None else {}
 
     def observe_reply(self, node: int, partition_id: int, reply: Message) -> None:
-        """Keep the client's latest privacy ledger (record-level DP)."""
+        """Merge the client's ledger from ``reply`` into the server's copy (record-level DP).
+
+        The copy is keyed by the partition the server bound ``node`` to at setup, and it only
+        grows (union keyed by ``(run, round)``), so one client cannot overwrite another's ledger
+        nor lower its own recorded spending.
+
+        Raises
+        ------
+        LedgerError
+            (a ``ValueError``) when the ledger does not parse, names another client, or the
+            partition is already bound to another node: the reply must be rejected.
+        """
         if self.mode != "record" or "privacy" not in reply.content.config_records:
             return
         text = str(reply.content["privacy"].get("ledger", "{}"))
         if text.strip() in ("", "{}"):
             return
+        key = client_key(partition_id)
+        owner = self._owners.setdefault(key, node)
+        if owner != node:
+            raise LedgerError(
+                f"node {node} replied for {key!r}, which node {owner} holds in this run; two nodes claim "
+                "the same partition-id (give every SuperNode its own)"
+            )
         ledger = PrivacyLedger.from_json(text)
-        self.ledgers[ledger.client_id] = ledger
+        if (ledger.client_id, ledger.unit) != (key, "record"):
+            raise LedgerError(
+                f"node {node} (bound to {key!r}) sent the {ledger.unit} ledger of {ledger.client_id!r}; "
+                "a node may only report its own record-level ledger"
+            )
+        old = self.ledgers.get(key)
+        self.ledgers[key] = ledger if old is None else ledger.union(old)
 
-    def process_updates(
-        self, results: list[ClientResult], payloads: Mapping[int, Payload], rnd: int
-    ) -> list[ClientResult]:
-        """Apply client-level DP to the round's results (identity in other modes).
+    # -- client-level DP release -------------------------------------------------------------
 
-        Returns one result holding ``payload + noisy mean update`` with weight 1: the strategy's
-        average of it is the DP-FedAvg release itself.
+    def release(self, updates: Sequence[Mapping[str, torch.Tensor]], template: AdapterState) -> AdapterState:
+        """Clip, sum and noise ``updates`` (one DP-FedAvg step); charge it once per round.
+
+        Raises
+        ------
+        PrivacyBudgetExceeded
+            If the step would take the run past its target (the loop checks
+            :meth:`budget_stop` first, so this is a last line of defence).
         """
-        if self.mode != "client":
-            return results
-        first = payloads[results[0].spec.node_id]
-        names = dp_tensor_names(self.cfg.federation.strategy, list(first.adapter))
-        updates = [{k: r.state[k] - payloads[r.spec.node_id].adapter[k] for k in names} for r in results]
-        m = expected_clients(
-            len(payloads) if self.sampling == "fixed" else self.cfg.federation.num_clients,
-            self._client_rate() if self.sampling == "poisson" else 1.0,
+        ledger = self.ledgers[CLIENT_LEVEL_KEY]
+        rnd = self.round or ledger.next_round(self.run_id, 1)
+        entry = LedgerEntry(
+            ledger.next_round(self.run_id, rnd),
+            self.sigma,
+            self._client_rate(),
+            1,
             self.sampling,
+            self.run_id,
         )
+        charge = self._released_round != rnd
+        if (
+            charge
+            and self.target is not None
+            and would_exceed(ledger, entry, self.target, self.cfg.privacy.accountant)
+        ):
+            raise PrivacyBudgetExceeded(self.budget_stop(rnd) or f"round {rnd} would exceed the ε target")
+        m = expected_clients(self.cfg.federation.num_clients, self._client_rate(), self.sampling)
         noisy, norms = privatize_updates(
             updates,
             clip_norm=self.cfg.privacy.clip_norm,
             noise_multiplier=self.sigma,
             expected_clients=m,
-            template=updates[0],
+            template=template,
             generator=self.noise,
         )
         log.info(
@@ -150,17 +302,20 @@ class ServerPrivacy:
             len(updates),
             [round(n, 4) for n in norms],
         )
-        ledger = self.ledgers[CLIENT_LEVEL_KEY]
-        self.ledgers[CLIENT_LEVEL_KEY] = ledger.record(
-            rnd, self.sigma, self._client_rate(), 1, sampling=self.sampling
-        )
-        return [ClientResult(spec=results[0].spec, num_examples=1, state=apply_delta(first.adapter, noisy))]
+        if charge:  # a re-aggregation of the same round (leaving an offender out) is not a second release
+            self.ledgers[CLIENT_LEVEL_KEY] = ledger.append(entry)
+            self._released_round = rnd
+        return noisy
+
+    # -- rounds, checkpoints, resume ---------------------------------------------------------
 
     def round_summary(self, rnd: int) -> dict[str, Any]:
-        """Privacy numbers for the round's metrics line; also rewrites the run ledger file."""
+        """Privacy numbers for the round's metrics line; closes the round's pending entries and saves."""
         if self.mode == "none":
             return {}
-        save_run_ledgers(self.run_dir, self.ledgers, self.facts)
+        if rnd == self.round:
+            self.pending = []
+        self._save()
         eps = {
             cid: ledger.epsilon(self.cfg.privacy.accountant)
             for cid, ledger in self.ledgers.items()
@@ -173,11 +328,150 @@ class ServerPrivacy:
         return {"ledgers": {cid: ledger.to_json() for cid, ledger in self.ledgers.items()}}
 
     def load_state_dict(self, data: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        # A checkpoint of an older version may hold "noise_rng": it is ignored on purpose.
-        self.ledgers = {cid: PrivacyLedger.from_json(text) for cid, text in data.get("ledgers", {}).items()}
+        """Merge the checkpoint's ledgers into the ones already loaded (a union: nothing is forgotten).
+
+        A checkpoint of an older version may hold ``"noise_rng"``: it is ignored on purpose.
+        """
+        for text in data.get("ledgers", {}).values():
+            self._merge(PrivacyLedger.from_json(text))
+
+    def _merge(self, ledger: PrivacyLedger) -> None:
+        old = self.ledgers.get(ledger.client_id)
+        self.ledgers[ledger.client_id] = ledger if old is None else old.union(ledger)
+
+    def _resume_from_run_file(self) -> None:
+        """Union the run file's ledgers in, charge its pending rounds, and count the resume."""
+        doc = load_run_file(self.run_dir)
+        if not doc:
+            return
+        for data in doc.get("ledgers", {}).values():
+            self._merge(PrivacyLedger.from_dict(data))
+        self.resumes = list(doc.get("resumes", []))
+        charged = self.charge_pending(doc.get("pending", []))
+        last = max((e.round for led in self.ledgers.values() for e in led.entries), default=0)
+        self.resumes.append({"after_round": last, "charged": charged})
+        if charged:
+            print(
+                f"privacy: charged {charged} worst-case round(s) that were in flight when the run stopped",
+                flush=True,
+            )
+        self._save()
+
+    def charge_pending(self, pending: Sequence[Mapping[str, Any]]) -> int:
+        """Charge every pending entry as a worst-case round unless its ledger already holds the key.
+
+        Record level: the client's last recorded round (σ, q, steps), or, for a client with no
+        record yet, the σ, q and planned steps it calibrates from the run config. Client level:
+        one release. Returns how many entries were charged.
+        """
+        charged = 0
+        for item in pending:
+            key, run, rnd = str(item["key"]), str(item.get("run", "")), int(item["round"])
+            ledger = self.ledgers.get(key) or self._new_ledger(key)
+            if any(e.key == (run, rnd) for e in ledger.entries):
+                continue  # the party's own record of the round is already here
+            entry = self._worst_case(ledger, run, rnd, int(item.get("num_examples", 0)))
+            self.ledgers[key] = ledger.union(replace(ledger, entries=(entry,)))
+            charged += 1
+        return charged
+
+    def _new_ledger(self, key: str) -> PrivacyLedger:
+        p = self.cfg.privacy
+        unit = "client" if key == CLIENT_LEVEL_KEY else "record"
+        clip = p.clip_norm if unit == "client" else p.max_grad_norm
+        return PrivacyLedger(key, unit, p.delta, clip, target_epsilon=self.target)  # type: ignore[arg-type]
+
+    def _worst_case(self, ledger: PrivacyLedger, run: str, rnd: int, num_examples: int) -> LedgerEntry:
+        if ledger.unit == "client":
+            return LedgerEntry(rnd, self.sigma, self._client_rate(), 1, self.sampling, run, pending=True)
+        done = [e for e in ledger.entries if not e.pending]
+        if done:
+            last = done[-1]
+            return LedgerEntry(
+                rnd, last.noise_multiplier, last.sample_rate, last.steps, last.sampling, run, True
+            )
+        from fedlora.train import planned_steps as local_steps  # heavy import, only on this path
+
+        p, t = self.cfg.privacy, self.cfg.train
+        q = 1.0 / max(1, -(-max(1, num_examples) // t.batch_size))
+        steps = local_steps(max(1, num_examples), t)
+        sigma = p.noise_multiplier
+        if sigma <= 0:
+            total = planned_steps(self.cfg.federation.num_rounds, steps)
+            sigma = calibrate_noise_multiplier(p.epsilon, p.delta, q, total, accountant=p.accountant)
+        return LedgerEntry(rnd, sigma, q, steps, "poisson", run, pending=True)
+
+    def _save(self) -> None:
+        if self.mode == "none":
+            return
+        save_run_ledgers(self.run_dir, self.ledgers, self.facts, pending=self.pending, resumes=self.resumes)
 
     def write_report(self) -> dict[str, Path]:
         """Write the run's privacy ledger file and Markdown/HTML/JSON report."""
-        save_run_ledgers(self.run_dir, self.ledgers, self.facts)
+        if self.mode != "none":
+            self._save()
+        else:
+            save_run_ledgers(self.run_dir, self.ledgers, self.facts)
         return write_report(self.run_dir)
+
+
+class ClientLevelDP(LoraStrategy):
+    """DP-FedAvg (McMahan et al. 2018) around any strategy that declares ``dp_tensors``.
+
+    As Flower's DP strategy wrappers do, the wrapper owns clipping, noise and accounting, and
+    the inner strategy only sees one result: its payload plus the noisy mean update (weight
+    1), so its own average of it is the release itself. Strategies whose release is not a
+    linear average of the factor updates declare ``dp_tensors = None`` and are refused.
+    """
+
+    def __init__(self, inner: LoraStrategy, privacy: ServerPrivacy) -> None:
+        self.inner = inner
+        self.privacy = privacy
+        self.name = inner.name  # type: ignore[misc]
+        self._spec: ClientSpec | None = None
+        privatisable_names(getattr(inner, "dp_tensors", None), [], inner.name)  # refuse early
+
+    def init_state(self, template: AdapterState, clients: Sequence[ClientSpec]) -> AdapterState:
+        """Delegate to the inner strategy (remembering a client shape for noise-only rounds)."""
+        if clients:
+            self._spec = clients[0]
+        return self.inner.init_state(template, clients)
+
+    def payload(self, state: AdapterState, client: ClientSpec) -> Payload:
+        """Delegate to the inner strategy."""
+        self._spec = client
+        return self.inner.payload(state, client)
+
+    def aggregate(self, state: AdapterState, results: Sequence[ClientResult]) -> AdapterState:
+        """Release the noisy mean of the clipped updates (possibly none); the inner strategy applies it."""
+        spec = results[0].spec if results else self._spec or self._default_spec()
+        base = self.inner.payload(state, spec).adapter
+        names = privatisable_names(getattr(self.inner, "dp_tensors", None), list(base), self.inner.name)
+        updates = []
+        for r in results:
+            sent = self.inner.payload(state, r.spec).adapter
+            updates.append({k: r.state[k] - sent[k] for k in names})
+        noisy = self.privacy.release(updates, {k: base[k] for k in names})
+        return self.inner.aggregate(
+            state, [ClientResult(spec=spec, num_examples=1, state=apply_delta(base, noisy))]
+        )
+
+    def _default_spec(self) -> ClientSpec:
+        rank = self.privacy.cfg.max_rank()
+        return ClientSpec(node_id=0, rank=rank, alpha=self.privacy.cfg.lora.alpha_for(rank))
+
+    def final_adapter(self, state: AdapterState, client: ClientSpec) -> AdapterState:
+        """Delegate to the inner strategy."""
+        return self.inner.final_adapter(state, client)
+
+    def final_merge(self, state: AdapterState) -> AdapterState | None:
+        """Delegate to the inner strategy."""
+        return self.inner.final_merge(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Delegate to the inner strategy (the privacy state is checkpointed by the loop)."""
+        return self.inner.state_dict()
+
+    def load_state_dict(self, data: Mapping[str, Any]) -> None:
+        """Delegate to the inner strategy."""
+        self.inner.load_state_dict(data)

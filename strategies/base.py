@@ -84,6 +84,10 @@ class LoraStrategy(ABC):
     """Base class of every aggregation method (see module docstring)."""
 
     name: ClassVar[str]
+    dp_tensors: ClassVar[str | None] = None
+    """Which tensors client-level DP-FedAvg may clip and noise (``server.privacy.ClientLevelDP``):
+    ``"all"``, ``"no_lora_a"`` (A frozen and shared), or None when the method's release is not a
+    linear average of the clients' factor updates (client-level DP is then refused)."""
 
     def init_state(self, template: AdapterState, clients: Sequence[ClientSpec]) -> AdapterState:
         """Return the initial global state from a freshly initialised adapter ``template``.

@@ -153,6 +153,7 @@ class LoraFAIR(FedIT):
     """
 
     name = "fair"
+    dp_tensors = None  # fits B to the clients' individual products: not a noisy sum
 
     def __init__(self, *, lam: float = 0.01, steps: int = 100, lr: float = 1e-3) -> None:
         self.lam = float(check_number("lam", lam, minimum=0.0))

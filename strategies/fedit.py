@@ -46,6 +46,7 @@ class FedIT(LoraStrategy):
     """FedAvg of A and B separately; every client at one rank and scale."""
 
     name = "fedit"
+    dp_tensors = "all"  # A, B and head averaged coordinate-wise: linear in the updates
 
     def init_state(self, template: AdapterState, clients: Sequence[ClientSpec]) -> AdapterState:
         """Check all clients share one rank/scale and keep ``template`` as the global state."""

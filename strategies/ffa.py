@@ -66,6 +66,7 @@ class FFALoRA(LoraStrategy):
     """Frozen shared A, FedAvg of B and head (exact for the LoRA product)."""
 
     name = "ffa"
+    dp_tensors = "no_lora_a"  # B and head averaged linearly; A frozen at its shared seed
 
     def init_state(self, template: AdapterState, clients: Sequence[ClientSpec]) -> AdapterState:
         """Keep ``template``: its seeded random ``A`` becomes the frozen shared factor.

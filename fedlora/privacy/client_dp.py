@@ -66,6 +66,15 @@ def supports_client_dp(strategy_name: str) -> bool:
     return strategy_name.lower() in _DP_SCOPE
 
 
+def refusal_reason(strategy_name: str) -> str:
+    """Return why client-level DP-FedAvg is unsound for ``strategy_name`` (a generic reason if unknown)."""
+    return _REFUSED.get(
+        strategy_name.lower(),
+        "it does not declare which of its tensors a noisy sum of clipped updates may privatise "
+        "(LoraStrategy.dp_tensors)",
+    )
+
+
 def require_client_dp(strategy_name: str) -> None:
     """Raise :class:`ClientDPError` explaining why ``strategy_name`` cannot run client-level DP."""
     name = strategy_name.lower()

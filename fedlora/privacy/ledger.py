@@ -20,6 +20,13 @@ accounted with ``q = 1`` (:attr:`LedgerEntry.accounted_sample_rate`).
 
 Ledgers are immutable; :meth:`PrivacyLedger.append` returns a new one. ``to_dict`` /
 ``from_dict`` give a JSON form; :meth:`PrivacyLedger.save` writes it atomically.
+
+Entries are keyed by ``(run, round)``: ``run`` is the Flower run id under which the round
+was spent. Copies of one party's ledger (its own file, its run state, the server's copy,
+the checkpoint) are combined with :meth:`PrivacyLedger.union`, never by picking one: a
+union can only add spending, so no copy can make a party forget what it spent. An entry
+marked ``pending`` is the server's worst-case charge for a round that was in flight at a
+crash; the party's own entry for the same key replaces it.
 """
 
 from __future__ import annotations
@@ -63,6 +70,11 @@ class LedgerEntry:
         Number of noisy steps (optimizer steps, or 1 for a server aggregation).
     sampling
         ``"poisson"`` (amplification by subsampling applies) or ``"fixed"`` (it does not).
+    run
+        The run the round belongs to (Flower's run id as text; ``""`` in older ledgers).
+    pending
+        True for a worst-case charge the server made for a round in flight at a crash,
+        not (yet) confirmed by the party itself.
     """
 
     round: int
@@ -70,6 +82,8 @@ class LedgerEntry:
     sample_rate: float
     steps: int
     sampling: Sampling = "poisson"
+    run: str = ""
+    pending: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.round, bool) or int(self.round) != self.round or self.round < 0:
@@ -80,6 +94,13 @@ class LedgerEntry:
             raise LedgerError(f"round {self.round}: {e}") from None
         if self.sampling not in SAMPLINGS:
             raise LedgerError(f"sampling={self.sampling!r} must be one of {list(SAMPLINGS)}")
+        if not isinstance(self.run, str):
+            raise LedgerError(f"run={self.run!r} must be a string (the run id)")
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """``(run, round)``: what identifies one spending of budget across ledger copies."""
+        return (self.run, int(self.round))
 
     @property
     def accounted_sample_rate(self) -> float:
@@ -91,28 +112,40 @@ class LedgerEntry:
         return float(self.noise_multiplier), self.accounted_sample_rate, int(self.steps)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-ready dict."""
-        return {
+        """Return a JSON-ready dict (``run`` and ``pending`` only when set, as older ledgers read)."""
+        out: dict[str, Any] = {
             "round": int(self.round),
             "noise_multiplier": float(self.noise_multiplier),
             "sample_rate": float(self.sample_rate),
             "steps": int(self.steps),
             "sampling": self.sampling,
         }
+        if self.run:
+            out["run"] = self.run
+        if self.pending:
+            out["pending"] = True
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LedgerEntry:
         """Inverse of :meth:`to_dict`."""
+        if not isinstance(data, Mapping):
+            raise LedgerError(f"ledger entry must be an object, got {type(data).__name__}")
         missing = {"round", "noise_multiplier", "sample_rate", "steps"} - set(data)
         if missing:
             raise LedgerError(f"ledger entry {dict(data)!r} lacks {sorted(missing)}")
-        return cls(
-            round=int(data["round"]),
-            noise_multiplier=float(data["noise_multiplier"]),
-            sample_rate=float(data["sample_rate"]),
-            steps=int(data["steps"]),
-            sampling=data.get("sampling", "poisson"),
-        )
+        try:
+            return cls(
+                round=int(data["round"]),
+                noise_multiplier=float(data["noise_multiplier"]),
+                sample_rate=float(data["sample_rate"]),
+                steps=int(data["steps"]),
+                sampling=data.get("sampling", "poisson"),
+                run=str(data.get("run", "")),
+                pending=bool(data.get("pending", False)),
+            )
+        except (TypeError, ValueError, OverflowError) as e:
+            raise LedgerError(f"ledger entry {dict(data)!r} is invalid: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -130,7 +163,9 @@ class PrivacyLedger:
     max_grad_norm
         C: the L2 clipping norm of one unit's contribution.
     entries
-        Rounds in increasing order.
+        Rounds in increasing order within each run; ``(run, round)`` keys are unique.
+    target_epsilon
+        The party's own ε budget (e.g. a node's ``dp-epsilon``), or None when it has none.
     """
 
     client_id: str
@@ -138,6 +173,7 @@ class PrivacyLedger:
     delta: float
     max_grad_norm: float
     entries: tuple[LedgerEntry, ...] = field(default_factory=tuple)
+    target_epsilon: float | None = None
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -148,14 +184,22 @@ class PrivacyLedger:
             raise LedgerError(str(e)) from None
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise LedgerError(f"max_grad_norm={self.max_grad_norm!r} must be a finite number > 0")
+        if self.target_epsilon is not None and not (
+            math.isfinite(self.target_epsilon) and self.target_epsilon > 0
+        ):
+            raise LedgerError(f"target_epsilon={self.target_epsilon!r} must be a finite number > 0 or None")
         object.__setattr__(self, "entries", tuple(self.entries))
-        rounds = [e.round for e in self.entries]
-        for prev, cur in itertools.pairwise(rounds):
-            if cur <= prev:
-                raise LedgerError(
-                    f"ledger of {self.client_id!r}: round {cur} follows round {prev}; rounds must strictly "
-                    "increase (record each round once, after its update is released)"
-                )
+        by_run: dict[str, list[int]] = {}
+        for e in self.entries:
+            by_run.setdefault(e.run, []).append(e.round)
+        for run, rounds in by_run.items():
+            for prev, cur in itertools.pairwise(rounds):
+                if cur <= prev:
+                    raise LedgerError(
+                        f"ledger of {self.client_id!r}: round {cur} follows round {prev} in run {run!r}; "
+                        "rounds must strictly increase within a run (record each round once, after its "
+                        "update is released)"
+                    )
 
     def append(self, entry: LedgerEntry) -> PrivacyLedger:
         """Return a new ledger with ``entry`` added at the end.
@@ -174,9 +218,52 @@ class PrivacyLedger:
         sample_rate: float,
         steps: int,
         sampling: Sampling = "poisson",
+        run: str = "",
     ) -> PrivacyLedger:
-        """Shorthand for ``append(LedgerEntry(round, noise_multiplier, sample_rate, steps, sampling))``."""
-        return self.append(LedgerEntry(round, noise_multiplier, sample_rate, steps, sampling))
+        """Shorthand for ``append(LedgerEntry(round, σ, q, steps, sampling, run))``."""
+        return self.append(LedgerEntry(round, noise_multiplier, sample_rate, steps, sampling, run))
+
+    def next_round(self, run: str, wanted: int) -> int:
+        """Return the label for a new entry of ``run``: ``wanted``, or one past the run's last round.
+
+        A round redone (after a restart) spends budget again, so it gets the next free label.
+        """
+        done = [e.round for e in self.entries if e.run == run]
+        return max(int(wanted), done[-1] + 1) if done else int(wanted)
+
+    def union(self, other: PrivacyLedger) -> PrivacyLedger:
+        """Return this ledger plus every entry of ``other`` whose ``(run, round)`` it lacks.
+
+        ``self`` is authoritative: on a key both hold, its entry is kept, unless it is a
+        pending worst-case charge and ``other``'s is a confirmed entry. Metadata (id, δ, C,
+        target) are ``self``'s. The union can only add spending: ε never decreases.
+
+        Raises
+        ------
+        LedgerError
+            If ``other`` belongs to another party or unit.
+        """
+        if (other.client_id, other.unit) != (self.client_id, self.unit):
+            raise LedgerError(
+                f"cannot merge the {other.unit} ledger of {other.client_id!r} into the {self.unit} ledger of "
+                f"{self.client_id!r}"
+            )
+        merged = {e.key: e for e in self.entries}
+        order = list(merged)
+        for e in other.entries:
+            if e.key not in merged:
+                merged[e.key] = e
+                order.append(e.key)
+            elif merged[e.key].pending and not e.pending:
+                merged[e.key] = e
+        runs = list(dict.fromkeys(run for run, _ in order))
+        keys = sorted(order, key=lambda k: (runs.index(k[0]), k[1]))
+        return replace(self, entries=tuple(merged[k] for k in keys))
+
+    @property
+    def pending_rounds(self) -> list[tuple[str, int]]:
+        """``(run, round)`` of the worst-case charges not confirmed by the party."""
+        return [e.key for e in self.entries if e.pending]
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
@@ -218,6 +305,7 @@ class PrivacyLedger:
             "delta": float(self.delta),
             "max_grad_norm": float(self.max_grad_norm),
             "entries": [e.to_dict() for e in self.entries],
+            **({} if self.target_epsilon is None else {"target_epsilon": float(self.target_epsilon)}),
         }
 
     @classmethod
@@ -229,6 +317,8 @@ class PrivacyLedger:
         LedgerError
             If the format tag is foreign or a field is missing or invalid.
         """
+        if not isinstance(data, Mapping):
+            raise LedgerError(f"a ledger must be a JSON object, got {type(data).__name__}")
         fmt = data.get("format", LEDGER_FORMAT)
         if fmt != LEDGER_FORMAT:
             raise LedgerError(
@@ -237,13 +327,23 @@ class PrivacyLedger:
         missing = {"client_id", "unit", "delta", "max_grad_norm"} - set(data)
         if missing:
             raise LedgerError(f"ledger dict lacks {sorted(missing)}")
-        return cls(
-            client_id=str(data["client_id"]),
-            unit=data["unit"],
-            delta=float(data["delta"]),
-            max_grad_norm=float(data["max_grad_norm"]),
-            entries=tuple(LedgerEntry.from_dict(e) for e in data.get("entries", [])),
-        )
+        entries = data.get("entries", [])
+        if not isinstance(entries, list):
+            raise LedgerError(f"ledger entries must be a list, got {type(entries).__name__}")
+        target = data.get("target_epsilon")
+        try:
+            return cls(
+                client_id=str(data["client_id"]),
+                unit=data["unit"],
+                delta=float(data["delta"]),
+                max_grad_norm=float(data["max_grad_norm"]),
+                entries=tuple(LedgerEntry.from_dict(e) for e in entries),
+                target_epsilon=None if target is None else float(target),
+            )
+        except (TypeError, ValueError, OverflowError) as e:
+            if isinstance(e, LedgerError):
+                raise
+            raise LedgerError(f"ledger of {data.get('client_id')!r} is invalid: {e}") from None
 
     def to_json(self) -> str:
         """Return the ledger as a JSON string (e.g. for Flower's ``context.state``)."""
@@ -251,8 +351,18 @@ class PrivacyLedger:
 
     @classmethod
     def from_json(cls, text: str) -> PrivacyLedger:
-        """Inverse of :meth:`to_json`."""
-        return cls.from_dict(json.loads(text))
+        """Inverse of :meth:`to_json`.
+
+        Raises
+        ------
+        LedgerError
+            If ``text`` is not JSON or not a valid ledger (never another exception type).
+        """
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as e:
+            raise LedgerError(f"ledger is not valid JSON: {e}") from None
+        return cls.from_dict(data)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the ledger to ``path`` atomically and return the path."""

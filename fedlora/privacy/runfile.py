@@ -19,8 +19,15 @@ every round, read by :func:`fedlora.privacy.report.write_report`::
         "secure_rng_reason": "...",
         "library_versions": {"opacus": "1.6.0", "torch": "...", ...}
       },
-      "ledgers": {"<client id>": PrivacyLedger.to_dict(), ...}
+      "ledgers": {"<client id>": PrivacyLedger.to_dict(), ...},
+      "pending": [{"key": "client-0", "run": "17", "round": 3, "num_examples": 120}, ...],
+      "resumes": [{"after_round": 2, "charged": 4}, ...]
     }
+
+``pending`` lists the rounds the server has dispatched and not yet closed: written BEFORE
+the training messages leave, so a crash mid-round leaves a record of every party that may
+have spent budget; a resumed run charges each as a worst-case entry (see
+``server/privacy.py``). ``resumes`` counts how often the run was resumed; the report shows it.
 
 For client-level DP there is one ledger, under :data:`CLIENT_LEVEL_KEY`: the guarantee
 of DP-FedAvg (McMahan et al. 2018) holds for every client alike.
@@ -154,6 +161,9 @@ def save_run_ledgers(
     run_dir: str | os.PathLike[str],
     ledgers: Mapping[str, PrivacyLedger],
     facts: RunFacts | Mapping[str, Any],
+    *,
+    pending: list[dict[str, Any]] | None = None,
+    resumes: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write every client's ledger and the run facts to ``<run_dir>/privacy/ledger.json`` atomically.
 
@@ -166,6 +176,8 @@ def save_run_ledgers(
         empty (mode ``"none"``).
     facts
         A :class:`RunFacts` or a dict accepted by :meth:`RunFacts.from_dict`.
+    pending, resumes
+        Rounds dispatched and not yet closed, and the run's resumes (module docstring).
 
     Raises
     ------
@@ -187,8 +199,30 @@ def save_run_ledgers(
         "format": RUN_FORMAT,
         "facts": run_facts.to_dict(),
         "ledgers": {k: ledgers[k].to_dict() for k in sorted(ledgers)},
+        "pending": list(pending or []),
+        "resumes": list(resumes or []),
     }
     return write_json_atomic(ledger_path(run_dir), doc)
+
+
+def load_run_file(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the raw ``privacy/ledger.json`` document (``{}`` when the run wrote none).
+
+    Raises
+    ------
+    LedgerError
+        If the file exists but is not a fedlora privacy-run document.
+    """
+    path = ledger_path(run_dir)
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise LedgerError(f"{path} is not valid JSON ({e}); restore it from a backup") from None
+    if not isinstance(doc, dict) or doc.get("format") != RUN_FORMAT:
+        raise LedgerError(f"{path} is not a {RUN_FORMAT!r} document")
+    return doc
 
 
 def load_run_ledgers(run_dir: str | os.PathLike[str]) -> tuple[dict[str, PrivacyLedger], RunFacts]:

@@ -17,13 +17,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import ConfigRecord, Context, RecordDict
 from privacy_models import tiny_peft_bert, token_loader
 
+from clients.node import node_settings
+from clients.privacy import ClientPrivacy
 from fedlora.config import RunConfig, with_overrides
 from fedlora.privacy.client_dp import ClientDPError
 from fedlora.privacy.dpsgd import make_private_lora
+from fedlora.privacy.ledger import LedgerError, PrivacyLedger
 from server.privacy import ServerPrivacy
-from strategies.base import ClientResult, ClientSpec, Payload
+from strategies.base import ClientResult, ClientSpec
+from strategies.registry import create
 
 NAME = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"
 SHAPE = (64, 64)  # 4096 noise coordinates: the residual's variance is estimated to a few percent
@@ -42,16 +47,15 @@ def client_cfg(**over) -> RunConfig:
     return with_overrides(RunConfig(), {**base, **over})
 
 
-def release(priv: ServerPrivacy, updates: list[torch.Tensor], rnd: int = 1) -> torch.Tensor:
-    """One client-level DP release of ``updates`` (one tensor each); return the noisy mean update."""
-    zero = {NAME: torch.zeros(SHAPE)}
-    payloads = {i: Payload(adapter=zero) for i in range(len(updates))}
+def release(priv: ServerPrivacy, updates: list[torch.Tensor]) -> torch.Tensor:
+    """One client-level DP round of FedIT wrapped by the server's DP; return the released mean update."""
+    strategy = priv.wrap(create("fedit"))
+    state = {NAME: torch.zeros(SHAPE)}
     results = [
         ClientResult(spec=ClientSpec(i, 4, 8.0), num_examples=1, state={NAME: u})
         for i, u in enumerate(updates)
     ]
-    out = priv.process_updates(results, payloads, rnd)
-    return out[0].state[NAME]
+    return strategy.aggregate(state, results)[NAME] - state[NAME]
 
 
 def known_seed_noise(seed: int, checkpoint: dict) -> list[torch.Tensor]:
@@ -144,3 +148,72 @@ def test_server_cannot_rebuild_poisson_batches_or_dpsgd_noise_from_the_seed_it_s
     assert float(noise1.abs().max()) > 0 and float(noise2.abs().max()) > 0
     assert batches1 != batches2, "Poisson batches follow the seed the server knows"
     assert not torch.allclose(noise1, noise2), "DP-SGD noise follows a seed the server knows"
+
+
+# -- ledgers nobody else can rewrite ---------------------------------------------------------------
+
+
+def record_cfg(**over) -> RunConfig:
+    base = {
+        "privacy.mode": "record",
+        "privacy.noise_multiplier": 1.0,
+        "privacy.accountant": "rdp",
+        "federation.num_clients": 2,
+        "train.batch_size": 8,
+    }
+    return with_overrides(RunConfig(), {**base, **over})
+
+
+def node_context(state_dir: Path, pid: int = 0) -> tuple[Context, dict]:
+    node_config = {"partition-id": pid, "num-partitions": 2, "state-dir": str(state_dir)}
+    return Context(
+        run_id=7, node_id=10 + pid, node_config=node_config, state=RecordDict(), run_config={}
+    ), node_config
+
+
+def test_a_forged_server_copy_cannot_make_a_declining_client_train(tmp_path: Path):
+    own = PrivacyLedger("client-0", "record", 1e-5, 1.0).record(1, 1.0, 0.2, 50).record(2, 1.0, 0.2, 50)
+    own.save(tmp_path / "privacy_ledger.json")  # the node's own file, as a SuperNode with state-dir keeps it
+    nxt = own.record(3, 1.0, 0.2, 50)
+    target = (own.epsilon("rdp") + nxt.epsilon("rdp")) / 2  # the client must decline round 3
+    cfg = record_cfg(**{"privacy.epsilon": target})
+    context, node_config = node_context(tmp_path)
+    node = node_settings(cfg, node_config)
+    honest = ClientPrivacy.for_round(cfg, node, context, 40, 50, server_round=3)
+    assert honest.declined
+    # The server sends a "copy" with more steps, all at huge σ: ε near 0 if the client believed it.
+    forged = PrivacyLedger("client-0", "record", 1e-5, 1.0)
+    for r in range(1, 11):
+        forged = forged.record(r, 1000.0, 0.2, 500)
+    fooled = ClientPrivacy.for_round(cfg, node, context, 40, 50, server_round=3, server_copy=forged.to_json())
+    assert fooled.declined, "a forged server copy made a client train past its budget"
+    assert fooled.ledger is not None and fooled.ledger.epsilon("rdp") >= own.epsilon("rdp")
+
+
+class Reply:
+    """What the server's observe_reply reads of a reply message: its content records."""
+
+    def __init__(self, ledger_text: str) -> None:
+        self.content = RecordDict({"privacy": ConfigRecord({"ledger": ledger_text})})
+
+
+def test_one_client_cannot_overwrite_or_erase_another_clients_ledger(tmp_path: Path):
+    priv = ServerPrivacy(record_cfg(), tmp_path)
+    victim = PrivacyLedger("client-0", "record", 1e-5, 1.0).record(1, 1.0, 0.2, 50)
+    priv.observe_reply(11, 0, Reply(victim.to_json()))  # node 11 holds partition 0
+    spent = priv.ledgers["client-0"].epsilon("rdp")
+    assert spent > 0
+    blank = PrivacyLedger("client-0", "record", 1e-5, 1.0)  # "client-0 has spent nothing"
+    with pytest.raises(ValueError, match="client-0"):
+        priv.observe_reply(12, 1, Reply(blank.to_json()))  # node 12 holds partition 1
+    with pytest.raises(ValueError, match="client-0"):
+        priv.observe_reply(12, 0, Reply(blank.to_json()))  # ... and cannot claim partition 0 either
+    priv.observe_reply(11, 0, Reply(blank.to_json()))  # even the owner only adds: nothing is forgotten
+    assert priv.ledgers["client-0"].epsilon("rdp") == spent
+
+
+@pytest.mark.parametrize("text", ["not json", "[1, 2]", '{"client_id": "client-0"}', '{"entries": 5}'])
+def test_a_ledger_that_does_not_parse_is_a_rejection_not_a_crash(tmp_path: Path, text: str):
+    priv = ServerPrivacy(record_cfg(), tmp_path)
+    with pytest.raises(LedgerError):  # a ValueError: the round loop rejects the reply with this reason
+        priv.observe_reply(11, 0, Reply(text))
