@@ -82,7 +82,8 @@ def test_merge_into_base_is_temporary_and_exact(minilm):
     module = "base_model.model.bert.encoder.layer.0.attention.self.query"
     layer = minilm.peft.base_model.model.bert.encoder.layer[0].attention.self.query.get_base_layer()
     before = layer.weight.detach().clone()
-    b, a = torch.randn(384, 3), torch.randn(3, 384)
+    gen = torch.Generator().manual_seed(0)
+    b, a = torch.randn(384, 3, generator=gen), torch.randn(3, 384, generator=gen)
     with merged_into_base(minilm, {module + ".lora_A.weight": a, module + ".lora_B.weight": b}):
         assert torch.allclose(layer.weight - before, b @ a, atol=1e-5)
     assert torch.equal(layer.weight, before)
@@ -90,7 +91,10 @@ def test_merge_into_base_is_temporary_and_exact(minilm):
 
 def test_peft_export_loads_with_plain_peft_and_reproduces_outputs(tmp_path, minilm):
     state = init_adapter_state(adapter_state(minilm, 4), 3)
-    state = {k: (v + 0.01 * torch.randn_like(v) if is_lora_b(k) else v) for k, v in state.items()}
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        k: (v + 0.01 * torch.randn(v.shape, generator=gen) if is_lora_b(k) else v) for k, v in state.items()
+    }
     load_adapter_state(minilm, 4, state)
     minilm.peft.eval()
     data = load_task_data(DataConfig(num_train=8, num_test=16), "classification")
