@@ -71,3 +71,37 @@ def test_property_product_average_is_exact(seed, k, r, d_out, d_in):
     ideal = sum(pk * product({**x.state, A: state[A]}, "m") for pk, x in zip(p, results, strict=True))
     torch.testing.assert_close(product(out, "m"), ideal, rtol=1e-10, atol=1e-10)
     assert torch.equal(out[A], state[A])
+
+
+def _documented_bytes(method):
+    """The "down" and "up" byte counts of ``method``'s row in docs/strategies.md."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "strategies.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith(f"| `{method}` | ") and " B (" in line)
+    down, up = (int(m.replace(",", "")) for m in re.findall(r"\| ([\d,]+) B", row))
+    return down, up
+
+
+def test_ffa_sends_exactly_the_documented_bytes_half_of_fedit():
+    # The documented default shapes: all-MiniLM-L6-v2 query/value (12 modules of 384 x 384), r = 8,
+    # a 4-label head. FFA sends and receives B and the head only.
+    from fedlora.adapters import a_name, b_name, num_bytes
+    from strategies import create
+
+    modules = [f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(6) for p in ("query", "value")]
+    gen = torch.Generator().manual_seed(0)
+    template = {"classifier.weight": torch.zeros(4, 384), "classifier.bias": torch.zeros(4)}
+    for m in modules:
+        template[a_name(m)], template[b_name(m)] = torch.randn(8, 384, generator=gen), torch.zeros(384, 8)
+    specs = [ClientSpec(i, 8, 16.0) for i in range(3)]
+    sizes = {}
+    for name in ("ffa", "fedit"):
+        s = create(name)
+        p = s.payload(s.init_state(template, specs), specs[0])
+        trained = [k for k in p.adapter if p.train_a or not is_lora_a(k)]
+        sizes[name] = (num_bytes(p.adapter), num_bytes({k: p.adapter[k] for k in trained}))
+    assert sizes["ffa"] == _documented_bytes("ffa") == (153_616, 153_616)
+    assert sizes["fedit"] == (301_072, 301_072)
+    assert sizes["ffa"][0] == 12 * 384 * 8 * 4 + (4 * 384 + 4) * 4
