@@ -6,16 +6,15 @@ The round is written against plain records so it can be called in-process in tes
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
 import torch
-from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import Context, RecordDict
 
 from clients.node import NodeSettings, local_data, node_settings
 from clients.privacy import ClientPrivacy
-from fedlora.adapters import AdapterState, delta, is_lora_a
+from fedlora.adapters import AdapterState, delta, fingerprint, is_lora_a
 from fedlora.config import RunConfig, from_json
 from fedlora.data.encode import encode
 from fedlora.models import (
@@ -27,9 +26,16 @@ from fedlora.models import (
     set_trainable,
     trained_keys,
 )
+from fedlora.protocol import (
+    A_FINGERPRINT,
+    BASE_FINGERPRINT,
+    ProtocolError,
+    TrainReply,
+    TrainRequest,
+    encode_arrays,
+    record_bytes,
+)
 from fedlora.train import evaluate, planned_steps, resolve_device, train_local
-from strategies.common import fingerprint
-from strategies.wire import from_record, record_bytes, to_record
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +65,19 @@ def _start_state(template: AdapterState, received: AdapterState, seed: int, rank
 
 def run_train_round(content: RecordDict, context: Context) -> RecordDict:
     """Run one training round for the message ``content`` and return the reply content."""
-    conf = content["config"]
-    cfg: RunConfig = from_json(str(conf["run-config"]))
+    try:
+        req = TrainRequest.from_message(content)
+    except ProtocolError as err:
+        raise PayloadError(f"malformed train request: {err}") from err
+    cfg: RunConfig = from_json(req.run_config)
     node: NodeSettings = node_settings(cfg, context.node_config)
-    labels = tuple(json.loads(str(conf.get("labels", "[]"))))
-    rank, alpha = int(conf["rank"]), float(conf["alpha"])
+    labels = req.labels
+    rank, alpha = req.rank, req.alpha
     if rank != node.rank:
         raise PayloadError(
             f"server sent a rank-{rank} adapter but this node is configured for rank {node.rank}"
         )
-    train_a = bool(conf.get("train-a", True))
-    server_round = int(conf["round"])
-    seed = int(conf.get("seed", cfg.federation.seed))
+    train_a, server_round, seed = req.train_a, req.round, req.seed
 
     loaded = get_lora_model(
         cfg.model.name,
@@ -81,9 +88,8 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
         cfg.lora.dropout,
         cfg.lora.target_modules,
     )
-    received = from_record(content["adapter"])
-    start = _start_state(adapter_state(loaded, rank), received, seed, rank)
-    expected_a = conf.get("a-fingerprint")
+    start = _start_state(adapter_state(loaded, rank), req.adapter, seed, rank)
+    expected_a = req.extras.get(A_FINGERPRINT)
     if expected_a is not None:
         mine = fingerprint({k: v for k, v in start.items() if is_lora_a(k)})
         if mine != str(expected_a):
@@ -92,8 +98,8 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
                 "this node derives a "
                 "different A; check that server and nodes run the same model, rank and seed"
             )
-    merge = from_record(content["merge"]) if "merge" in content.array_records else None
-    expected_base = conf.get("base-fingerprint")
+    merge = req.merge
+    expected_base = req.extras.get(BASE_FINGERPRINT)
     if expected_base is not None and merge is not None and fingerprint(merge) != str(expected_base):
         raise PayloadError("base update fingerprint mismatch: the merged base would differ from the server's")
     load_adapter_state(loaded, rank, start)
@@ -111,21 +117,18 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
         len(train_ds),
         steps,
         server_round,
-        server_copy=str(conf.get("privacy-ledger", "")),
+        server_copy=req.privacy_ledger,
     )
     metrics: dict[str, float | int] = {
-        "num-examples": len(train_records),
         "rank": rank,
         "round": server_round,
         "bytes-down": record_bytes(content["adapter"]),
     }
-    reply = RecordDict()
     if privacy.declined:
         log.warning("client %s declines round %s: %s", node.partition_id, server_round, privacy.reason)
-        metrics["declined"] = 1
-        reply["metrics"] = MetricRecord(metrics)
-        reply["privacy"] = ConfigRecord({"ledger": privacy.ledger_json(), "declined-reason": privacy.reason})
-        return reply
+        return TrainReply(
+            len(train_records), None, metrics, privacy.ledger_json(), declined_reason=privacy.reason
+        ).to_content()
     t0 = time.perf_counter()
     with merged_into_base(loaded, merge):
         try:
@@ -151,7 +154,7 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
     new = adapter_state(loaded, rank)
     keys = trained_keys(list(new), train_a)
     update = delta({k: new[k] for k in keys}, start)
-    record = to_record(update)
+    record = encode_arrays(update)
     metrics.update(
         {
             "train-loss": result.loss,
@@ -163,10 +166,5 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
         }
     )
     metrics.update(privacy.metrics())
-    reply["update"] = record
-    reply["metrics"] = MetricRecord(
-        {k: v for k, v in metrics.items() if v == v}
-    )  # drop NaN (no validation data)
-    if privacy.enabled:
-        reply["privacy"] = ConfigRecord({"ledger": privacy.ledger_json()})
-    return reply
+    ledger = privacy.ledger_json() if privacy.enabled else ""
+    return TrainReply(len(train_records), update, metrics, ledger).to_content()  # drops NaN metrics

@@ -15,9 +15,11 @@ to. The low-rank update of one module is ``delta_W = (alpha / r) * B @ A``.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 AdapterState = dict[str, torch.Tensor]
@@ -163,3 +165,18 @@ def apply_delta(base: Mapping[str, torch.Tensor], upd: Mapping[str, torch.Tensor
 def num_bytes(state: Mapping[str, torch.Tensor]) -> int:
     """Return the payload size of ``state`` in bytes (element count times element size)."""
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """Return a stable SHA-256 hex digest of ``state``.
+
+    Tensors are hashed in sorted-name order as name, shape and little-endian float32 bytes,
+    so the same values give the same digest on any machine, device or input dtype.
+    """
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(np.ascontiguousarray(t.numpy(), dtype="<f4").tobytes())
+    return h.hexdigest()

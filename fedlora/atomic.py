@@ -106,3 +106,14 @@ def atomic_write(
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Atomically write ``text`` (UTF-8) to ``path``, owner-only."""
     return atomic_write(path, text)
+
+
+def private_tree(root: str | os.PathLike[str]) -> None:
+    """Make every directory under ``root`` 0700 and every file 0600 (outputs written by libraries)."""
+    top = Path(root)
+    if not top.exists():
+        return
+    for path in [top, *top.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)

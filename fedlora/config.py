@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DP_MODES = ("none", "record", "client")
 ACCOUNTANTS = ("prv", "rdp")
 CLIENT_SAMPLING = ("fixed", "poisson")
+ROBUST_AGGREGATORS = ("mean", "median", "trimmed-mean")
 
 
 class ConfigError(ValueError):
@@ -254,6 +256,39 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class RobustConfig:
+    """Defences against hostile or broken nodes (docs/security.md).
+
+    ``norm_bound`` clips each update's ``||ΔW||`` to that multiple of the round's lower
+    median (0 = off); updates with a norm above ``max_update_norm`` or a value above
+    ``max_abs_value`` are rejected; ``max_weight_factor`` caps a client's example count at
+    that multiple of the round's lower median (0 = off); ``aggregator`` replaces FedIT's /
+    FFA-LoRA's mean by a coordinate-wise ``median`` or ``trimmed-mean`` (``trim_fraction``
+    cut at each end); update records above ``max_update_size`` times their expected size are
+    refused before they are read.
+    """
+
+    norm_bound: float = 3.0
+    max_update_norm: float = 1e4
+    max_abs_value: float = 1e4
+    max_weight_factor: float = 3.0
+    aggregator: str = "mean"
+    trim_fraction: float = 0.2
+    max_update_size: float = 1.5
+
+    def __post_init__(self) -> None:
+        _check_choice("robust.aggregator", self.aggregator, ROBUST_AGGREGATORS)
+        for name in ("norm_bound", "max_weight_factor"):
+            _check_positive(f"robust.{name}", getattr(self, name), allow_zero=True)
+        for name in ("max_update_norm", "max_abs_value"):
+            _check_positive(f"robust.{name}", getattr(self, name))
+        if not 0.0 <= self.trim_fraction < 0.5:
+            _fail("robust.trim_fraction", self.trim_fraction, "a number in [0, 0.5)")
+        if self.max_update_size < 1.0:
+            _fail("robust.max_update_size", self.max_update_size, "a number >= 1")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole run configuration (see module docstring)."""
 
@@ -264,6 +299,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
     def rank_of(self, partition_id: int) -> int:
         """Return the LoRA rank of simulated client ``partition_id``."""
@@ -308,11 +344,47 @@ _SECTION_TYPES: dict[str, type] = {
     "federation": FederationConfig,
     "privacy": PrivacyConfig,
     "output": OutputConfig,
+    "robust": RobustConfig,
 }
 
 
 def _norm_key(key: str) -> str:
     return key.strip().replace("-", "_")
+
+
+def _coerce_int(field_name: str, value: Any) -> int:
+    """Return ``value`` as an int: ints, integral finite floats, and strings of either."""
+    if isinstance(value, bool):
+        _fail(field_name, value, "an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError):
+        _fail(field_name, value, "an integer")
+    if not math.isfinite(as_float):
+        _fail(field_name, value, "a finite integer (inf and nan are not integers)")
+    if as_float != int(as_float):
+        _fail(field_name, value, "an integer")
+    return int(as_float)
+
+
+def _coerce_float(field_name: str, value: Any) -> float:
+    """Return ``value`` as a finite float (NaN and +-inf are refused for every float field)."""
+    if isinstance(value, bool):
+        _fail(field_name, value, "a number")
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError, OverflowError):
+        _fail(field_name, value, "a number")
+    if not math.isfinite(as_float):
+        _fail(field_name, value, "a finite number (nan and inf are not allowed)")
+    return as_float
 
 
 def _coerce(field_name: str, hint: Any, value: Any) -> Any:
@@ -341,22 +413,9 @@ def _coerce(field_name: str, hint: Any, value: Any) -> Any:
             return value.lower() in ("true", "1", "yes")
         _fail(field_name, value, "true or false")
     if hint is int:
-        if isinstance(value, bool):
-            _fail(field_name, value, "an integer")
-        try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            _fail(field_name, value, "an integer")
-        if as_float != int(as_float):
-            _fail(field_name, value, "an integer")
-        return int(as_float)
+        return _coerce_int(field_name, value)
     if hint is float:
-        if isinstance(value, bool):
-            _fail(field_name, value, "a number")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            _fail(field_name, value, "a number")
+        return _coerce_float(field_name, value)
     if hint is str:
         if not isinstance(value, str | int | float) or isinstance(value, bool):
             _fail(field_name, value, "a string")

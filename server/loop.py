@@ -8,7 +8,6 @@ The math lives in the :class:`strategies.base.LoraStrategy` it drives.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -17,20 +16,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedlora.adapters import AdapterError, AdapterState, apply_delta
+from fedlora.adapters import AdapterState, is_lora_a, is_lora_b
+from fedlora.atomic import private_tree
 from fedlora.checkpoint import load_checkpoint, prev_path, save_checkpoint
 from fedlora.config import RunConfig
-from fedlora.data.sources import load_task_data
+from fedlora.data.cached import task_data
+from fedlora.protocol import ProtocolError, SetupQuery, TrainRequest, decode_setup_reply, record_bytes
 from server.evaluator import ServerModel
-from server.outputs import RunOutputs, plot_metrics, progress_line
-from server.privacy import ServerPrivacy
-from strategies.base import ClientResult, ClientSpec, LoraStrategy, Payload
+from server.outputs import RoundRecord, RunOutputs, plot_metrics, progress_line
+from server.privacy import ServerPrivacy, grid_run_id
+from server.resume import config_changes
+from server.round import RoundOutcome, collect_replies, robust_results
+from strategies.base import ClientSpec, LoraStrategy, Payload
 from strategies.registry import create
-from strategies.validate import validate_result
-from strategies.wire import QUERY, TRAIN, from_record, record_bytes, to_record
+from strategies.robust import RobustCenter, aggregate_checked
 
 log = logging.getLogger(__name__)
 
@@ -77,43 +79,54 @@ def reply_nodes(msgs: Sequence[Message], replies: Sequence[Message]) -> list[int
 
 
 def query_nodes(
-    grid: Grid, nodes: Sequence[int], cfg: RunConfig, labels: Sequence[str]
-) -> dict[int, NodeInfo]:
-    """Ask every node for its rank, alpha and example count; nodes that fail are left out."""
-    content = ConfigRecord({"run-config": cfg.to_json(), "labels": json.dumps(list(labels))})
-    msgs = [Message(RecordDict({"config": content}), dst_node_id=n, message_type=QUERY) for n in nodes]
+    grid: Grid, nodes: Sequence[int], cfg: RunConfig, labels: Sequence[str], *, max_rank: int
+) -> tuple[dict[int, NodeInfo], list[dict[str, Any]]]:
+    """Ask every node for its rank, alpha and example count.
+
+    Returns the nodes that answered well and, for each node left out, ``{"node", "reason"}``
+    (an error, a malformed reply, a rank above ``max_rank``, the model's smallest adapted
+    dimension).
+    """
+    query = SetupQuery(cfg.to_json(), tuple(labels))
+    msgs = [query.to_message(n) for n in nodes]
     infos: dict[int, NodeInfo] = {}
+    left_out: list[dict[str, Any]] = []
     replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout))
     for src, reply in zip(reply_nodes(msgs, replies), replies, strict=True):
-        if reply.has_error():
-            log.warning("node %s failed its query and is left out: %s", src, reply.error.reason)
+        if src not in nodes or src in infos:
             continue
-        info = reply.content["info"]
-        spec = ClientSpec(node_id=src, rank=int(info["rank"]), alpha=float(info["alpha"]))
-        infos[src] = NodeInfo(spec, int(info["num-examples"]), int(info["partition-id"]))
+        try:
+            info = decode_setup_reply(reply, max_rank=max_rank)
+        except ProtocolError as err:
+            log.warning("node %s is left out of the run: %s", src, err)
+            left_out.append({"node": src, "reason": f"setup reply refused: {err}"})
+            continue
+        spec = ClientSpec(node_id=src, rank=info.rank, alpha=info.alpha)
+        infos[src] = NodeInfo(spec, info.num_examples, info.partition_id)
     if not infos:
-        raise FederationError("no node answered the setup query; check the SuperNode logs")
-    return infos
+        reasons = "; ".join(f"node {r['node']}: {r['reason']}" for r in left_out) or "no replies"
+        raise FederationError(
+            f"no node answered the setup query usably ({reasons}); check the SuperNode logs"
+        )
+    return infos, left_out
 
 
-def _train_message(
-    node: int, payload: Payload, base_conf: Mapping[str, Any], spec: ClientSpec, rnd: int
-) -> Message:
-    conf = ConfigRecord(
-        {
-            **base_conf,
-            "round": rnd,
-            "rank": spec.rank,
-            "alpha": float(spec.alpha),
-            "train-a": payload.train_a,
-            "fresh-adapter": payload.fresh_adapter,
-            **dict(payload.extras),
-        }
-    )
-    content = RecordDict({"adapter": to_record(payload.adapter), "config": conf})
-    if payload.merge:
-        content["merge"] = to_record(payload.merge)
-    return Message(content, dst_node_id=node, message_type=TRAIN)
+def build_strategy(cfg: RunConfig) -> LoraStrategy:
+    """Create the run's strategy, wrapped in a robust centre when ``robust.aggregator`` asks for one."""
+    strategy = create(cfg.federation.strategy, **dict(cfg.federation.strategy_params))
+    if cfg.robust.aggregator != "mean":
+        try:
+            return RobustCenter(strategy, cfg.robust.aggregator, cfg.robust.trim_fraction)
+        except ValueError as err:
+            raise FederationError(f"robust.aggregator: {err}") from err
+    return strategy
+
+
+def rank_ceiling(template: AdapterState) -> int:
+    """Return the largest sensible LoRA rank for the model: its smallest adapted dimension."""
+    dims = [int(v.shape[1]) for k, v in template.items() if is_lora_a(k)]
+    dims += [int(v.shape[0]) for k, v in template.items() if is_lora_b(k)]  # A: r x d_in, B: d_out x r
+    return max(1, min(dims)) if dims else 1
 
 
 class ServerRun:
@@ -121,14 +134,16 @@ class ServerRun:
 
     def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path) -> None:
         self.grid, self.cfg, self.run_dir = grid, cfg, run_dir
+        self.strategy: LoraStrategy = build_strategy(cfg)  # an unknown strategy fails before data loads
         self.out = RunOutputs(run_dir, cfg, resume=cfg.output.resume)
-        data = load_task_data(cfg.data, cfg.model.task)
+        data = task_data(cfg.data, cfg.model.task)  # cached: the driver built it already
         self.labels = data.labels
         self.model = ServerModel(cfg, data.labels, data.test)
-        self.strategy: LoraStrategy = create(cfg.federation.strategy, **dict(cfg.federation.strategy_params))
         self.privacy = ServerPrivacy(cfg, run_dir)
+        self.strategy = self.privacy.wrap(self.strategy)  # client-level DP wraps the strategy
         self.rng = random.Random(cfg.federation.seed)
         self.max_rank = cfg.max_rank()
+        self.failed_rounds: list[str] = []
 
     def _checkpoint(self, rnd: int, state: AdapterState) -> None:
         save_checkpoint(
@@ -153,31 +168,48 @@ class ServerRun:
             print(f"no checkpoint in {self.run_dir}; starting the run from round 1", flush=True)
             return None
         ckpt = load_checkpoint(path)
+        changes = config_changes(str(ckpt.get("config", "{}")), self.cfg)  # refuses unsafe changes
         self.strategy.load_state_dict(ckpt["strategy"])
         self.privacy.load_state_dict(ckpt["privacy"])
         self.rng.setstate(ckpt["rng"])
         self.out.truncate_after(int(ckpt["round"]))
+        if changes:
+            self.out.log({"kind": "resume", "round": int(ckpt["round"]), "changes": changes})
+            print(f"resumed with configuration changes: {'; '.join(changes)}", flush=True)
         print(f"resuming {self.run_dir} after round {ckpt['round']}", flush=True)
         return int(ckpt["round"]), ckpt["state"]
 
     def run(self) -> dict[str, Any]:
-        """Run all rounds; return the final global metrics record."""
+        """Run all rounds; return the final global metrics record.
+
+        Raises
+        ------
+        FederationError
+            When a round received replies and rejected every one of them (after its
+            metrics and checkpoint are written), with the reasons.
+        """
         cfg = self.cfg
         nodes = wait_for_nodes(self.grid, cfg.federation.num_clients, cfg.federation.node_wait_timeout)
-        infos = query_nodes(self.grid, nodes, cfg, self.labels)
+        ceiling = rank_ceiling(self.model.template(cfg.max_rank(), cfg.federation.seed))
+        infos, left_out = query_nodes(self.grid, nodes, cfg, self.labels, max_rank=ceiling)
         specs = [i.spec for i in infos.values()]
         max_rank = self.max_rank = max(s.rank for s in specs)
         resumed = self._resume()
         if resumed is None:
             start_round = 1
             state = self.strategy.init_state(self.model.template(max_rank, cfg.federation.seed), specs)
-            self._record_global(0, state, [], [], 0, 0, 0.0, len(nodes))
+            self._record(RoundRecord(0, 0.0, 0.0, clients_sampled=len(nodes), rejected=left_out), state)
         else:
             start_round, state = resumed[0] + 1, resumed[1]
         last: dict[str, Any] = {}
         for rnd in range(start_round, cfg.federation.num_rounds + 1):
+            if stop := self.privacy.budget_stop(rnd):
+                print(stop, flush=True)
+                break
             state, last = self._round(rnd, state, infos)
             self._checkpoint(rnd, state)
+            if self.failed_rounds:
+                raise FederationError(self.failed_rounds[-1])
         self._finish(state)
         return last
 
@@ -194,154 +226,125 @@ class ServerRun:
         k = self.cfg.federation.clients_per_round
         return self.privacy.sample_clients(nodes, k, self.rng), offline
 
-    def _round(
+    def _request(self, rnd: int, payload: Payload, info: NodeInfo) -> TrainRequest:
+        return TrainRequest(
+            run_config=self.cfg.to_json(),
+            labels=tuple(self.labels),
+            round=rnd,
+            rank=info.spec.rank,
+            alpha=float(info.spec.alpha),
+            seed=self.cfg.federation.seed,
+            adapter=payload.adapter,
+            merge=payload.merge,
+            train_a=payload.train_a,
+            extras={k: str(v) for k, v in payload.extras.items()},
+            privacy_ledger=self.privacy.client_conf(info.partition_id).get("privacy-ledger", ""),
+        )
+
+    def exchange(
         self, rnd: int, state: AdapterState, infos: Mapping[int, NodeInfo]
-    ) -> tuple[AdapterState, dict[str, Any]]:
-        t0 = time.perf_counter()
+    ) -> tuple[dict[int, Payload], list[tuple[int, Message]], list[int], int]:
+        """Send this round's payloads; return (payloads, (node, reply) pairs, offline nodes, bytes down)."""
         selected, offline = self._sample(infos)
-        base_conf = {
-            "run-config": self.cfg.to_json(),
-            "labels": json.dumps(list(self.labels)),
-            "seed": self.cfg.federation.seed,
-        }
         payloads = {n: self.strategy.payload(state, infos[n].spec) for n in selected}
-        msgs = [
-            _train_message(
-                n,
-                payloads[n],
-                {**base_conf, **self.privacy.client_conf(infos[n].partition_id)},
-                infos[n].spec,
-                rnd,
-            )
-            for n in selected
-        ]
+        msgs = [self._request(rnd, payloads[n], infos[n]).to_message(n) for n in selected]
         bytes_down = sum(
             record_bytes(m.content["adapter"]) + record_bytes(m.content.array_records.get("merge"))
             for m in msgs
         )
-        replies = (
-            list(self.grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout)) if msgs else []
+        timeout = self.cfg.federation.round_timeout
+        sent = {n: (infos[n].partition_id, infos[n].num_examples) for n in selected}
+        self.privacy.before_dispatch(rnd, sent, grid_run_id(self.grid))  # pending entries, before sending
+        replies = list(self.grid.send_and_receive(msgs, timeout=timeout)) if msgs else []
+        return payloads, list(zip(reply_nodes(msgs, replies), replies, strict=True)), offline, bytes_down
+
+    def _round(
+        self, rnd: int, state: AdapterState, infos: Mapping[int, NodeInfo]
+    ) -> tuple[AdapterState, dict[str, Any]]:
+        t0 = time.perf_counter()
+        payloads, replies, offline, bytes_down = self.exchange(rnd, state, infos)
+        outcome = collect_replies(
+            rnd,
+            payloads,
+            replies,
+            {n: i.spec for n, i in infos.items()},
+            {n: i.num_examples for n, i in infos.items()},
+            {n: i.partition_id for n, i in infos.items()},
+            size_factor=self.cfg.robust.max_update_size,
+            observe=lambda node, msg: self.privacy.observe_reply(node, infos[node].partition_id, msg),
         )
-        results, rejected, client_rows, bytes_up = [], [], [], 0
-        replied = reply_nodes(msgs, replies)
-        for node, reply in zip(replied, replies, strict=True):
-            if reply.has_error():
-                rejected.append({"node": node, "reason": f"client error: {reply.error.reason}"})
-                continue
-            metrics = dict(reply.content["metrics"]) if "metrics" in reply.content.metric_records else {}
-            client_rows.append(
-                {
-                    "kind": "client",
-                    "round": rnd,
-                    "node": node,
-                    "partition": infos[node].partition_id,
-                    **metrics,
-                }
-            )
-            self.privacy.observe_reply(node, infos[node].partition_id, reply)
-            if metrics.get("declined"):
-                rejected.append({"node": node, "reason": "declined: privacy budget exhausted"})
-                continue
-            reason, result = self._decode(reply, payloads[node], infos[node])
-            if result is None:
-                rejected.append({"node": node, "reason": reason})
-                continue
-            bytes_up += record_bytes(reply.content["update"])
-            results.append(result)
-        missing = set(selected) - set(replied)
-        rejected += [{"node": n, "reason": "no reply before the round timeout"} for n in sorted(missing)]
-        rejected += [{"node": n, "reason": "node disconnected before the round"} for n in offline]
-        for r in rejected:
+        outcome = robust_results(outcome, payloads, self.cfg.robust)
+        outcome.rejected += [{"node": n, "reason": "node disconnected before the round"} for n in offline]
+        for r in outcome.rejected:
             log.warning("round %s: update of node %s excluded: %s", rnd, r["node"], r["reason"])
-        if len(results) >= self.cfg.federation.min_replies:
-            results = self.privacy.process_updates(results, payloads, rnd)
-            state = self.strategy.aggregate(state, results)
-        else:
+        state = self._aggregate(rnd, state, outcome, payloads)
+        for row in outcome.client_rows:
+            self.out.log(row)
+        n = sum(w for w, _ in outcome.train_losses)
+        record = RoundRecord(
+            rnd,
+            0.0,
+            0.0,
+            train_loss=(sum(w * loss for w, loss in outcome.train_losses) / n) if n else None,
+            clients_sampled=len(payloads),
+            clients_ok=len(outcome.results),
+            rejected=outcome.rejected,
+            clipped=outcome.clipped,
+            bytes_up=outcome.bytes_up,
+            bytes_down=bytes_down,
+            seconds=time.perf_counter() - t0,
+        )
+        self._check_failed(rnd, outcome, len(replies))
+        return state, self._record(record, state)
+
+    def _aggregate(
+        self, rnd: int, state: AdapterState, outcome: RoundOutcome, payloads: Mapping[int, Payload]
+    ) -> AdapterState:
+        """Aggregate the round's results; roll back (and name the offenders) if the result is not finite."""
+        if not outcome.results and self.privacy.releases_every_round:
+            return self.strategy.aggregate(state, [])  # client-level DP: a noise-only release, charged
+        if len(outcome.results) < self.cfg.federation.min_replies and not self.privacy.releases_every_round:
             print(
-                f"round {rnd}: only {len(results)} valid updates "
-                f"(< min_replies = {self.cfg.federation.min_replies}); "
-                "global adapter unchanged",
+                f"round {rnd}: only {len(outcome.results)} valid updates "
+                f"(< min_replies = {self.cfg.federation.min_replies}); global adapter unchanged",
                 flush=True,
             )
-        for row in client_rows:
-            self.out.log(row)
-        train_losses = [
-            (r.num_examples, float(row.get("train-loss", 0.0)))
-            for r, row in zip(
-                results,
-                [next(c for c in client_rows if c["node"] == r.spec.node_id) for r in results],
-                strict=True,
-            )
-        ]
-        rec = self._record_global(
-            rnd,
-            state,
-            results,
-            rejected,
-            bytes_up,
-            bytes_down,
-            time.perf_counter() - t0,
-            len(selected),
-            train_losses,
-        )
-        return state, rec
+            return state
+        new, offenders = aggregate_checked(self.strategy.aggregate, state, outcome.results)
+        for node in offenders:
+            outcome.reject(node, "the aggregate with this update is not finite; round rolled back without it")
+        if offenders:
+            outcome.results = [r for r in outcome.results if r.spec.node_id not in offenders]
+        return new
 
-    def _decode(self, reply: Message, payload: Payload, info: NodeInfo) -> tuple[str, ClientResult | None]:
-        if "update" not in reply.content.array_records:
-            return "reply has no 'update' record", None
-        try:
-            upd = from_record(reply.content["update"])
-            num = int(reply.content["metrics"]["num-examples"])
-        except (KeyError, TypeError, ValueError) as err:
-            return f"malformed reply: {err}", None
-        try:
-            full = apply_delta(payload.adapter, upd)
-        except AdapterError as err:
-            return f"update does not fit the payload: {err}", None
-        result = ClientResult(spec=info.spec, num_examples=num, state=full)
-        reason = validate_result(payload.adapter, result, info.spec)
-        return (reason, None) if reason is not None else ("", result)
+    def _check_failed(self, rnd: int, outcome: RoundOutcome, replied: int) -> None:
+        """Note a round in which replies came back but every update was rejected."""
+        if outcome.results or not replied:
+            return
+        refused = [r for r in outcome.rejected if not str(r["reason"]).startswith(("declined", "no reply"))]
+        if not refused:
+            return
+        reasons = "; ".join(f"node {r['node']}: {r['reason']}" for r in refused)
+        self.failed_rounds.append(f"round {rnd}: every update was rejected ({reasons})")
 
     def _global_view(self, state: AdapterState) -> tuple[AdapterState, AdapterState | None]:
         """Return the adapter (at the largest client rank) and base merge the server evaluates and exports."""
         spec = ClientSpec(node_id=0, rank=self.max_rank, alpha=self.cfg.lora.alpha_for(self.max_rank))
         return self.strategy.final_adapter(state, spec), self.strategy.final_merge(state)
 
-    def _record_global(
-        self,
-        rnd: int,
-        state: AdapterState,
-        results: Sequence[ClientResult],
-        rejected: list[dict[str, Any]],
-        bytes_up: int,
-        bytes_down: int,
-        seconds: float,
-        sampled: int,
-        train_losses: Sequence[tuple[int, float]] = (),
-    ) -> dict[str, Any]:
+    def _record(self, record: RoundRecord, state: AdapterState) -> dict[str, Any]:
+        """Evaluate the global adapter, write the round's line and print its progress line."""
         adapter, merge = self._global_view(state)
         ev = self.model.evaluate(adapter, merge)
-        n = sum(w for w, _ in train_losses)
-        rec = {
-            "kind": "global",
-            "round": rnd,
-            "test_accuracy": ev.accuracy,
-            "test_loss": ev.loss,
-            "train_loss": (sum(w * loss for w, loss in train_losses) / n) if n else None,
-            "clients_sampled": sampled,
-            "clients_ok": len(results),
-            "rejected": rejected,
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
-            "seconds": seconds,
-            **self.privacy.round_summary(rnd),
-        }
-        self.out.log(rec)
-        print(progress_line(rec, self.cfg.federation.num_rounds), flush=True)
-        return rec
+        record.test_accuracy, record.test_loss = ev.accuracy, ev.loss
+        record.extra = self.privacy.round_summary(record.round)
+        row = self.out.log_round(record)
+        print(progress_line(row, self.cfg.federation.num_rounds), flush=True)
+        return row
 
     def _finish(self, state: AdapterState) -> None:
         adapter, merge = self._global_view(state)
         self.model.export(self.run_dir / "adapter", adapter, merge)
+        private_tree(self.run_dir / "adapter")
         plot_metrics(self.out.metrics_path, self.run_dir / "metrics.png")
         self.privacy.write_report()

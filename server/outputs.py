@@ -1,13 +1,20 @@
-"""The run directory: resolved config, metrics.jsonl, progress lines, and the learning-curve plot."""
+"""The run directory: resolved config, metrics.jsonl (round records), progress lines, the learning-curve plot.
+
+Everything is written owner-only (files 0600, directories 0700): metrics name nodes and
+the privacy they spent.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlora.atomic import FILE_MODE, atomic_write_text, private_dir
 from fedlora.config import RunConfig, to_toml
 
 
@@ -16,21 +23,73 @@ def default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
+class OutputError(RuntimeError):
+    """The run directory cannot be used as asked (e.g. it already holds a run and resume is off)."""
+
+
+@dataclass
+class RoundRecord:
+    """One round's global line in metrics.jsonl (underscore keys, like every metrics.jsonl key).
+
+    ``rejected`` lists ``{"node", "reason"}`` for every update left out; ``clipped`` lists
+    updates the norm bound shrank (``node``, ``norm``, ``bound``, ``factor``).
+    """
+
+    round: int
+    test_accuracy: float
+    test_loss: float
+    train_loss: float | None = None
+    clients_sampled: int = 0
+    clients_ok: int = 0
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    clipped: list[dict[str, Any]] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    seconds: float = 0.0
+    extra: Mapping[str, Any] = field(default_factory=dict)  # privacy summary (dp_epsilon ...)
+
+    def row(self) -> dict[str, Any]:
+        """Return the metrics.jsonl row (``kind: global``)."""
+        fields = {k: v for k, v in asdict(self).items() if k != "extra"}
+        return {**dict(self.extra), **fields, "kind": "global"}
+
+
+RUN_MARKERS = ("metrics.jsonl", "checkpoint.pt", "checkpoint.pt.prev")
+
+
 class RunOutputs:
-    """Append-only writer of a run's files; every line is flushed so a crash loses nothing written."""
+    """Append-only writer of a run's files (owner-only); every line is flushed so a crash loses nothing.
+
+    Raises
+    ------
+    OutputError
+        When ``run_dir`` already holds a run (metrics or a checkpoint) and ``resume`` is off:
+        the run is never silently overwritten (the same rule as ``fedlora simulate``).
+    """
 
     def __init__(self, run_dir: Path, cfg: RunConfig, *, resume: bool = False) -> None:
         self.dir = run_dir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+        held = [m for m in RUN_MARKERS if (run_dir / m).exists()]
+        if held and not resume:
+            raise OutputError(
+                f"{run_dir} already holds a run ({', '.join(held)}); set resume=true to continue it "
+                "or choose another out-dir"
+            )
+        private_dir(self.dir)
+        atomic_write_text(self.dir / "config.toml", to_toml(cfg))
         self.metrics_path = self.dir / "metrics.jsonl"
-        if not resume and self.metrics_path.exists():
-            self.metrics_path.unlink()
 
     def log(self, record: Mapping[str, Any]) -> None:
-        """Append one JSON line to metrics.jsonl."""
-        with self.metrics_path.open("a", encoding="utf-8") as fh:
+        """Append one JSON line to metrics.jsonl (created 0600)."""
+        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+        with os.fdopen(fd, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def log_round(self, record: RoundRecord) -> dict[str, Any]:
+        """Append a round's global line and return it."""
+        row = record.row()
+        self.log(row)
+        return row
 
     def truncate_after(self, last_round: int) -> None:
         """Drop metric lines of rounds after ``last_round`` (a resumed run redoes them)."""
@@ -41,7 +100,7 @@ class RunOutputs:
             for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line).get("round", 0) <= last_round
         ]
-        self.metrics_path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -84,5 +143,6 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> Path:
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
+    os.chmod(out_png, FILE_MODE)
     plt.close(fig)
     return out_png

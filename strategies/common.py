@@ -8,14 +8,12 @@ aggregate without accumulating rounding error across many clients.
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import ParamSpec, TypeVar
 
-import numpy as np
 import torch
 
-from fedlora.adapters import AdapterState, is_lora, is_lora_a, split_state
+from fedlora.adapters import AdapterState, fingerprint, is_lora, is_lora_a, split_state  # noqa: F401 (moved)
 from strategies.base import ClientResult, ClientSpec, normalised_weights
 
 P = ParamSpec("P")
@@ -151,21 +149,6 @@ def require_uniform(specs: Sequence[ClientSpec], method: str) -> None:
             f"strategy {method!r} needs one LoRA scale alpha/r for all clients, got {scales}; "
             "give every client the same alpha"
         )
-
-
-def fingerprint(state: Mapping[str, torch.Tensor]) -> str:
-    """Return a stable SHA-256 hex digest of ``state``.
-
-    Tensors are hashed in sorted-name order as name, shape and little-endian float32 bytes,
-    so the same values give the same digest on any machine, device or input dtype.
-    """
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu", torch.float32).contiguous()
-        h.update(name.encode())
-        h.update(repr(tuple(t.shape)).encode())
-        h.update(np.ascontiguousarray(t.numpy(), dtype="<f4").tobytes())
-    return h.hexdigest()
 
 
 def a_tensors(state: Mapping[str, torch.Tensor]) -> AdapterState:

@@ -11,10 +11,15 @@ from clients.round import PayloadError
 from fedlora.adapters import is_lora_a, is_lora_b
 from fedlora.config import RunConfig, with_overrides
 from fedlora.models import adapter_state, get_lora_model, init_adapter_state
-from strategies.common import fingerprint
-from strategies.wire import QUERY, TRAIN, from_record, to_record
+from fedlora.adapters import fingerprint
+from fedlora.protocol import QUERY, TRAIN, decode_arrays
+from fedlora.protocol import encode_arrays as to_record
 
 LABELS = ["person", "animal", "vehicle", "robot"]
+
+
+def from_record(record):
+    return decode_arrays(record, max_bytes=2**30)
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +71,6 @@ def _train_msg(cfg, adapter, rank=4, round=1, **conf):
                     "alpha": 2.0 * rank,
                     "seed": 0,
                     "train-a": True,
-                    "fresh-adapter": False,
                     **conf,
                 }
             ),
