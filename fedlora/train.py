@@ -12,13 +12,14 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fedlora.config import TrainConfig
+from fedlora.data.encode import IGNORE_INDEX
 
 Wrap = Callable[
     [torch.nn.Module, torch.optim.Optimizer, DataLoader],
@@ -70,11 +71,12 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Loss and accuracy (token accuracy for causal LM) on a data set."""
+    """Loss and accuracy (token accuracy for causal LM) on a data set, plus task-specific extras."""
 
     loss: float
     accuracy: float
     examples: int
+    extras: dict[str, float] = field(default_factory=dict)
 
 
 def planned_steps(num_examples: int, cfg: TrainConfig) -> int:
@@ -94,9 +96,71 @@ def _batches(loader: DataLoader) -> Iterator[Any]:
             raise ValueError("the training data loader produced no batches; the client has no training data")
 
 
-def _forward_loss(model: torch.nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+def causal_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Return each example's mean next-token loss over its own response tokens, shape (batch,).
+
+    ``logits`` (batch, seq, vocab) predict position t+1 from position t; ``labels`` (batch, seq)
+    hold -100 where no loss is taken (prompt, padding). An example without response tokens
+    has loss 0 (no gradient). Each value depends on its own example only, which per-sample
+    clipping under DP needs: a token mean over the whole batch would weight an example's
+    gradient by its share of the batch's tokens, so its batch-mates would change it.
+    """
+    pred = logits[:, :-1].float()
+    target = labels[:, 1:]
+    tok = torch.nn.functional.cross_entropy(
+        pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(target.shape)
+    count = (target != IGNORE_INDEX).sum(dim=1)
+    return tok.sum(dim=1) / count.clamp(min=1)
+
+
+def example_losses(model: torch.nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+    """Return the per-example training losses of ``batch`` = (input ids, mask, labels), shape (batch,).
+
+    Labels of shape (batch,) are class indices (cross-entropy per example); labels of shape
+    (batch, seq) are causal-LM targets (:func:`causal_example_losses`).
+    """
     ids, mask, labels = (t.to(device) for t in batch)
-    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    if labels.dim() == 1:
+        return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+    return causal_example_losses(logits, labels)
+
+
+def forward_loss(model: torch.nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+    """Return the training loss of ``batch``: the mean over examples of each example's own loss."""
+    return example_losses(model, batch, device).mean()
+
+
+def _micro_batches(batch: Any, parts: int) -> list[Any]:
+    """Split a collated batch (a tuple of tensors) into up to ``parts`` non-empty row chunks."""
+    if parts == 1:
+        return [batch]
+    chunks = list(zip(*(torch.tensor_split(t, parts) for t in batch), strict=True))
+    return [c for c in chunks if len(c[0]) > 0]
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Recompute activations in the backward pass while training ``model`` (if ``enabled``).
+
+    Non-reentrant checkpointing, so a frozen base with LoRA-only gradients works without
+    making the inputs require grad. Switched off again on exit: the base is shared.
+    """
+    if not enabled:
+        yield
+        return
+    target = getattr(model, "get_base_model", lambda: model)()
+    if not getattr(target, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"train.gradient_checkpointing = true, but {type(target).__name__} does not support it; "
+            "set it to false"
+        )
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        target.gradient_checkpointing_disable()
 
 
 def train_local(
@@ -111,7 +175,11 @@ def train_local(
     """Train ``model``'s trainable parameters on ``dataset`` for one local round.
 
     ``steps`` defaults to :func:`planned_steps`. ``wrap`` (DP) receives model, optimiser
-    and loader and returns the versions to train with.
+    and loader and returns the versions to train with. Each optimiser step takes one batch,
+    processed in ``cfg.grad_accum_steps`` micro-batches: the update is the same as in one
+    pass (the mean of the examples' losses), only peak memory drops. Under DP the per-sample
+    gradients of every micro-batch are clipped and summed and noise is added once per batch
+    (Opacus' skipped steps), so sampling rate, noise and accounting do not change.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -119,33 +187,67 @@ def train_local(
     n_steps = steps if steps is not None else planned_steps(len(dataset), cfg)  # type: ignore[arg-type]
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    train_model: torch.nn.Module = model
-    if wrap is not None:
-        train_model, optimizer, loader = wrap(model, optimizer, loader)
+    amp = autocast_dtype(device, cfg.precision)
+    if wrap is not None and amp == torch.float16:
+        if cfg.precision == "fp16":
+            raise ValueError(
+                "train.precision = 'fp16' cannot be used with DP (loss scaling would scale the "
+                "per-sample gradients before clipping); use 'bf16' or 'fp32'"
+            )
+        amp = None  # 'auto' on a GPU without bf16: fp32 under DP
+    with gradient_checkpointing(model, cfg.gradient_checkpointing):
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        train_model: torch.nn.Module = model
+        if wrap is not None:
+            train_model, optimizer, loader = wrap(model, optimizer, loader)
+        return _loop(train_model, optimizer, loader, params, cfg, device, amp, n_steps, wrap is not None)
+
+
+def _loop(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    params: list[torch.nn.Parameter],
+    cfg: TrainConfig,
+    device: torch.device,
+    amp: torch.dtype | None,
+    n_steps: int,
+    private: bool,
+) -> TrainResult:
     warmup = cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
     )
-    amp = autocast_dtype(device, cfg.precision)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    train_model.train()
+    model.train()
     total, seen, t0 = 0.0, 0, time.perf_counter()
     batches = _batches(loader)
     for _ in range(n_steps):
         batch = next(batches)
+        size = len(batch[0])
+        micro = _micro_batches(batch, cfg.grad_accum_steps)
         optimizer.zero_grad(set_to_none=True)
-        ctx = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
-        with ctx:
-            loss = _forward_loss(train_model, batch, device)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr or check the data")
+        step_loss = 0.0
+        for i, chunk in enumerate(micro):
+            ctx = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
+            with ctx:
+                losses = example_losses(model, chunk, device)
+            if not torch.isfinite(losses).all():
+                raise FloatingPointError(
+                    f"training loss became {losses.mean().item()}; lower train.lr or check the data"
+                )
+            step_loss += float(losses.detach().sum())
+            # Opacus rescales a mean loss by the micro-batch size itself; without DP, weight each
+            # micro-batch by its share of the batch so the summed gradient is the batch mean.
+            loss = losses.mean() if private else losses.sum() / size
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if private and i < len(micro) - 1:
+                optimizer.signal_skip_step(do_skip=True)  # type: ignore[attr-defined]
+                optimizer.step()  # clips and accumulates this micro-batch's per-sample gradients
+                optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if wrap is None and cfg.max_grad_norm > 0:
+        if not private and cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         if scaler is not None:
             scaler.step(optimizer)
@@ -153,8 +255,8 @@ def train_local(
         else:
             optimizer.step()
         scheduler.step()
-        total += float(loss.detach())
-        seen += len(batch[0])
+        total += step_loss / max(1, size)
+        seen += size
     return TrainResult(
         loss=total / max(1, n_steps), steps=n_steps, examples_seen=seen, seconds=time.perf_counter() - t0
     )
@@ -164,7 +266,12 @@ def train_local(
 def evaluate(
     model: torch.nn.Module, dataset: Dataset, task: str, device: torch.device, batch_size: int = 64
 ) -> EvalResult:
-    """Return mean loss and accuracy of ``model`` on ``dataset`` (token accuracy for causal LM)."""
+    """Return loss and accuracy of ``model`` on ``dataset``.
+
+    Classification: mean cross-entropy and accuracy over examples. Causal LM: the mean
+    next-token loss over all response tokens of the data set (its exponential is the
+    held-out response perplexity, in ``extras["perplexity"]``) and token accuracy.
+    """
     if len(dataset) == 0:  # type: ignore[arg-type]
         return EvalResult(loss=float("nan"), accuracy=float("nan"), examples=0)
     was_training = model.training
@@ -172,18 +279,26 @@ def evaluate(
     loss_sum, correct, count, n = 0.0, 0, 0, 0
     for ids, mask, labels in DataLoader(dataset, batch_size=batch_size):
         ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        loss_sum += float(out.loss) * len(ids)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
         n += len(ids)
         if task == "classification":
-            correct += int((out.logits.argmax(-1) == labels).sum())
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == labels).sum())
             count += len(labels)
         else:
             # Position t predicts token t+1; score only response tokens.
-            pred = out.logits[:, :-1].argmax(-1)
-            target = labels[:, 1:]
-            keep = target != -100
-            correct += int((pred[keep] == target[keep]).sum())
+            pred, target = logits[:, :-1], labels[:, 1:]
+            keep = target != IGNORE_INDEX
+            loss_sum += float(torch.nn.functional.cross_entropy(pred[keep], target[keep], reduction="sum"))
+            correct += int((pred[keep].argmax(-1) == target[keep]).sum())
             count += int(keep.sum())
     model.train(was_training)
-    return EvalResult(loss=loss_sum / n, accuracy=correct / max(1, count), examples=n)
+    if task == "classification":
+        return EvalResult(loss=loss_sum / n, accuracy=correct / max(1, count), examples=n)
+    loss = loss_sum / max(1, count)
+    return EvalResult(
+        loss=loss,
+        accuracy=correct / max(1, count),
+        examples=n,
+        extras={"perplexity": math.exp(min(loss, 50.0)), "response_tokens": count},
+    )
