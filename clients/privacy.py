@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,17 @@ log = logging.getLogger(__name__)
 
 STATE_KEY = "fedlora-privacy"
 LEDGER_FILE = "privacy_ledger.json"
+STATE_ROOT_ENV = "FEDLORA_NODE_STATE_ROOT"
+"""Set by ``fedlora simulate`` to ``<run dir>/nodes``: a virtual node without ``state-dir`` keeps its
+ledger in ``<root>/partition-<id>``, so a killed and resumed simulation still knows what it spent."""
+
+
+def state_dir(node: NodeSettings) -> str:
+    """Return where the node keeps its ledger file: its ``state-dir``, the simulation default, or ``""``."""
+    if node.state_dir:
+        return node.state_dir
+    root = os.environ.get(STATE_ROOT_ENV, "")
+    return os.path.join(root, f"partition-{node.partition_id}") if root else ""
 
 
 def client_id(node: NodeSettings) -> str:
@@ -52,8 +64,9 @@ def _own_ledger(node: NodeSettings, context: Context) -> PrivacyLedger | None:
         safer than forgetting what was spent (delete or repair the file to go on).
     """
     own: list[PrivacyLedger] = []
-    if node.state_dir and (Path(node.state_dir) / LEDGER_FILE).is_file():
-        path = Path(node.state_dir) / LEDGER_FILE
+    home = state_dir(node)
+    if home and (Path(home) / LEDGER_FILE).is_file():
+        path = Path(home) / LEDGER_FILE
         try:
             own.append(PrivacyLedger.from_json(path.read_text(encoding="utf-8")))
         except (LedgerError, OSError) as e:
@@ -231,8 +244,8 @@ class ClientPrivacy:
     def _persist(self) -> None:
         assert self.ledger is not None and self._context is not None and self._node is not None
         self._context.state.config_records[STATE_KEY] = ConfigRecord({"ledger": self.ledger.to_json()})
-        if self._node.state_dir:
-            path = Path(self._node.state_dir)
+        if state_dir(self._node):
+            path = Path(state_dir(self._node))
             path.mkdir(parents=True, exist_ok=True)
             self.ledger.save(path / LEDGER_FILE)
 
