@@ -41,6 +41,22 @@ STATE_ROOT_ENV = "FEDLORA_NODE_STATE_ROOT"
 ledger in ``<root>/partition-<id>``, so a killed and resumed simulation still knows what it spent."""
 
 
+UNCOVERED_METRICS = ("train-loss", "local-val-loss", "local-val-accuracy")
+"""Metrics computed from the client's data WITHOUT noise: under DP they never leave the node."""
+
+
+def covered_metrics(cfg: RunConfig, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Return ``metrics`` without what the DP guarantee does not cover (unchanged without DP).
+
+    The training loss and local validation loss/accuracy are exact functions of the client's
+    records; sending them would release data the noise does not protect. The example count
+    stays (the aggregation strategies weigh by it; the report says it is not protected).
+    """
+    if cfg.privacy.mode == "none":
+        return metrics
+    return {k: v for k, v in metrics.items() if k not in UNCOVERED_METRICS}
+
+
 def state_dir(node: NodeSettings) -> str:
     """Return where the node keeps its ledger file: its ``state-dir``, the simulation default, or ``""``."""
     if node.state_dir:

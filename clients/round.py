@@ -13,7 +13,7 @@ import torch
 from flwr.app import Context, RecordDict
 
 from clients.node import NodeSettings, local_data, node_settings
-from clients.privacy import ClientPrivacy
+from clients.privacy import ClientPrivacy, covered_metrics
 from fedlora.adapters import AdapterState, delta, fingerprint, is_lora_a
 from fedlora.config import RunConfig, from_json
 from fedlora.data.encode import encode
@@ -166,5 +166,6 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
         }
     )
     metrics.update(privacy.metrics())
+    metrics = covered_metrics(cfg, metrics)  # under DP: no un-noised loss or accuracy leaves the node
     ledger = privacy.ledger_json() if privacy.enabled else ""
     return TrainReply(len(train_records), update, metrics, ledger).to_content()  # drops NaN metrics

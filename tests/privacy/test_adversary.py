@@ -217,3 +217,53 @@ def test_a_ledger_that_does_not_parse_is_a_rejection_not_a_crash(tmp_path: Path,
     priv = ServerPrivacy(record_cfg(), tmp_path)
     with pytest.raises(LedgerError):  # a ValueError: the round loop rejects the reply with this reason
         priv.observe_reply(11, 0, Reply(text))
+
+
+# -- what a DP client sends ------------------------------------------------------------------------
+
+
+def test_a_dp_client_round_sends_only_what_the_guarantee_covers(task_identity, tmp_path: Path):
+    from flwr.app import Message
+
+    from clients.app import app
+    from fedlora.models import adapter_state, get_lora_model, init_adapter_state
+    from fedlora.protocol import TRAIN, encode_arrays
+
+    over = {
+        "data.num_train": 80,
+        "data.num_test": 20,
+        "train.local_steps": 2,
+        "train.batch_size": 8,
+        "federation.num_clients": 2,
+        "lora.rank": 4,
+        "privacy.mode": "record",
+        "privacy.noise_multiplier": 1.0,
+        "privacy.epsilon": 50.0,
+    }
+    cfg = with_overrides(RunConfig(), over)
+    node_config = {"partition-id": 0, "num-partitions": 2, "dp-epsilon": 40.0, "state-dir": str(tmp_path)}
+    context = Context(run_id=5, node_id=10, node_config=node_config, state=RecordDict(), run_config={})
+    start = init_adapter_state(adapter_state(get_lora_model("minilm", "classification", 4, 4, 8.0), 4), 0)
+    conf = {
+        "run-config": cfg.to_json(),
+        "labels": '["person", "animal", "vehicle", "robot"]',
+        "round": 1,
+        "rank": 4,
+        "alpha": 8.0,
+        "seed": 0,
+        "train-a": True,
+    }
+    msg = Message(
+        RecordDict({"adapter": encode_arrays(start), "config": ConfigRecord(conf)}),
+        dst_node_id=10,
+        message_type=TRAIN,
+    )
+    reply = app(msg, context)
+    sent = set(reply.content["metrics"])
+    assert not sent & {"train-loss", "local-val-loss", "local-val-accuracy"}, (
+        "un-noised metrics left the node"
+    )
+    assert "dp-epsilon" in sent and "num-examples" in sent  # accounting and the strategy's weights stay
+    ledger = PrivacyLedger.from_json(str(reply.content["privacy"]["ledger"]))
+    assert [e.key for e in ledger.entries] == [("5", 1)]  # entries carry the run id
+    assert ledger.target_epsilon == 40.0  # the node's own budget, not the run's 50
