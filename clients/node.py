@@ -2,7 +2,11 @@
 
 In simulation Flower sets ``partition-id``/``num-partitions`` in each virtual node's
 node-config; on a real SuperNode the operator passes ``--node-config`` with any of
-:data:`NODE_KEYS`. Values from node-config win over the run config.
+:data:`NODE_KEYS`. Values from node-config win over the run config. The keys that
+override a config field (``lora-rank``, ``device``, ``dp-epsilon``, ``data-path``,
+``data-format``) are declared beside the field in :mod:`fedlora.config`
+(:data:`~fedlora.config.NODE_FIELDS`) and validated like it; hyphens and underscores are
+interchangeable.
 """
 
 from __future__ import annotations
@@ -11,26 +15,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fedlora.config import ConfigError, DataConfig, RunConfig
-from fedlora.data.partition import partition_records, split_local
-from fedlora.data.sources import (
-    Record,
-    classification_records,
-    instruction_records,
-    load_task_data,
-    read_rows,
-)
+from fedlora.config import NODE_FIELDS, ConfigError, DataConfig, RunConfig, with_overrides
+from fedlora.data.cached import partitions, stamp
+from fedlora.data.partition import split_local
+from fedlora.data.sources import Record, classification_records, instruction_records, read_rows
+from fedlora.logs import configure_from_env
 
-NODE_KEYS = (
-    "partition-id",
-    "num-partitions",
-    "data-path",
-    "data-format",
-    "lora-rank",
-    "device",
-    "dp-epsilon",
-    "state-dir",
-)
+# Ray actors and SuperNode app processes log at the driver's level (``fedlora simulate -v``).
+configure_from_env()
+
+# Node-config keys that are not config fields: where this node sits and keeps its state.
+NODE_ONLY_KEYS = ("partition-id", "num-partitions", "state-dir")
+
+NODE_KEYS = (*NODE_ONLY_KEYS, *NODE_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -48,6 +45,10 @@ class NodeSettings:
     state_dir: str
 
 
+def _normalised(node_config: Mapping[str, Any]) -> dict[str, Any]:
+    return {str(k).strip().replace("_", "-"): v for k, v in node_config.items()}
+
+
 def _get(node_config: Mapping[str, Any], key: str, default: Any, kind: type) -> Any:
     if key not in node_config:
         return default
@@ -59,32 +60,48 @@ def _get(node_config: Mapping[str, Any], key: str, default: Any, kind: type) -> 
 
 
 def node_settings(cfg: RunConfig, node_config: Mapping[str, Any]) -> NodeSettings:
-    """Resolve a node's settings; unknown node-config keys are ignored (Flower adds its own)."""
-    pid = _get(node_config, "partition-id", 0, int)
-    n_parts = _get(node_config, "num-partitions", cfg.federation.num_clients, int)
+    """Resolve a node's settings; unknown node-config keys are ignored (Flower adds its own).
+
+    Raises
+    ------
+    ConfigError
+        Naming the node-config key, the value and what is allowed.
+    """
+    conf = _normalised(node_config)
+    pid = _get(conf, "partition-id", 0, int)
+    n_parts = _get(conf, "num-partitions", cfg.federation.num_clients, int)
     if not 0 <= pid < n_parts:
         raise ConfigError(
             f"node-config partition-id = {pid} is outside 0..{n_parts - 1} (num-partitions = {n_parts})"
         )
-    rank = _get(node_config, "lora-rank", cfg.rank_of(pid), int)
-    if rank < 1:
-        raise ConfigError(f"node-config lora-rank = {rank}: expected an integer >= 1")
-    device = _get(node_config, "device", cfg.train.device, str)
-    eps = _get(node_config, "dp-epsilon", cfg.privacy.epsilon, float)
+    given = {key: conf[key] for key in NODE_FIELDS if key in conf}
+    if "lora-rank" not in given:
+        given["lora-rank"] = cfg.rank_of(pid)
+    if "data-path" in given and "data-format" not in given:
+        given["data-format"] = "auto"  # the run's format describes the run's source, not this file
+    try:
+        local = with_overrides(cfg, {NODE_FIELDS[k]: v for k, v in given.items()})
+    except ConfigError as err:
+        for key, value in given.items():  # name the node-config key at fault
+            try:
+                with_overrides(cfg, {NODE_FIELDS[key]: value})
+            except ConfigError as one:
+                raise ConfigError(f"invalid node-config {key} = {value!r}: {one}") from err
+        raise
     return NodeSettings(
         partition_id=pid,
         num_partitions=n_parts,
-        data_path=_get(node_config, "data-path", "", str),
-        data_format=_get(node_config, "data-format", "auto", str),
-        rank=rank,
-        alpha=cfg.lora.alpha_for(rank),
-        device=device,
-        dp_epsilon=eps,
-        state_dir=_get(node_config, "state-dir", "", str),
+        data_path=local.data.source if "data-path" in conf else "",
+        data_format=local.data.format if "data-path" in conf else "auto",
+        rank=local.lora.rank,
+        alpha=local.lora.alpha_for(local.lora.rank),
+        device=local.train.device,
+        dp_epsilon=local.privacy.epsilon,
+        state_dir=_get(conf, "state-dir", "", str),
     )
 
 
-_DATA_CACHE: dict[tuple[str, int, int, str, tuple[str, ...]], tuple[list[Record], list[Record]]] = {}
+_DATA_CACHE: dict[tuple[Any, ...], tuple[list[Record], list[Record]]] = {}
 
 
 def local_data(
@@ -96,7 +113,10 @@ def local_data(
     data source is partitioned and the node takes partition ``partition-id``.
     """
     key = (
-        cfg.data.__repr__() + cfg.model.task + node.data_path,
+        cfg.data,
+        cfg.model.task,
+        node.data_path,
+        stamp(node.data_path),
         node.partition_id,
         node.num_partitions,
         node.data_format,
@@ -111,8 +131,7 @@ def local_data(
             else:
                 records = instruction_records(rows, dcfg, dcfg.source)
         else:
-            data = load_task_data(cfg.data, cfg.model.task)
-            records = partition_records(data.train, node.num_partitions, cfg.data)[node.partition_id]
+            records = partitions(cfg.data, cfg.model.task, node.num_partitions)[node.partition_id]
         _DATA_CACHE[key] = split_local(
             records, cfg.data.local_val_fraction, cfg.data.seed + node.partition_id
         )

@@ -12,121 +12,111 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import ConfigError, RunConfig, load_toml, with_overrides
+from fedlora.config import ConfigError, RunConfig, field_specs, load_toml, with_overrides
 
-# CLI flag -> dotted config key (None: handled specially).
-FLAG_KEYS: dict[str, str] = {
-    "clients": "federation.num_clients",
-    "rounds": "federation.num_rounds",
-    "clients_per_round": "federation.clients_per_round",
-    "strategy": "federation.strategy",
-    "model": "model.name",
-    "task": "model.task",
-    "data": "data.source",
-    "data_format": "data.format",
-    "test_data": "data.test_source",
-    "text_column": "data.text_column",
-    "label_column": "data.label_column",
-    "partitioner": "data.partitioner",
-    "dirichlet_alpha": "data.dirichlet_alpha",
-    "rank": "lora.rank",
-    "ranks": "lora.ranks",
-    "alpha": "lora.alpha",
-    "lr": "train.lr",
-    "batch_size": "train.batch_size",
-    "local_steps": "train.local_steps",
-    "local_epochs": "train.local_epochs",
-    "device": "train.device",
-    "dp": "privacy.mode",
-    "dp_epsilon": "privacy.epsilon",
-    "dp_delta": "privacy.delta",
-    "dp_noise": "privacy.noise_multiplier",
-    "dp_clip": "privacy.max_grad_norm",
-    "client_sampling": "privacy.client_sampling",
-    "client_sample_rate": "privacy.client_sample_rate",
-    "out": "output.out_dir",
+# Exit status of every subcommand (argparse itself exits with 2 on a bad command line).
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# ``fedlora simulate --help`` groups, one per config section, in this order.
+_GROUP_TITLES = {
+    "federation": "federation",
+    "model": "model",
+    "lora": "LoRA",
+    "data": "data",
+    "train": "training",
+    "privacy": "privacy",
+    "output": "output",
 }
+_METAVARS = {int: "N", float: "X", str: "VALUE"}
+_SPECS = {spec.key: spec for spec in field_specs()}
+
+EPILOG = """\
+Every config field is reachable with --set section.field=value (hyphens and underscores
+are interchangeable); the flags above are shortcuts declared beside the fields in
+fedlora/config.py. Exit status: 0 done, 1 the run failed, 2 invalid command or
+configuration (an unknown strategy or model is refused before anything starts),
+130 interrupted."""
+
+
+def _metavar(hint: Any) -> str:
+    return _METAVARS.get(hint, "LIST")
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """Add one option per config field that declares a ``flag`` (help and choices from config)."""
+    groups = {s: p.add_argument_group(t) for s, t in _GROUP_TITLES.items()}
+    for spec in field_specs():
+        if spec.flag is None:
+            continue
+        group = groups[spec.section]
+        if spec.hint is bool:
+            group.add_argument(
+                f"--{spec.flag}", dest=spec.key, action="store_true", default=None, help=spec.help
+            )
+            continue
+        kind = spec.hint if spec.hint in _METAVARS else str
+        group.add_argument(
+            f"--{spec.flag}",
+            dest=spec.key,
+            type=kind,
+            choices=spec.choices or None,
+            metavar=None if spec.choices else (spec.metavar or _metavar(spec.hint)),
+            help=spec.help,
+        )
 
 
 def _simulate_parser(sub: Any) -> None:
     p = sub.add_parser(
         "simulate",
         help="run a federated LoRA fine-tuning with virtual clients on this machine",
-        description="Run many virtual clients and the server on this machine (Flower Simulation Engine). "
-        "Without arguments: 4 clients x 5 rounds of FedIT on the packaged all-MiniLM-L6-v2 "
-        "and the embedded task.",
+        description="Run many virtual clients and the server on this machine (Flower Simulation\n"
+        "Engine). Without arguments: 4 clients x 5 rounds of FedIT on the packaged\n"
+        "all-MiniLM-L6-v2 and the embedded task (simulations/default.toml).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", help="scenario TOML file (default: simulations/default.toml)")
-    g = p.add_argument_group("federation")
-    g.add_argument("--clients", type=int, help="number of virtual clients")
-    g.add_argument("--rounds", type=int, help="number of federated rounds")
-    g.add_argument("--clients-per-round", type=int, help="clients sampled per round (0 = all)")
-    g.add_argument("--strategy", help="aggregation: fedit, ffa, fair, hetlora, flexlora, flora")
-    g = p.add_argument_group("model and LoRA")
-    g.add_argument("--model", help="'minilm' (packaged), a local Hugging Face model dir, or a hub id")
-    g.add_argument("--task", choices=["classification", "causal-lm"], help="fine-tuning task")
-    g.add_argument("--rank", type=int, help="LoRA rank of every client")
-    g.add_argument("--ranks", help="per-client ranks, cycled over clients, e.g. 4,8,16")
-    g.add_argument("--alpha", type=float, help="LoRA alpha (default 2 x rank)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="'embedded', or a CSV/JSONL/Parquet file or saved HF dataset dir")
-    g.add_argument("--data-format", help="csv, jsonl, parquet, hf-disk (default: from suffix)")
-    g.add_argument("--test-data", help="separate held-out file (default: hold out data.test_fraction)")
-    g.add_argument("--text-column", help="text column for classification")
-    g.add_argument("--label-column", help="label column for classification")
-    g.add_argument(
-        "--partitioner", choices=["iid", "dirichlet", "shards"], help="how data is split across clients"
-    )
-    g.add_argument(
-        "--dirichlet-alpha", type=float, help="Dirichlet concentration (smaller = more label skew)"
-    )
-    g = p.add_argument_group("training")
-    g.add_argument("--lr", type=float, help="AdamW learning rate")
-    g.add_argument("--batch-size", type=int, help="local batch size")
-    g.add_argument("--local-steps", type=int, help="optimiser steps per round (overrides epochs)")
-    g.add_argument("--local-epochs", type=float, help="local epochs per round")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="training device")
-    g = p.add_argument_group("privacy")
-    g.add_argument(
-        "--dp", choices=["none", "record", "client"], help="DP mode: record (DP-SGD) or client (DP-FedAvg)"
-    )
-    g.add_argument("--dp-epsilon", type=float, help="target epsilon for the whole run (calibrates the noise)")
-    g.add_argument("--dp-delta", type=float, help="delta (default 1e-5)")
-    g.add_argument("--dp-noise", type=float, help="noise multiplier (instead of a target epsilon)")
-    g.add_argument("--dp-clip", type=float, help="per-sample clipping norm C for DP-SGD")
-    g.add_argument(
-        "--client-sampling", choices=["fixed", "poisson"], help="client sampling (client-level DP)"
-    )
-    g.add_argument("--client-sample-rate", type=float, help="Poisson client sampling probability")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", help="run directory (default runs/<timestamp>)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g.add_argument(
+    p.add_argument("--config", metavar="PATH", help="scenario TOML file (default: simulations/default.toml)")
+    p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="any config field, e.g. --set train.weight_decay=0.01 (repeatable)",
     )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="-v: fedlora's debug log; -vv: also Flower's and Ray's logs",
+    )
+    _add_config_flags(p)
     g = p.add_argument_group("resources")
-    g.add_argument("--cpus-per-client", type=float, default=0.0, help="CPUs per virtual client (0 = all)")
+    g.add_argument(
+        "--cpus-per-client", type=float, default=0.0, metavar="X", help="CPUs per virtual client (0 = all)"
+    )
     g.add_argument(
         "--gpus-per-client", type=float, default=0.0, help="GPU share per virtual client (0 = auto)"
+    )
+    g.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="join an existing Ray cluster (e.g. 10.0.0.5:6379, or 'auto') instead of starting one",
     )
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
-    """Return the run config from ``--config`` plus flag overrides."""
+    """Return the run config from ``--config`` plus flag overrides (flags win, ``--set`` last)."""
     from simulations.runner import DEFAULT_SCENARIO
 
     base = load_toml(args.config or DEFAULT_SCENARIO)
     overrides: dict[str, Any] = {}
-    for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides[key] = value
-    if args.resume:
-        overrides["output.resume"] = True
+    for spec in field_specs():
+        value = getattr(args, spec.key, None)
+        if spec.flag is not None and value is not None:
+            overrides[spec.key] = value
     for item in args.set:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=0.001")
@@ -139,7 +129,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     """Run ``fedlora simulate``."""
     from simulations.runner import simulate
 
-    simulate(build_config(args), args.cpus_per_client, args.gpus_per_client)
+    simulate(
+        build_config(args),
+        args.cpus_per_client,
+        args.gpus_per_client,
+        verbosity=args.verbose,
+        ray_address=args.ray_address,
+    )
     return 0
 
 
@@ -150,12 +146,18 @@ def _evaluate_parser(sub: Any) -> None:
         description="Load the base model plus a PEFT adapter directory and report loss and accuracy.",
     )
     p.add_argument("adapter_dir", help="PEFT adapter directory (e.g. runs/<id>/adapter)")
-    p.add_argument("--data", default="embedded", help="'embedded' (its held-out split) or a data file")
-    p.add_argument("--data-format", default="auto", help="csv, jsonl, parquet, hf-disk")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--model", help="base model (default: from the adapter's run config)")
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--data", default="embedded", metavar="PATH", help="'embedded' (its held-out split) or a data file"
+    )
+    for flag, key in (
+        ("--data-format", "data.format"),
+        ("--text-column", "data.text_column"),
+        ("--label-column", "data.label_column"),
+        ("--device", "train.device"),
+    ):
+        spec = _SPECS[key]
+        p.add_argument(flag, default=spec.default, choices=spec.choices or None, help=spec.help)
+    p.add_argument("--model", metavar="NAME", help="base model (default: from the adapter's run config)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -201,11 +203,8 @@ def cmd_certs(argv: list[str]) -> int:
     return certs_main(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fedlora`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["certs"]:
-        return cmd_certs(argv[1:])
+def build_parser() -> argparse.ArgumentParser:
+    """Return the ``fedlora`` argument parser (``certs`` parses its own options)."""
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning on Flower.")
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
@@ -214,13 +213,27 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "certs", help="create a CA, SuperLink certificate and SuperNode keys (fedlora certs --help)"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedlora`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["certs"]:
+        return cmd_certs(argv[1:])
+    args = build_parser().parse_args(argv)
     handlers = {"simulate": cmd_simulate, "evaluate": cmd_evaluate, "report": cmd_report}
     try:
         return handlers[args.command](args)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"fedlora {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except RuntimeError as err:
+        print(f"fedlora {args.command}: failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"fedlora {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

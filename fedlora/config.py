@@ -9,8 +9,16 @@ training, federation, privacy, output). It is built once from any mix of
 * command-line flags (dotted overrides, applied last),
 
 and validated on construction: an invalid value raises :class:`ConfigError` naming the
-field, the value and what is allowed. Hyphenated keys (Flower style) and underscored keys
-(Python style) are accepted everywhere and converted in :func:`_norm_key` only.
+field, the value and what is allowed.
+
+Each field declares its whole surface once, in its dataclass (:func:`_field` metadata): the
+help text, the ``fedlora simulate`` flag, the flat run-config alias, the SuperNode
+node-config key and the allowed choices. The CLI (:mod:`fedlora.cli`), :data:`ALIASES` and
+:data:`NODE_FIELDS` (read by ``clients/node.py``) are generated from :func:`field_specs`.
+
+Hyphens and underscores are interchangeable in every key: TOML fields, dotted overrides
+(``train.local-steps``) and flat aliases (``num_server_rounds``); :func:`_norm_key` and
+:func:`_alias_key` are the only places that convert them.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ FORMATS = ("auto", "csv", "jsonl", "parquet", "hf-disk")
 PARTITIONERS = ("iid", "dirichlet", "shards")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+QUANTIZATIONS = ("none", "4bit", "8bit")
 DP_MODES = ("none", "record", "client")
 ACCOUNTANTS = ("prv", "rdp")
 CLIENT_SAMPLING = ("fixed", "poisson")
@@ -54,6 +63,28 @@ def _check_positive(field_name: str, value: float, *, allow_zero: bool = False) 
         _fail(field_name, value, "a number >= 0" if allow_zero else "a number > 0")
 
 
+def _field(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    flag: str | None = None,
+    alias: str | None = None,
+    node: str | None = None,
+    choices: tuple[str, ...] = (),
+    metavar: str | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """Declare a config field with its whole surface (see :class:`FieldSpec`), once.
+
+    ``flag`` is the ``fedlora simulate`` option (without ``--``), ``alias`` the flat Flower
+    run-config key, ``node`` the SuperNode ``--node-config`` key that overrides it per node.
+    """
+    meta = {"help": help, "flag": flag, "alias": alias, "node": node, "choices": choices, "metavar": metavar}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which pretrained model to adapt and how inputs are tokenised.
@@ -62,9 +93,20 @@ class ModelConfig:
     directory, or a hub id (needs network access).
     """
 
-    name: str = "minilm"
-    task: str = "classification"
-    max_length: int = 32
+    name: str = _field(
+        "minilm",
+        flag="model",
+        metavar="NAME",
+        help="'minilm' (packaged), 'smollm2' (optional package), a local Hugging Face model dir, "
+        "a .gguf file, or a hub id",
+    )
+    task: str = _field("classification", flag="task", choices=TASKS, help="fine-tuning task")
+    max_length: int = _field(32, help="tokens per example (longer inputs are truncated)")
+    quantization: str = _field(
+        "none",
+        choices=QUANTIZATIONS,
+        help="load the frozen base in 4 or 8 bit (QLoRA, bitsandbytes, CUDA only)",
+    )
 
     def __post_init__(self) -> None:
         _check_choice("model.task", self.task, TASKS)
@@ -72,6 +114,7 @@ class ModelConfig:
             _fail("model.name", self.name, "'minilm', a local model directory or a hub id")
         if self.max_length < 4:
             _fail("model.max_length", self.max_length, "an integer >= 4")
+        _check_choice("model.quantization", self.quantization, QUANTIZATIONS)
 
 
 @dataclass(frozen=True)
@@ -83,11 +126,13 @@ class LoraSettings:
     architecture.
     """
 
-    rank: int = 8
-    alpha: float = 0.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ()
-    ranks: tuple[int, ...] = ()
+    rank: int = _field(8, flag="rank", alias="lora-rank", node="lora-rank", help="LoRA rank of every client")
+    alpha: float = _field(0.0, flag="alpha", help="LoRA alpha (0 = 2 x rank)")
+    dropout: float = _field(0.0, help="LoRA dropout probability")
+    target_modules: tuple[str, ...] = _field((), help="modules to adapt, e.g. query,value (empty = detect)")
+    ranks: tuple[int, ...] = _field(
+        (), flag="ranks", help="per-client ranks, cycled over clients, e.g. 4,8,16 (empty = rank)"
+    )
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -115,21 +160,46 @@ class DataConfig:
     held-out file; without it ``test_fraction`` of the data is held out by the server.
     """
 
-    source: str = "embedded"
-    format: str = "auto"
-    test_source: str = ""
-    text_column: str = "text"
-    label_column: str = "label"
-    instruction_column: str = "instruction"
-    response_column: str = "response"
-    num_train: int = 2000
-    num_test: int = 500
-    test_fraction: float = 0.2
-    partitioner: str = "iid"
-    dirichlet_alpha: float = 0.5
-    shards_per_client: int = 2
-    local_val_fraction: float = 0.1
-    seed: int = 0
+    source: str = _field(
+        "embedded",
+        flag="data",
+        metavar="PATH",
+        node="data-path",
+        help="'embedded', or a CSV/JSONL/Parquet file or saved HF dataset dir",
+    )
+    format: str = _field(
+        "auto",
+        flag="data-format",
+        node="data-format",
+        choices=FORMATS,
+        help="data file format (auto: from suffix)",
+    )
+    test_source: str = _field(
+        "",
+        flag="test-data",
+        metavar="PATH",
+        help="separate held-out file (default: hold out data.test_fraction)",
+    )
+    text_column: str = _field(
+        "text", flag="text-column", metavar="COLUMN", help="text column (classification)"
+    )
+    label_column: str = _field(
+        "label", flag="label-column", metavar="COLUMN", help="label column (classification)"
+    )
+    instruction_column: str = _field("instruction", help="instruction column (causal-lm)")
+    response_column: str = _field("response", help="response column (causal-lm)")
+    num_train: int = _field(2000, help="training examples of the embedded task")
+    num_test: int = _field(500, help="held-out examples of the embedded task")
+    test_fraction: float = _field(0.2, help="share of a data file held out by the server")
+    partitioner: str = _field(
+        "iid", flag="partitioner", choices=PARTITIONERS, help="how data is split across clients"
+    )
+    dirichlet_alpha: float = _field(
+        0.5, flag="dirichlet-alpha", help="Dirichlet concentration (smaller = more label skew)"
+    )
+    shards_per_client: int = _field(2, help="label-sorted shards per client (shards partitioner)")
+    local_val_fraction: float = _field(0.1, help="share of each client's data kept for local validation")
+    seed: int = _field(0, help="seed of data generation, partitioning and local splits")
 
     def __post_init__(self) -> None:
         _check_choice("data.format", self.format, FORMATS)
@@ -149,17 +219,27 @@ class DataConfig:
 class TrainConfig:
     """Local training on each client. ``local_steps > 0`` overrides ``local_epochs``."""
 
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    local_epochs: float = 1.0
-    local_steps: int = 0
-    batch_size: int = 16
-    max_grad_norm: float = 1.0
-    device: str = "auto"
-    precision: str = "auto"
-    eval_batch_size: int = 64
-    seed: int = 0
+    lr: float = _field(3e-3, flag="lr", alias="lr", help="AdamW learning rate")
+    weight_decay: float = _field(0.0, help="AdamW weight decay")
+    warmup_steps: int = _field(0, help="linear learning-rate warm-up steps")
+    local_epochs: float = _field(
+        1.0, flag="local-epochs", alias="local-epochs", help="local epochs per round"
+    )
+    local_steps: int = _field(
+        0, flag="local-steps", alias="local-steps", help="optimiser steps per round (> 0 overrides epochs)"
+    )
+    batch_size: int = _field(16, flag="batch-size", alias="batch-size", help="local batch size")
+    max_grad_norm: float = _field(1.0, help="gradient clipping without DP (0 = off)")
+    device: str = _field("auto", flag="device", node="device", choices=DEVICES, help="training device")
+    precision: str = _field("auto", choices=PRECISIONS, help="training precision")
+    eval_batch_size: int = _field(64, help="batch size of evaluation")
+    seed: int = _field(0, help="seed of local training (batch order, dropout)")
+    gradient_checkpointing: bool = _field(
+        False, help="recompute activations in backward (less memory, ~30% more compute)"
+    )
+    grad_accum_steps: int = _field(
+        1, help="split each batch into this many micro-batches (same update, less memory)"
+    )
 
     def __post_init__(self) -> None:
         _check_positive("train.lr", self.lr)
@@ -172,6 +252,8 @@ class TrainConfig:
             _fail("train.batch_size", self.batch_size, "an integer >= 1")
         _check_choice("train.device", self.device, DEVICES)
         _check_choice("train.precision", self.precision, PRECISIONS)
+        if not 1 <= self.grad_accum_steps <= self.batch_size:
+            _fail("train.grad_accum_steps", self.grad_accum_steps, f"1 to batch_size ({self.batch_size})")
 
 
 @dataclass(frozen=True)
@@ -184,15 +266,23 @@ class FederationConfig:
     it waits for ``num_clients`` nodes to connect.
     """
 
-    num_clients: int = 4
-    num_rounds: int = 5
-    clients_per_round: int = 0
-    strategy: str = "fedit"
-    strategy_params: Mapping[str, Any] = field(default_factory=dict)
-    min_replies: int = 1
-    round_timeout: float = 900.0
-    node_wait_timeout: float = 120.0
-    seed: int = 0
+    num_clients: int = _field(4, flag="clients", alias="num-clients", help="number of clients (nodes)")
+    num_rounds: int = _field(5, flag="rounds", alias="num-server-rounds", help="number of federated rounds")
+    clients_per_round: int = _field(0, flag="clients-per-round", help="clients sampled per round (0 = all)")
+    strategy: str = _field(
+        "fedit",
+        flag="strategy",
+        metavar="NAME",
+        alias="strategy",
+        help="aggregation strategy (see docs/strategies.md)",
+    )
+    strategy_params: Mapping[str, Any] = _field(
+        default_factory=dict, help='strategy keyword arguments, e.g. {"lam": 0.01}'
+    )
+    min_replies: int = _field(1, help="fewest valid updates a round needs to be aggregated")
+    round_timeout: float = _field(900.0, help="seconds the server waits for a round's replies")
+    node_wait_timeout: float = _field(120.0, help="seconds the server waits for num_clients nodes")
+    seed: int = _field(0, help="seed of the initial adapter and client sampling")
 
     def __post_init__(self) -> None:
         if self.num_clients < 1:
@@ -217,15 +307,33 @@ class PrivacyConfig:
     Gaussian noise ``noise_multiplier * clip_norm`` to the sum).
     """
 
-    mode: str = "none"
-    epsilon: float = 0.0
-    delta: float = 1e-5
-    noise_multiplier: float = 0.0
-    max_grad_norm: float = 1.0
-    clip_norm: float = 1.0
-    accountant: str = "prv"
-    client_sampling: str = "fixed"
-    client_sample_rate: float = 1.0
+    mode: str = _field(
+        "none",
+        flag="dp",
+        alias="dp-mode",
+        choices=DP_MODES,
+        help="DP mode: record (DP-SGD on clients) or client (DP-FedAvg on the server)",
+    )
+    epsilon: float = _field(
+        0.0,
+        flag="dp-epsilon",
+        alias="dp-epsilon",
+        node="dp-epsilon",
+        help="target epsilon for the whole run (calibrates the noise)",
+    )
+    delta: float = _field(1e-5, flag="dp-delta", alias="dp-delta", help="DP delta")
+    noise_multiplier: float = _field(
+        0.0, flag="dp-noise", help="noise multiplier (instead of a target epsilon)"
+    )
+    max_grad_norm: float = _field(1.0, flag="dp-clip", help="per-example clipping norm C of DP-SGD")
+    clip_norm: float = _field(1.0, help="update clipping norm of client-level DP")
+    accountant: str = _field("prv", choices=ACCOUNTANTS, help="privacy accountant")
+    client_sampling: str = _field(
+        "fixed", flag="client-sampling", choices=CLIENT_SAMPLING, help="client sampling (client-level DP)"
+    )
+    client_sample_rate: float = _field(
+        1.0, flag="client-sample-rate", help="Poisson client sampling probability"
+    )
 
     def __post_init__(self) -> None:
         _check_choice("privacy.mode", self.mode, DP_MODES)
@@ -251,8 +359,12 @@ class PrivacyConfig:
 class OutputConfig:
     """Where results go. Empty ``out_dir`` means ``runs/<timestamp>``."""
 
-    out_dir: str = ""
-    resume: bool = False
+    out_dir: str = _field(
+        "", flag="out", metavar="DIR", alias="out-dir", help="run directory (default runs/<timestamp>)"
+    )
+    resume: bool = _field(
+        False, flag="resume", alias="resume", help="continue the run in out_dir from its last checkpoint"
+    )
 
 
 @dataclass(frozen=True)
@@ -268,13 +380,15 @@ class RobustConfig:
     refused before they are read.
     """
 
-    norm_bound: float = 3.0
-    max_update_norm: float = 1e4
-    max_abs_value: float = 1e4
-    max_weight_factor: float = 3.0
-    aggregator: str = "mean"
-    trim_fraction: float = 0.2
-    max_update_size: float = 1.5
+    norm_bound: float = _field(3.0, help="clip updates to this multiple of the round's median norm (0 = off)")
+    max_update_norm: float = _field(1e4, help="reject updates whose ||dW|| exceeds this")
+    max_abs_value: float = _field(1e4, help="reject updates holding a value larger than this in magnitude")
+    max_weight_factor: float = _field(
+        3.0, help="cap example counts at this multiple of the round's median (0 = off)"
+    )
+    aggregator: str = _field("mean", choices=ROBUST_AGGREGATORS, help="robust centre (fedit, ffa)")
+    trim_fraction: float = _field(0.2, help="share cut at each end by the trimmed mean")
+    max_update_size: float = _field(1.5, help="refuse update records above this multiple of their size")
 
     def __post_init__(self) -> None:
         _check_choice("robust.aggregator", self.aggregator, ROBUST_AGGREGATORS)
@@ -319,23 +433,6 @@ class RunConfig:
         return json.dumps(dataclasses.asdict(self), default=dict, sort_keys=True)
 
 
-# Flower run-config keys that are not "section.field".
-ALIASES: dict[str, str] = {
-    "num-server-rounds": "federation.num_rounds",
-    "num-clients": "federation.num_clients",
-    "strategy": "federation.strategy",
-    "lora-rank": "lora.rank",
-    "local-epochs": "train.local_epochs",
-    "local-steps": "train.local_steps",
-    "lr": "train.lr",
-    "batch-size": "train.batch_size",
-    "dp-epsilon": "privacy.epsilon",
-    "dp-delta": "privacy.delta",
-    "dp-mode": "privacy.mode",
-    "out-dir": "output.out_dir",
-    "resume": "output.resume",
-}
-
 _SECTION_TYPES: dict[str, type] = {
     "model": ModelConfig,
     "lora": LoraSettings,
@@ -348,8 +445,86 @@ _SECTION_TYPES: dict[str, type] = {
 }
 
 
+@dataclass(frozen=True)
+class FieldSpec:
+    """One config field and every name it is reachable by (declared once, in its dataclass).
+
+    Parameters
+    ----------
+    key
+        Dotted name, e.g. ``"train.lr"`` (TOML table and field).
+    hint
+        The field's type annotation.
+    default
+        The built-in default.
+    help
+        One line for ``--help`` and the docs.
+    flag
+        ``fedlora simulate`` option without ``--`` (``None``: reachable through ``--set``).
+    alias
+        Flat Flower run-config key (``None``: use the dotted key).
+    node
+        SuperNode ``--node-config`` key that overrides the field on one node.
+    choices
+        The allowed values of a string field (empty: free).
+    metavar
+        Placeholder of the flag's value in ``--help`` (``None``: from the type).
+    """
+
+    key: str
+    hint: Any
+    default: Any
+    help: str
+    flag: str | None
+    alias: str | None
+    node: str | None
+    choices: tuple[str, ...]
+    metavar: str | None = None
+
+    @property
+    def section(self) -> str:
+        """The TOML table the field lives in."""
+        return self.key.split(".", 1)[0]
+
+
+def field_specs() -> tuple[FieldSpec, ...]:
+    """Return every config field in declaration order (sections as in :class:`RunConfig`)."""
+    specs = []
+    for section, cls in _SECTION_TYPES.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            m = f.metadata
+            specs.append(
+                FieldSpec(
+                    key=f"{section}.{f.name}",
+                    hint=hints[f.name],
+                    default=default,
+                    help=m.get("help", ""),
+                    flag=m.get("flag"),
+                    alias=m.get("alias"),
+                    node=m.get("node"),
+                    choices=tuple(m.get("choices", ())),
+                    metavar=m.get("metavar"),
+                )
+            )
+    return tuple(specs)
+
+
+# Flat Flower run-config keys (``num-server-rounds``) -> dotted field, from the field declarations.
+ALIASES: dict[str, str] = {s.alias: s.key for s in field_specs() if s.alias}
+
+# SuperNode ``--node-config`` keys -> dotted field, from the field declarations.
+NODE_FIELDS: dict[str, str] = {s.node: s.key for s in field_specs() if s.node}
+
+
 def _norm_key(key: str) -> str:
     return key.strip().replace("-", "_")
+
+
+def _alias_key(key: str) -> str:
+    """Return the hyphenated spelling of a flat key (``num_server_rounds`` -> ``num-server-rounds``)."""
+    return key.strip().replace("_", "-")
 
 
 def _coerce_int(field_name: str, value: Any) -> int:
@@ -456,7 +631,7 @@ def with_overrides(base: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
     """Return ``base`` with dotted-key overrides (``"train.lr"``, aliases such as ``num-server-rounds``)."""
     nested = base.to_dict()
     for raw_key, value in overrides.items():
-        key = ALIASES.get(raw_key.strip(), raw_key.strip())
+        key = ALIASES.get(_alias_key(raw_key), raw_key.strip())
         if "." not in key:
             known = ", ".join(sorted(ALIASES))
             raise ConfigError(

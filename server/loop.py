@@ -23,7 +23,7 @@ from fedlora.adapters import AdapterState, is_lora_a, is_lora_b
 from fedlora.atomic import private_tree
 from fedlora.checkpoint import load_checkpoint, prev_path, save_checkpoint
 from fedlora.config import RunConfig
-from fedlora.data.sources import load_task_data
+from fedlora.data.cached import task_data
 from fedlora.protocol import ProtocolError, SetupQuery, TrainRequest, decode_setup_reply, record_bytes
 from server.evaluator import ServerModel
 from server.outputs import RoundRecord, RunOutputs, plot_metrics, progress_line
@@ -136,7 +136,7 @@ class ServerRun:
         self.grid, self.cfg, self.run_dir = grid, cfg, run_dir
         self.strategy: LoraStrategy = build_strategy(cfg)  # an unknown strategy fails before data loads
         self.out = RunOutputs(run_dir, cfg, resume=cfg.output.resume)
-        data = load_task_data(cfg.data, cfg.model.task)
+        data = task_data(cfg.data, cfg.model.task)  # cached: the driver built it already
         self.labels = data.labels
         self.model = ServerModel(cfg, data.labels, data.test)
         self.privacy = ServerPrivacy(cfg, run_dir)

@@ -7,41 +7,74 @@ inside every message, so the same apps run unchanged under ``flwr run`` and on S
 
 from __future__ import annotations
 
-import logging
 import os
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
+
+from rich.console import Console
 
 from fedlora.config import RunConfig
-from fedlora.data.partition import format_summary, partition_records, save_summary, summarize
-from fedlora.data.sources import load_task_data
+from fedlora.data.cached import partitions, task_data
+from fedlora.data.partition import format_summary, save_summary, summarize
 
 DEFAULT_SCENARIO = Path(__file__).resolve().parent / "default.toml"
+
+# Clients listed one per line in the data summary; more are summarised in one line.
+MAX_SUMMARY_ROWS = 12
 
 
 class SimulationError(RuntimeError):
     """The simulation did not complete; the message points at the cause."""
 
 
-def _quiet() -> None:
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    # Inherited by the Ray actors that run the ClientApps.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    warnings.filterwarnings("ignore")
-    for name in ("transformers", "peft", "ray", "filelock"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    logging.getLogger("flwr").setLevel(logging.INFO)
-    from transformers.utils import logging as hf_logging
+def check_runnable(cfg: RunConfig) -> None:
+    """Refuse an unknown strategy or an unloadable model before any data loads or Ray starts.
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    Raises
+    ------
+    ValueError
+        ``RegistryError`` for the strategy (listing the valid names and parameters),
+        ``ModelError`` for the model (saying what a model name may be).
+    """
+    from fedlora.models import ModelError, resolve_model_path
+    from strategies.registry import create
+
+    create(cfg.federation.strategy, **dict(cfg.federation.strategy_params))
+    path = resolve_model_path(cfg.model.name)
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, local_files_only=True)
+        return
+    except (OSError, ValueError) as err:
+        local_error = err
+    if Path(path).exists():
+        raise ModelError(f"model directory {path!r} cannot be loaded: {local_error}") from local_error
+    if not _hub_reachable():
+        raise ModelError(
+            f"model {cfg.model.name!r} is neither 'minilm' (the packaged model), a local model "
+            "directory, nor a hub id in the Hugging Face cache, and huggingface.co cannot be reached; "
+            "pass --model minilm or a local Hugging Face model directory"
+        ) from local_error
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"model {cfg.model.name!r} cannot be loaded from the Hugging Face hub: {err}"
+        ) from err
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Return whether huggingface.co resolves and accepts a connection (hub downloads would work)."""
+    import socket
+
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path]:
@@ -61,64 +94,141 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path]:
 
 def print_partitions(cfg: RunConfig, run_dir: Path) -> None:
     """Print and save the per-client data summary (what each virtual client will hold)."""
-    data = load_task_data(cfg.data, cfg.model.task)
-    parts = partition_records(data.train, cfg.federation.num_clients, cfg.data)
-    summary = summarize(parts, data.labels)
+    data = task_data(cfg.data, cfg.model.task)
+    summary = summarize(partitions(cfg.data, cfg.model.task, cfg.federation.num_clients), data.labels)
     save_summary(summary, run_dir / "partitions.json")
-    print(f"data: {len(data.train)} train / {len(data.test)} held-out records, labels {list(data.labels)}")
-    print(format_summary(summary), flush=True)
+    labels = f"{len(data.labels)} labels ({', '.join(data.labels)})" if data.labels else "no labels"
+    print(f"data: {len(data.train)} train / {len(data.test)} held-out records, {labels}")
+    lines = format_summary(summary).splitlines()
+    if len(lines) > MAX_SUMMARY_ROWS + 1:
+        sizes = sorted(int(s["size"]) for s in summary)
+        hidden = len(lines) - 1 - MAX_SUMMARY_ROWS
+        lines = [
+            *lines[: MAX_SUMMARY_ROWS - 1],
+            f"   ...  ({hidden} more clients; sizes {sizes[0]}..{sizes[-1]}, all in partitions.json)",
+            lines[-1],
+        ]
+    print("\n".join(lines), flush=True)
 
 
-def simulate(cfg: RunConfig, cpus_per_client: float = 0.0, gpus_per_client: float = 0.0) -> Path:
+def _header(cfg: RunConfig, run_dir: Path, ray_address: str | None) -> str:
+    fed, lora, dp = cfg.federation, cfg.lora, cfg.privacy
+    ranks = f"ranks {','.join(map(str, lora.ranks))}" if lora.ranks else f"rank {lora.rank}"
+    privacy = (
+        "no DP"
+        if dp.mode == "none"
+        else f"{dp.mode}-level DP"
+        + (f" (target ε {dp.epsilon:g})" if dp.epsilon else f" (noise {dp.noise_multiplier:g})")
+    )
+    where = f"Ray cluster {ray_address}" if ray_address else "this machine"
+    return (
+        f"fedlora simulate: {fed.num_clients} clients x {fed.num_rounds} rounds of {fed.strategy} "
+        f"on {where}; "
+        f"model {cfg.model.name} ({cfg.model.task}), LoRA {ranks}, {privacy}\n"
+        f"run directory: {run_dir}"
+    )
+
+
+def _backend_config(
+    cfg: RunConfig, cpus_per_client: float, gpus_per_client: float, ray_address: str | None, logs: dict
+) -> dict:
+    """Return Flower's Ray backend config (``init_args`` go to ``ray.init``)."""
+    import torch
+
+    n_cpus = os.cpu_count() or 1
+    if gpus_per_client == 0.0 and torch.cuda.is_available() and cfg.train.device in ("auto", "cuda"):
+        gpus_per_client = 1.0 / min(cfg.federation.num_clients, 4)
+    init_args: dict = {"include_dashboard": False, **logs["init_args"]}
+    if ray_address:
+        # An existing cluster brings its own resources: ray.init refuses num_cpus with an address.
+        init_args["address"] = ray_address
+    else:
+        init_args["num_cpus"] = n_cpus
+    return {
+        "client_resources": {"num_cpus": cpus_per_client or n_cpus, "num_gpus": gpus_per_client},
+        "init_args": init_args,
+    }
+
+
+def _server_app_with_progress(progress: Any, num_rounds: int) -> Any:
+    """Return a ServerApp that runs fedlora's, with a grid that reports replies to ``progress``."""
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+
+    from server.app import main as server_main
+    from simulations.console import ProgressGrid
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        server_main(ProgressGrid(grid, progress, num_rounds), context)
+
+    return app
+
+
+def simulate(
+    cfg: RunConfig,
+    cpus_per_client: float = 0.0,
+    gpus_per_client: float = 0.0,
+    *,
+    verbosity: int | None = None,
+    ray_address: str | None = None,
+) -> Path:
     """Run a simulation for ``cfg``; return the run directory.
 
-    ``cpus_per_client = 0`` gives each virtual client all CPUs (one client trains at a
-    time, using every core), which is fastest for transformer training on small machines.
+    ``cpus_per_client = 0`` gives each virtual client all CPUs of this machine (one client
+    trains at a time, using every core), which is fastest for transformer training on small
+    machines. ``verbosity`` is the CLI's ``-v`` count (``None``: a library call that keeps the
+    caller's logging set-up). ``ray_address`` joins an existing Ray cluster (``ray start
+    --head`` there) instead of starting a private one; every node of it needs fedlora
+    installed.
+
+    Raises
+    ------
+    ValueError
+        For an unknown strategy or a model that cannot be loaded, before any data is loaded.
+    SimulationError
+        If the run ended without its final adapter.
     """
-    _quiet()
-    import torch
+    from simulations.console import LiveProgress, print_summary, quiet_environment
+
+    logs = quiet_environment(verbosity)
+    check_runnable(cfg)
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
+    from clients.privacy import STATE_ROOT_ENV
     from server.app import CONFIG_ENV
-    from server.app import app as server_app
 
     cfg, run_dir = prepare_run_dir(cfg)
     config_file = run_dir / "resolved_config.json"
     config_file.write_text(cfg.to_json(), encoding="utf-8")
-    print(
-        f"fedlora simulate: {cfg.federation.num_clients} clients x {cfg.federation.num_rounds} rounds, "
-        f"strategy {cfg.federation.strategy}, model {cfg.model.name}, privacy {cfg.privacy.mode}; "
-        f"run dir {run_dir}"
-    )
+    console = Console()
+    print(_header(cfg, run_dir, ray_address), flush=True)
     print_partitions(cfg, run_dir)
-    n_cpus = os.cpu_count() or 1
-    if gpus_per_client == 0.0 and torch.cuda.is_available() and cfg.train.device in ("auto", "cuda"):
-        gpus_per_client = 1.0 / min(cfg.federation.num_clients, 4)
-    resources = {"num_cpus": cpus_per_client or n_cpus, "num_gpus": gpus_per_client}
-    backend = {
-        "client_resources": resources,
-        "init_args": {
-            "num_cpus": n_cpus,
-            "include_dashboard": False,
-            "logging_level": "ERROR",
-            "log_to_driver": True,
-        },
-    }
+    backend = _backend_config(cfg, cpus_per_client, gpus_per_client, ray_address, logs)
+    progress = LiveProgress(console)
     os.environ[CONFIG_ENV] = str(config_file)
+    os.environ[STATE_ROOT_ENV] = str(run_dir / "nodes")  # inherited by the Ray actors (clients)
     t0 = time.perf_counter()
     try:
+        where = f"joining Ray at {ray_address}" if ray_address else "starting Ray"
+        progress.phase(f"{where} and {cfg.federation.num_clients} virtual clients", total=None)
         run_simulation(
-            server_app=server_app,
+            server_app=_server_app_with_progress(progress, cfg.federation.num_rounds),
             client_app=client_app,
             num_supernodes=cfg.federation.num_clients,
             backend_config=backend,
+            verbose_logging=logs["verbose_logging"],
         )
     finally:
+        progress.stop()
         os.environ.pop(CONFIG_ENV, None)
+        os.environ.pop(STATE_ROOT_ENV, None)
     if not (run_dir / "adapter" / "adapter_model.safetensors").exists():
         raise SimulationError(
             f"the simulation ended without a final adapter; see the log above and {run_dir}"
         )
-    print(f"done in {time.perf_counter() - t0:.0f} s; results in {run_dir}", flush=True)
+    print_summary(console, run_dir, time.perf_counter() - t0)
     return run_dir

@@ -1,0 +1,273 @@
+"""What ``fedlora simulate`` shows: a live progress line per round, quiet logs, a final summary.
+
+The server's round loop prints one result line per round and knows nothing about the
+console. Progress is observed from outside: :class:`ProgressGrid` wraps Flower's ``Grid``
+and reports every reply as it arrives (it implements ``send_and_receive`` with the same
+push-then-poll semantics as Flower's own), and :class:`LiveProgress` draws it with rich.
+On a terminal the progress line is redrawn in place and removed when the run ends; in a
+log file (no terminal) nothing but the result lines is written.
+
+Verbosity: 0 shows fedlora's warnings only and hides Flower's DEBUG/deprecation output,
+Ray's actor output and library warnings; 1 adds fedlora's debug log (driver and clients);
+2 adds Flower's and Ray's logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from fedlora.logs import LOG_LEVEL_ENV, configure
+
+# Loggers of this project (module ``__name__`` prefixes).
+PROJECT_LOGGERS = ("fedlora", "clients", "server", "strategies", "simulations")
+
+
+def quiet_environment(verbosity: int | None) -> dict[str, Any]:
+    """Set log levels and environment for ``verbosity``; return Ray/Flower logging arguments.
+
+    The environment is inherited by the Ray actors that run the ClientApps, so the same
+    levels hold there. ``None`` (a library call, e.g. from tests) leaves this project's
+    loggers as the caller configured them and otherwise behaves like 0. Returns
+    ``init_args`` entries for Ray and ``verbose_logging`` for Flower's ``run_simulation``.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if verbosity is not None:
+        level = logging.DEBUG if verbosity >= 1 else logging.WARNING
+        os.environ[LOG_LEVEL_ENV] = logging.getLevelName(level)
+        configure(level)
+    verbosity = verbosity or 0
+    if verbosity < 2:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+        warnings.filterwarnings("ignore")
+        for name in ("transformers", "peft", "ray", "filelock", "datasets", "opacus", "bitsandbytes"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    flwr_logger = logging.getLogger("flwr")
+    # Flower logs through its own console handler; propagating to the root logger (which
+    # Ray configures) printed every line twice, once with a timestamp.
+    flwr_logger.propagate = False
+    if verbosity < 2:
+        flwr_logger.setLevel(logging.WARNING)
+        flwr_logger.addFilter(_drop_deprecation)
+    return {
+        "init_args": {
+            "logging_level": "INFO" if verbosity >= 2 else "ERROR",
+            # Actor stdout/stderr: the clients' debug log at -v; at 0 a client's failure still
+            # reaches the console as the server's "update excluded: client error" warning.
+            "log_to_driver": verbosity >= 1,
+        },
+        "verbose_logging": verbosity >= 2,
+    }
+
+
+def _drop_deprecation(record: logging.LogRecord) -> bool:
+    """Drop Flower's ``run_simulation`` deprecation notice (nothing a fedlora user can act on)."""
+    return "DEPRECATED FEATURE" not in record.getMessage()
+
+
+class LiveProgress:
+    """One live progress line (rich) for the phase the run is in; a no-op without a terminal."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=False)
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[unit]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+            redirect_stdout=True,
+            redirect_stderr=True,
+            disable=not self.console.is_terminal,
+        )
+        self._task: Any = None
+        self._started = False
+
+    def phase(self, description: str, total: int | None, unit: str = "") -> None:
+        """Start showing ``description`` with ``total`` steps (``None``: a spinner only)."""
+        if not self._started:
+            self._progress.start()
+            self._started = True
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(description, total=total, unit=unit)
+
+    def advance(self, completed: int, description: str | None = None) -> None:
+        """Set the current phase's completed count (and optionally its description)."""
+        if self._task is None:
+            return
+        if description is None:
+            self._progress.update(self._task, completed=completed)
+        else:
+            self._progress.update(self._task, completed=completed, description=description)
+
+    def stop(self) -> None:
+        """Remove the progress line (the result lines above it stay)."""
+        if self._started:
+            self._progress.stop()
+            self._started = False
+            self._task = None
+
+
+class ProgressGrid(Grid):
+    """A ``Grid`` that reports each reply of ``send_and_receive`` to a :class:`LiveProgress`.
+
+    Every other call goes to the wrapped grid unchanged.
+    """
+
+    def __init__(self, inner: Grid, progress: LiveProgress, num_rounds: int, poll: float = 0.1) -> None:
+        self.inner, self.progress, self.num_rounds, self.poll = inner, progress, num_rounds, poll
+
+    def set_run(self, run: Run) -> None:  # noqa: D102 - Grid API
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:  # noqa: D102 - Grid API
+        return self.inner.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # noqa: D102 - Grid API
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102 - Grid API
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102 - Grid API
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102 - Grid API
+        return self.inner.pull_messages(message_ids)
+
+    def _describe(self, messages: list[Message]) -> str:
+        first = messages[0]
+        if first.metadata.message_type.startswith("train"):
+            try:
+                rnd = int(first.content["config"]["round"])
+            except (KeyError, TypeError, ValueError):
+                return "training"
+            return f"round {rnd}/{self.num_rounds}"
+        return "clients loading the model"
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Push ``messages``, then pull replies until all arrived or ``timeout`` seconds passed."""
+        msgs = list(messages)
+        if not msgs:
+            return []
+        label = self._describe(msgs)
+        self.progress.phase(label, total=len(msgs), unit="clients")
+        pending = set(self.inner.push_messages(msgs))
+        end = time.monotonic() + (timeout if timeout is not None else 0.0)
+        replies: list[Message] = []
+        while pending and (timeout is None or time.monotonic() < end):
+            got = list(self.inner.pull_messages(pending))
+            if got:
+                replies.extend(got)
+                pending.difference_update(m.metadata.reply_to_message_id for m in got)
+                self.progress.advance(len(replies))
+            if pending:
+                time.sleep(self.poll)
+        if label.startswith("round"):
+            self.progress.advance(len(replies), f"{label}: aggregating and evaluating")
+        return replies
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _bytes(row: Mapping[str, Any], key: str) -> int:
+    """Read ``bytes_up``/``bytes-up`` (either spelling) from a metrics row."""
+    value = row.get(key, row.get(key.replace("_", "-"), 0))
+    return int(value or 0)
+
+
+def _privacy_line(run_dir: Path) -> str:
+    path = run_dir / "privacy_report.json"
+    if not path.is_file():
+        return "no report written"
+    report = json.loads(path.read_text(encoding="utf-8"))
+    if not report.get("formal_guarantee"):
+        mode = report.get("facts", {}).get("mode", "none")
+        return "no DP (no formal guarantee)" if mode == "none" else "DP configured, nothing released under DP"
+    acc = report["facts"].get("accountant", "prv")
+    clients = report["clients"]
+    eps = [c.get(f"epsilon_{acc}") or c.get("epsilon_rdp") for c in clients]
+    worst = max(float(e) for e in eps if e is not None)
+    return f"ε ≤ {worst:.2f} at δ = {clients[0]['delta']:g} (largest of {len(clients)}, {acc.upper()})"
+
+
+def summary_table(run_dir: Path, seconds: float) -> Table:
+    """Return the end-of-run table: accuracy, bytes, ε and where the results are."""
+    rows = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "global"]
+    table = Table(title="fedlora simulate: summary", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    if rows:
+        final = rows[-1]
+        best = max(rows, key=lambda r: r.get("test_accuracy") or 0.0)
+        table.add_row("rounds", f"{final['round']} in {seconds:.0f} s")
+        table.add_row("final test accuracy", f"{final['test_accuracy']:.3f}  (loss {final['test_loss']:.3f})")
+        table.add_row("best test accuracy", f"{best['test_accuracy']:.3f}  (round {best['round']})")
+        table.add_row("round 0 (initial adapter)", f"{rows[0]['test_accuracy']:.3f}")
+        up = sum(_bytes(r, "bytes_up") for r in rows)
+        down = sum(_bytes(r, "bytes_down") for r in rows)
+        table.add_row(
+            "bytes sent", f"{up / 1e6:.2f} MB up, {down / 1e6:.2f} MB down (all clients, all rounds)"
+        )
+        rejected = sum(len(r.get("rejected") or []) for r in rows)
+        if rejected:
+            table.add_row("rejected updates", f"{rejected} (reasons in metrics.jsonl)")
+    table.add_row("privacy", _privacy_line(run_dir))
+    table.add_row("results", str(run_dir))
+    table.add_row("  adapter (PEFT)", str(run_dir / "adapter"))
+    table.add_row("  metrics", "metrics.jsonl, metrics.png")
+    table.add_row("  privacy report", "privacy_report.md / .html / .json")
+    return table
+
+
+def print_summary(console: Console, run_dir: Path, seconds: float) -> None:
+    """Print :func:`summary_table` (also without a terminal: it is the run's last word)."""
+    console.print(summary_table(run_dir, seconds))
+    sys.stdout.flush()
