@@ -1,0 +1,178 @@
+"""Mutation testing of the aggregation math and the privacy accounting (mutmut; not part of CI).
+
+Copies the working tree (tracked and untracked, non-ignored files) into a scratch directory,
+adds a ``[tool.mutmut]`` table to the copy's ``pyproject.toml`` and runs ``mutmut run`` there,
+so the checkout itself is never modified. Every mutant of the named files is run against the
+fast tests that cover it; the score and every surviving mutant (with its diff) are printed and
+written to ``<workdir>/mutation-summary.txt``. See docs/testing.md for the latest numbers.
+
+Usage::
+
+    python scripts/mutation.py                      # strategies/ and the four privacy modules
+    python scripts/mutation.py --only strategies/ffa.py --max-children 2
+    python scripts/mutation.py --workdir /tmp/mut --keep   # reuse/keep the scratch copy
+
+Needs the ``test`` extra (``pip install -e '.[test]'``), which pins mutmut.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TARGETS = [
+    "strategies/*.py",
+    "fedlora/privacy/accounting.py",
+    "fedlora/privacy/ledger.py",
+    "fedlora/privacy/client_dp.py",
+    "fedlora/privacy/calibrate.py",
+]
+# Fast tests of the mutated code (no Flower runs, no pretrained model).
+TESTS = [
+    "tests/strategies",
+    "tests/privacy/test_privacy_ledger.py",
+    "tests/privacy/test_privacy_calibrate.py",
+    "tests/privacy/test_privacy_client_dp.py",
+    "tests/privacy/test_report_claims.py",
+    "tests/privacy/test_server_client_dp.py",
+]
+# Registry and wiring code whose mutants only change error wording or import-time glue.
+DO_NOT_MUTATE = ["strategies/__init__.py"]
+
+
+def copy_tree(dest: Path) -> None:
+    """Copy every tracked and untracked, non-ignored file of the checkout into ``dest``."""
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.decode()
+    for rel in filter(None, out.split("\0")):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def toml_list(items: list[str]) -> str:
+    """Return ``items`` as a TOML array of strings."""
+    return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+
+def write_config(dest: Path, targets: list[str], tests: list[str]) -> None:
+    """Append the mutmut configuration to the scratch copy's pyproject.toml."""
+    tests = [t for t in tests if (dest / t).exists()]
+    conf = f"""
+[tool.mutmut]
+source_paths = ["strategies", "fedlora"]
+only_mutate = {toml_list(targets)}
+do_not_mutate = {toml_list(DO_NOT_MUTATE)}
+also_copy = ["clients", "server", "simulations", "docs", "scripts"]
+pytest_add_cli_args = ["-p", "no:randomly", "-p", "no:cacheprovider", "-x", "-q"]
+pytest_add_cli_args_test_selection = {toml_list(tests)}
+process_isolation = "forkserver"
+timeout_multiplier = 5.0
+timeout_constant = 20.0
+use_git_change_detection = false
+"""
+    with (dest / "pyproject.toml").open("a", encoding="utf-8") as f:
+        f.write(conf)
+
+
+def summarize(work: Path) -> str:
+    """Return the score per file and the diff of every mutant that no test killed.
+
+    Killed: a test failed (or the mutant timed out, e.g. an endless loop). Not killed: the tests
+    passed ("survived") or no selected test reached the code ("no tests"). The score is killed
+    over killed plus not killed; skipped or unchecked mutants are left out and counted apart.
+    """
+    from mutmut.stats import status_by_exit_code
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    totals: dict[str, dict[str, int]] = {}
+    alive: list[str] = []
+    for path in sorted((work / "mutants").rglob("*.py.meta")):
+        rel = str(path.relative_to(work / "mutants"))[: -len(".meta")]
+        counts = totals.setdefault(rel, {"killed": 0, "alive": 0, "other": 0})
+        for name, code in json.loads(path.read_text()).get("exit_code_by_key", {}).items():
+            status = status_by_exit_code[code]
+            if status in ("killed", "timeout", "caught by type check"):
+                counts["killed"] += 1
+            elif status in ("survived", "no tests"):
+                counts["alive"] += 1
+                alive.append(f"{name} ({status})")
+            else:
+                counts["other"] += 1
+    lines = [f"{'file':40s} {'killed':>7s} {'alive':>6s} {'other':>6s}  score"]
+    k_all = a_all = 0
+    for rel, c in sorted(totals.items()):
+        done = c["killed"] + c["alive"]
+        if not done and not c["other"]:
+            continue
+        k_all, a_all = k_all + c["killed"], a_all + c["alive"]
+        score = f"{100 * c['killed'] / done:5.1f}%" if done else "  n/a"
+        lines.append(f"{rel:40s} {c['killed']:7d} {c['alive']:6d} {c['other']:6d}  {score}")
+    pct = 100 * k_all / max(1, k_all + a_all)
+    lines.append(f"TOTAL: {k_all} of {k_all + a_all} mutants killed ({pct:.1f}%)")
+    lines += ["", "mutants not killed:"]
+    for entry in alive:
+        name = entry.split(" ", 1)[0]
+        diff = subprocess.run(
+            [sys.executable, "-m", "mutmut", "show", name], cwd=work, capture_output=True, text=True, env=env
+        ).stdout
+        lines += [f"## {entry}", diff.strip(), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run mutation testing; return mutmut's exit status."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="*", default=TARGETS, help="glob patterns of files to mutate")
+    ap.add_argument("--tests", nargs="*", default=TESTS, help="test paths run against each mutant")
+    ap.add_argument("--max-children", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--timeout", type=float, default=3600.0, help="stop mutmut after this many seconds")
+    ap.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a new temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    args = ap.parse_args(argv)
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="fedlora-mutation-"))
+    fresh = not (work / "pyproject.toml").exists()
+    if fresh:
+        work.mkdir(parents=True, exist_ok=True)
+        copy_tree(work)
+        write_config(work, args.only, args.tests)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    t0 = time.monotonic()
+    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
+    try:
+        rc = subprocess.run(cmd, cwd=work, env=env, timeout=args.timeout).returncode
+    except subprocess.TimeoutExpired:
+        print(f"mutmut stopped after {args.timeout:.0f} s; the summary covers the mutants run so far")
+        rc = 124
+    summary = summarize(work) + f"\n\nwall time: {time.monotonic() - t0:.0f} s\n"
+    (work / "mutation-summary.txt").write_text(summary, encoding="utf-8")
+    print(summary)
+    print(f"summary: {work / 'mutation-summary.txt'}")
+    if not args.keep and args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
