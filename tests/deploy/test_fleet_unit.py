@@ -3,7 +3,6 @@
 import subprocess
 import sys
 import textwrap
-import time
 import tomllib
 
 import psutil
@@ -46,9 +45,7 @@ def test_connection_is_readable_by_flower(tmp_path, monkeypatch):
 def test_config_arg_forms(tmp_path):
     assert config_arg(None, tmp_path / "x.toml") is None
     assert config_arg("a=1 b='x'", tmp_path / "x.toml") == "a=1 b='x'"
-    path = config_arg(
-        {"partition-id": 1, "data-path": "/d ir/f.csv", "dp-epsilon": 2.5}, tmp_path / "n.toml"
-    )
+    path = config_arg({"partition-id": 1, "data-path": "/d ir/f.csv", "dp-epsilon": 2.5}, tmp_path / "n.toml")
     assert tomllib.loads((tmp_path / "n.toml").read_text()) == {
         "partition-id": 1,
         "data-path": "/d ir/f.csv",
@@ -77,30 +74,35 @@ def test_last_json_skips_banner():
 
 
 def test_kill_trees_reaches_descendants_in_other_sessions():
-    # parent -> child in a NEW session (like the SuperLink's flower-superexec) -> grandchild
+    # parent -> child in a NEW session (like the SuperLink's flower-superexec) -> grandchild.
+    # Each process says "up" on the shared pipe once it runs: no clock decides when all three exist.
     script = textwrap.dedent(
         """
         import subprocess, sys, time
-        sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
-        inner = f"import subprocess, time; subprocess.Popen({sleeper!r}); time.sleep(120)"
+        sleeper = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(600)"]
+        inner = f"import subprocess, time; subprocess.Popen({sleeper!r}); "
+        inner += "print('up', flush=True); time.sleep(600)"
         subprocess.Popen([sys.executable, "-c", inner], start_new_session=True)
         print("up", flush=True)
-        time.sleep(120)
+        time.sleep(600)
         """
     )
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, start_new_session=True)
+    family = []
     try:
-        assert parent.stdout.readline().strip() == b"up"
-        deadline = time.monotonic() + 20
-        while len(psutil.Process(parent.pid).children(recursive=True)) < 2:
-            assert time.monotonic() < deadline, "grandchild did not start"
-            time.sleep(0.05)
+        assert [parent.stdout.readline().strip() for _ in range(3)] == [b"up"] * 3
         family = [psutil.Process(parent.pid), *psutil.Process(parent.pid).children(recursive=True)]
+        assert len(family) == 3
         kill_trees([parent.pid], grace=2.0)
-        parent.wait(5)
-        _, alive = psutil.wait_procs(family, timeout=5)
+        parent.wait(300)
+        _, alive = psutil.wait_procs(family, timeout=300)  # returns as soon as all are gone
         assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
     finally:
+        for proc in family:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
         if parent.poll() is None:
             parent.kill()
         parent.stdout.close()
