@@ -87,6 +87,8 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
         alpha,
         cfg.lora.dropout,
         cfg.lora.target_modules,
+        quantization=cfg.model.quantization,
+        device=node.device,
     )
     start = _start_state(adapter_state(loaded, rank), req.adapter, seed, rank)
     expected_a = req.extras.get(A_FINGERPRINT)

@@ -147,7 +147,10 @@ def _evaluate_parser(sub: Any) -> None:
     )
     p.add_argument("adapter_dir", help="PEFT adapter directory (e.g. runs/<id>/adapter)")
     p.add_argument(
-        "--data", default="embedded", metavar="PATH", help="'embedded' (its held-out split) or a data file"
+        "--data",
+        default="embedded",
+        metavar="PATH",
+        help="'embedded' or 'instruct' (the run's generated held-out split) or a data file",
     )
     for flag, key in (
         ("--data-format", "data.format"),
@@ -178,6 +181,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(res))
     else:
         print(f"{res['examples']} examples: accuracy {res['accuracy']:.4f}, loss {res['loss']:.4f}")
+        if "exact_match" in res:  # causal LM
+            print(
+                f"response perplexity {res['perplexity']:.3f}, exact-match {res['exact_match']:.3f} "
+                f"({res['generated']} greedy answers)"
+            )
+            for row in res["samples"]:
+                print(f"  {row['instruction']!r} -> {row['answer']!r} (reference {row['reference']!r})")
     return 0
 
 

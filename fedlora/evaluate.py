@@ -1,8 +1,15 @@
-"""``fedlora evaluate``: score a saved PEFT adapter with plain transformers + PEFT loading."""
+"""``fedlora evaluate``: score a saved PEFT adapter with plain transformers + PEFT loading.
+
+Classification: loss and accuracy. Causal LM: held-out response loss and perplexity, token
+accuracy, exact-match of greedy answers (on up to :data:`GENERATE_LIMIT` records) and a few
+answer samples. ``data`` is a file, or ``"embedded"``/``"instruct"`` for the generated data
+sets, rebuilt with the run's settings recorded in the adapter's metadata.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +17,7 @@ from fedlora.config import DataConfig
 from fedlora.data.encode import encode
 from fedlora.data.sources import (
     DataError,
+    Record,
     classification_records,
     instruction_records,
     load_task_data,
@@ -19,6 +27,27 @@ from fedlora.export import META_FILE
 from fedlora.models import resolve_model_path
 from fedlora.train import evaluate, resolve_device
 
+GENERATED = ("embedded", "instruct")
+GENERATE_LIMIT = 64
+
+
+def _records(meta: dict[str, Any], data: str, dcfg: DataConfig, task: str) -> list[Record]:
+    labels = tuple(meta["labels"])
+    if data in GENERATED:
+        if data == "embedded" and task != "classification":
+            data = "instruct"  # the generated data set of causal-LM runs
+        recorded = meta.get("data") or {}
+        base = DataConfig(source=data)
+        if recorded.get("source") == data:
+            keep = {k: recorded[k] for k in ("num_train", "num_test", "seed") if k in recorded}
+            base = replace(base, **keep)
+        return load_task_data(base, task).test
+    rows = read_rows(data, dcfg.format)
+    if task == "classification":
+        records, _ = classification_records(rows, dcfg, data, labels)
+        return records
+    return instruction_records(rows, dcfg, data)
+
 
 def evaluate_adapter(
     adapter_dir: Path,
@@ -27,10 +56,15 @@ def evaluate_adapter(
     data_format: str = "auto",
     text_column: str = "text",
     label_column: str = "label",
+    instruction_column: str = "instruction",
+    response_column: str = "response",
     model: str | None = None,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Load base + adapter with ``PeftModel.from_pretrained`` and return loss/accuracy on ``data``.
+    """Load base + adapter with ``PeftModel.from_pretrained`` and score it on ``data``.
+
+    Returns ``examples``, ``loss`` and ``accuracy``; for causal LMs also ``perplexity``,
+    ``exact_match`` and ``samples`` (instruction, reference, answer).
 
     Raises
     ------
@@ -40,6 +74,8 @@ def evaluate_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from fedlora.generate import evaluate_generation
+
     meta_path = adapter_dir / META_FILE
     if not (adapter_dir / "adapter_config.json").is_file() or not meta_path.is_file():
         raise FileNotFoundError(
@@ -48,6 +84,17 @@ def evaluate_adapter(
         )
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     labels, task, max_length = tuple(meta["labels"]), meta["task"], int(meta["max_length"])
+    dcfg = DataConfig(
+        source=data,
+        format=data_format,
+        text_column=text_column,
+        label_column=label_column,
+        instruction_column=instruction_column,
+        response_column=response_column,
+    )
+    records = _records(meta, data, dcfg, task)
+    if not records:
+        raise DataError(f"no records to evaluate in {data!r}")
     path = resolve_model_path(model or meta["model"])
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -56,18 +103,17 @@ def evaluate_adapter(
         base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=max(2, len(labels)))
     else:
         base = AutoModelForCausalLM.from_pretrained(path)
-    peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
-    if data == "embedded":
-        records = load_task_data(DataConfig(), task).test
-    else:
-        dcfg = DataConfig(source=data, format=data_format, text_column=text_column, label_column=label_column)
-        rows = read_rows(data, data_format)
-        if task == "classification":
-            records, _ = classification_records(rows, dcfg, data, labels)
-        else:
-            records = instruction_records(rows, dcfg, data)
-    if not records:
-        raise DataError(f"no records to evaluate in {data!r}")
     dev = resolve_device(device)
-    res = evaluate(peft_model.to(dev), encode(records, tokenizer, max_length, task), task, dev)
-    return {"examples": res.examples, "accuracy": res.accuracy, "loss": res.loss}
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir)).to(dev)
+    res = evaluate(peft_model, encode(records, tokenizer, max_length, task), task, dev)
+    out: dict[str, Any] = {"examples": res.examples, "accuracy": res.accuracy, "loss": res.loss}
+    if task != "classification":
+        subset = records[:GENERATE_LIMIT]
+        gen = evaluate_generation(peft_model, tokenizer, subset, dev)
+        out.update(
+            perplexity=res.extras["perplexity"],
+            exact_match=gen.exact_match,
+            generated=len(subset),
+            samples=gen.samples(subset, 5),
+        )
+    return out

@@ -144,8 +144,12 @@ def _micro_batches(batch: Any, parts: int) -> list[Any]:
 def gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
     """Recompute activations in the backward pass while training ``model`` (if ``enabled``).
 
-    Non-reentrant checkpointing, so a frozen base with LoRA-only gradients works without
-    making the inputs require grad. Switched off again on exit: the base is shared.
+    Reentrant checkpointing: the first forward runs without autograd and the backward pass
+    re-runs each layer with it, so Opacus' hooks see exactly one forward and one backward per
+    layer and per-sample gradients stay exact under DP (non-reentrant checkpointing skips
+    Opacus' backward hooks). The embedding output is made to require grad so the
+    recomputed layers get gradients with a frozen base. Switched off again on exit: the
+    base is shared.
     """
     if not enabled:
         yield
@@ -156,10 +160,12 @@ def gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[No
             f"train.gradient_checkpointing = true, but {type(target).__name__} does not support it; "
             "set it to false"
         )
-    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    target.enable_input_require_grads()
     try:
         yield
     finally:
+        target.disable_input_require_grads()
         target.gradient_checkpointing_disable()
 
 

@@ -335,9 +335,10 @@ class ServerRun:
     def _record(self, record: RoundRecord, state: AdapterState) -> dict[str, Any]:
         """Evaluate the global adapter, write the round's line and print its progress line."""
         adapter, merge = self._global_view(state)
-        ev = self.model.evaluate(adapter, merge)
+        ev = self.model.evaluate(adapter, merge, record.round)
         record.test_accuracy, record.test_loss = ev.accuracy, ev.loss
-        record.extra = self.privacy.round_summary(record.round)
+        # Causal LM: test_perplexity, test_exact_match.
+        record.extra = {**ev.extras, **self.privacy.round_summary(record.round)}
         row = self.out.log_round(record)
         print(progress_line(row, self.cfg.federation.num_rounds), flush=True)
         return row

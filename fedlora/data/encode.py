@@ -1,9 +1,11 @@
 """Turn records into padded token tensors for the two supported tasks.
 
 Classification: ``input_ids``, ``attention_mask``, ``labels`` (one int per example).
-Causal LM: the prompt ``PROMPT.format(instruction=...)`` followed by the response and EOS;
-``labels`` copy the input ids with prompt and padding positions set to -100, so the loss
-covers only the response tokens.
+Causal LM: the prompt followed by the response and EOS; ``labels`` copy the input ids with
+prompt and padding positions set to -100, so the loss covers only the response tokens. The
+prompt is the model's own chat template (one user turn, then the assistant header) when
+the tokenizer has one, else ``PROMPT.format(instruction=...)``. Padding is on the right;
+a response cut by ``max_length`` keeps its first tokens.
 """
 
 from __future__ import annotations
@@ -33,13 +35,31 @@ def encode_classification(records: Sequence[Record], tokenizer: Any, max_length:
     return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
 
 
+def prompt_text(tokenizer: Any, instruction: str) -> str:
+    """Return the text the model sees before its answer (chat template, or :data:`PROMPT`)."""
+    if getattr(tokenizer, "chat_template", None):
+        return str(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
+            )
+        )
+    return PROMPT.format(instruction=instruction)
+
+
+def prompt_ids(tokenizer: Any, instruction: str) -> list[int]:
+    """Return the token ids of :func:`prompt_text` (the template carries its own special tokens)."""
+    text = prompt_text(tokenizer, instruction)
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    return list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+
+
 def encode_causal(records: Sequence[Record], tokenizer: Any, max_length: int) -> TensorDataset:
     """Tokenise ``{"instruction", "response"}`` records, masking the prompt out of the loss."""
     pad = tokenizer.pad_token_id
     eos = tokenizer.eos_token_id
     ids_rows, mask_rows, label_rows = [], [], []
     for r in records:
-        prompt = tokenizer(PROMPT.format(instruction=r["instruction"]), add_special_tokens=True)["input_ids"]
+        prompt = prompt_ids(tokenizer, str(r["instruction"]))
         answer = tokenizer(r["response"], add_special_tokens=False)["input_ids"]
         if eos is not None:
             answer = [*answer, eos]

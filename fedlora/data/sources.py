@@ -181,11 +181,21 @@ def load_task_data(cfg: DataConfig, task: str) -> TaskData:
     """Return the run's train/test records and label names (deterministic for ``cfg.seed``)."""
     if cfg.source == "embedded":
         if task != "classification":
-            raise DataError("the embedded task is classification; pass data.source for causal-lm fine-tuning")
+            raise DataError(
+                "the embedded task is classification; for causal-lm use data.source = 'instruct' "
+                "(generated instruction tasks) or an instruction file"
+            )
         from fedlora.data.embedded import EMBEDDED_LABELS, embedded_splits
 
         train, test = embedded_splits(cfg.num_train, cfg.num_test, cfg.seed)
         return TaskData(list(train), list(test), tuple(EMBEDDED_LABELS))
+    if cfg.source == "instruct":  # generated instruction tasks; labels are task types
+        if task != "causal-lm":
+            raise DataError("data.source = 'instruct' is instruction data; set model.task = 'causal-lm'")
+        from fedlora.data.instruct import TASK_TYPES, instruct_splits
+
+        train, test = instruct_splits(cfg.num_train, cfg.num_test, cfg.seed)
+        return TaskData(train, test, TASK_TYPES)
     rows = read_rows(cfg.source, cfg.format)
     test_rows = read_rows(cfg.test_source, cfg.format) if cfg.test_source else None
     if test_rows is None:
