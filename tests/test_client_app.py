@@ -8,10 +8,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from clients.app import app
 from clients.round import PayloadError
-from fedlora.adapters import is_lora_a, is_lora_b
+from fedlora.adapters import fingerprint, is_lora_a, is_lora_b
 from fedlora.config import RunConfig, with_overrides
 from fedlora.models import adapter_state, get_lora_model, init_adapter_state
-from fedlora.adapters import fingerprint
 from fedlora.protocol import QUERY, TRAIN, decode_arrays
 from fedlora.protocol import encode_arrays as to_record
 
@@ -23,11 +22,9 @@ def from_record(record):
 
 
 @pytest.fixture(autouse=True)
-def _task_identity():
-    # Flower stamps messages with the running task's identity; set one as a runtime would.
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+def _task_identity(task_identity):
+    # Flower stamps messages with the running task's identity (restored by the conftest fixture).
+    return task_identity
 
 
 def _cfg(**over) -> RunConfig:
@@ -148,15 +145,83 @@ def test_record_level_dp_round_moves_adapter_and_keeps_ledger_in_state():
     # opacus#820 guard: DP training must really change the LoRA factors.
     assert any(torch.count_nonzero(v) for k, v in upd.items() if is_lora_b(k))
     m = reply.content["metrics"]
-    assert m["dp-steps"] == 3 and m["dp-noise-multiplier"] == 1.0 and m["dp-epsilon"] > 0
+    assert m["dp-steps"] == 3 and m["dp-noise-multiplier"] == 1.0 and m["dp-sample-rate"] == 0.2
+    # 36 local examples in batches of 8: q = 1/5. Opacus' PRV accountant (the configured one),
+    # called here directly, gives the epsilon the client must report.
     first_eps = m["dp-epsilon"]
+    assert first_eps == pytest.approx(opacus_prv([(1.0, 0.2, 3)]), rel=1e-6)
     ledger = json.loads(str(reply.content["privacy"]["ledger"]))
     assert [e["round"] for e in ledger["entries"]] == [1]
     # Round 2 on the same context: the accountant continues from the persisted ledger.
     reply2 = app(_train_msg(cfg, start, round=2), ctx)
-    assert reply2.content["metrics"]["dp-epsilon"] > first_eps
+    second_eps = reply2.content["metrics"]["dp-epsilon"]
+    assert second_eps == pytest.approx(opacus_prv([(1.0, 0.2, 3), (1.0, 0.2, 3)]), rel=1e-6)
+    assert second_eps > first_eps
     ledger2 = json.loads(str(reply2.content["privacy"]["ledger"]))
     assert [e["round"] for e in ledger2["entries"]] == [1, 2]
+
+
+def opacus_prv(history, delta=1e-5):
+    from opacus.accountants import PRVAccountant
+
+    acc = PRVAccountant()
+    acc.history = list(history)
+    return acc.get_epsilon(delta=delta, eps_error=0.01)
+
+
+def test_sigma_is_calibrated_once_per_run_and_node(monkeypatch):
+    import clients.privacy
+    from fedlora.privacy.calibrate import calibrate_noise_multiplier
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return calibrate_noise_multiplier(*args, **kwargs)
+
+    monkeypatch.setattr(clients.privacy, "calibrate_noise_multiplier", counting)
+    cfg = _cfg(
+        **{
+            "privacy.mode": "record",
+            "privacy.epsilon": 8.0,
+            "privacy.accountant": "rdp",
+            "train.local_steps": 1,
+            "federation.num_rounds": 3,
+        }
+    )
+    ctx = _context()
+    sigmas = [
+        app(_train_msg(cfg, _template(), round=r), ctx).content["metrics"]["dp-noise-multiplier"]
+        for r in (1, 2)
+    ]
+    # One calibration for the whole planned run (3 rounds x 1 step at q = 1/5), reused in round 2.
+    assert calls == [(8.0, 1e-5, 0.2, 3)]
+    assert sigmas[0] == sigmas[1] == calibrate_noise_multiplier(8.0, 1e-5, 0.2, 3, accountant="rdp")
+    # Another node (other partition, own context) calibrates for itself.
+    app(_train_msg(cfg, _template()), _context(pid=1))
+    assert len(calls) == 2
+
+
+def test_flora_client_refuses_a_merge_that_does_not_match_the_fingerprint():
+    cfg = _cfg(**{"train.local_steps": 1})
+    start = _template()
+    module = "base_model.model.bert.encoder.layer.0.attention.self.query"
+    gen = torch.Generator().manual_seed(0)
+    merge = {
+        f"{module}.lora_A.weight": torch.randn(2, 384, generator=gen),
+        f"{module}.lora_B.weight": torch.randn(384, 2, generator=gen),
+    }
+
+    def msg(fp):
+        m = _train_msg(cfg, start, **{"fresh-adapter": True, "base-fingerprint": fp})
+        m.content["merge"] = to_record(merge)
+        return m
+
+    tampered = {**merge, f"{module}.lora_B.weight": merge[f"{module}.lora_B.weight"] + 1e-3}
+    with pytest.raises(PayloadError, match="base update fingerprint mismatch"):
+        app(msg(fingerprint(tampered)), _context())
+    reply = app(msg(fingerprint(merge)), _context())
+    assert not reply.has_error() and "update" in reply.content.array_records
 
 
 def test_client_declines_a_round_that_would_exceed_its_budget(tmp_path):
