@@ -46,6 +46,7 @@ from fedlora.privacy.randomness import entropy_generator, system_random
 from fedlora.privacy.report import write_report
 from fedlora.privacy.runfile import CLIENT_LEVEL_KEY, RunFacts, load_run_file, save_run_ledgers
 from strategies.base import ClientResult, ClientSpec, LoraStrategy, Payload
+from strategies.registry import lookup
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,9 @@ class ServerPrivacy:
         self.sampling = p.client_sampling if p.mode == "client" else "poisson"
         self.target = p.epsilon if p.epsilon > 0 else None
         if p.mode == "client":
+            # Refuse early (before calibrating) a strategy that declares no privatisable tensors.
+            cls = lookup(cfg.federation.strategy)
+            privatisable_names(cls.dp_tensors, [], cfg.federation.strategy)
             check_client_sampling(
                 p.client_sampling, cfg.federation.clients_per_round, cfg.federation.num_clients
             )

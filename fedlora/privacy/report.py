@@ -4,8 +4,10 @@
 and writes ``privacy_report.md``, ``privacy_report.html`` (one self-contained page: inline
 CSS, the plot as a base64 PNG data URI) and ``privacy_report.json`` into ``run_dir``.
 
-Every ε is recomputed from the whole ledger: the trajectory with Opacus' RDP accountant
-(Mironov 2017) after each round, the final value with both RDP and PRV (Gopi et al. 2021).
+Every ε is recomputed from the whole ledger. ONE accountant runs through the report: the
+run's budget accountant (``privacy.accountant``; Opacus' PRV, Gopi et al. 2021, by default,
+or RDP, Mironov 2017) gives the headline, each ledger's ε and target check, the per-round
+trajectory and the plot; the other accountant appears only as a labelled comparison column.
 The mechanisms are DP-SGD (Abadi et al. 2016) for record-level and DP-FedAvg (McMahan
 et al. 2018) for client-level privacy. A run without DP still gets a report that says
 plainly that no formal guarantee holds.
@@ -18,14 +20,14 @@ import io
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedlora.privacy.accounting import PRV_EPS_ERROR, compute_epsilon
 from fedlora.privacy.ledger import PrivacyLedger, write_json_atomic
 from fedlora.privacy.report_render import format_epsilon, render_html, render_markdown
-from fedlora.privacy.runfile import RunFacts, ledger_path, load_run_ledgers
+from fedlora.privacy.runfile import RunFacts, ledger_path, load_run_file, load_run_ledgers
 
 REPORT_FORMAT = "fedlora.privacy-report/1"
 NO_GUARANTEE = (
@@ -33,24 +35,51 @@ NO_GUARANTEE = (
     "adapter updates, metrics and final model may reveal information about any client's training data."
 )
 NOT_COVERED = [
-    "Metrics that clients report (training loss, evaluation accuracy and the like) are sent without noise.",
-    "Example counts and which clients took part in which round are sent or observable without noise.",
+    "Under DP, clients send no training loss or local validation metrics; the example count of each "
+    "client is sent without noise (the aggregation strategies weigh updates by it) and is not protected.",
+    "Which clients took part in which round is observable by the server; the run's own evaluation of the "
+    "global adapter on the server's held-out data is computed from released adapters only.",
     "Hyper-parameter tuning: every run trained on the same data spends budget too; ε here is this run alone.",
     "The pretrained base model and the data it was trained on, and any public data or tokenizer.",
-    "Secure randomness: noise and sampling come from torch's pseudo-random generator "
-    "(Opacus secure_mode is off), so floating-point and RNG attacks are not mitigated.",
+    "Secure randomness: DP noise and Poisson sampling draw from generators seeded with fresh OS entropy on "
+    "the party that applies them (never from the run seed, never checkpointed), but Opacus secure_mode "
+    "(a cryptographic generator and its floating-point mitigations) is off: it needs torchcsprng, which "
+    "cannot be installed with the pinned torch.",
 ]
 NOT_COVERED_BY_MODE = {
     "record": "Record-level DP protects single examples; a client's dataset as a whole (e.g. its size or "
     "its label mix) is not protected, and neither are users who contribute many examples.",
-    "client": "Client-level DP protects a client's whole participation against whoever sees the released "
-    "global adapters; the server itself sees every clipped update before noise (it is trusted).",
+    "client": "Client-level DP protects a client's whole participation against the other clients and "
+    "whoever sees the released global adapters, NOT against the server: the server sees every individual "
+    "update before noise (there is no secure aggregation), so it must be trusted.",
 }
+HEADLINE = {  # (who is protected, against whom)
+    "record": (
+        "Each client's individual training examples are",
+        "against the server, the other clients and anyone who sees the released adapters",
+    ),
+    "client": (
+        "Each client's participation (all of its data) is",
+        "against the other clients and anyone who sees the released global adapters, "
+        "but not against the server",
+    ),
+}
+OTHER_ACCOUNTANT = {"rdp": "prv", "prv": "rdp"}
 
 
 def _json_number(x: float | None) -> float | str | None:
     # Strict JSON has no Infinity: spell it out.
     return "inf" if x is not None and math.isinf(x) else x
+
+
+def _epsilon_or_error(
+    ledger: PrivacyLedger, accountant: str, history: Any = None
+) -> tuple[float | None, str | None]:
+    try:
+        hist = ledger.history if history is None else history
+        return compute_epsilon(hist, ledger.delta, accountant), None
+    except Exception as e:  # the PRV domain search fails on some extreme (σ, q, steps)
+        return None, f"{type(e).__name__}: {e}"
 
 
 def summarize_ledger(
@@ -59,21 +88,26 @@ def summarize_ledger(
     with_prv: bool = True,
     budget_accountant: str = "rdp",
 ) -> dict[str, Any]:
-    """Return one client's report row: parameters, rounds, ε (RDP and PRV) and the RDP trajectory.
+    """Return one ledger's report row: parameters, rounds, ε, its target and the ε trajectory.
 
-    ``epsilon_prv`` is None and ``prv_error`` names the reason when the PRV accountant is
-    skipped or fails (it cannot handle every parameter range). ``within_budget`` compares
-    the ``budget_accountant``'s ε (falling back to RDP without PRV) with ``target_epsilon``.
+    ``epsilon`` and ``trajectory`` use ``budget_accountant`` (the run's); ``epsilon_rdp`` and
+    ``epsilon_prv`` give both (the other one is the comparison column). PRV is skipped with
+    ``with_prv=False`` (then RDP stands in, and says so) and may fail on extreme parameters
+    (``prv_error`` names why). ``target_epsilon`` is the ledger's own target (a node's
+    ``dp-epsilon``) when it carries one, else the run's.
     """
     eps_rdp = ledger.epsilon("rdp")
-    eps_prv: float | None = None
-    prv_error: str | None = None if with_prv else "not requested"
-    if with_prv:
-        try:
-            eps_prv = compute_epsilon(ledger.history, ledger.delta, "prv")
-        except Exception as e:  # the PRV domain search fails on some extreme (σ, q, steps)
-            prv_error = f"{type(e).__name__}: {e}"
-    budget_eps = eps_prv if budget_accountant == "prv" and eps_prv is not None else eps_rdp
+    eps_prv, prv_error = _epsilon_or_error(ledger, "prv") if with_prv else (None, "not requested")
+    accountant = budget_accountant if (budget_accountant == "rdp" or eps_prv is not None) else "rdp"
+    eps = eps_prv if accountant == "prv" else eps_rdp
+    hist = ledger.history
+    trajectory = []
+    for i, e in enumerate(ledger.entries):
+        point, _ = _epsilon_or_error(ledger, accountant, hist[: i + 1])
+        trajectory.append(
+            (e.round, point if point is not None else compute_epsilon(hist[: i + 1], ledger.delta))
+        )
+    target = ledger.target_epsilon if ledger.target_epsilon is not None else target_epsilon
     return {
         "client_id": ledger.client_id,
         "unit": ledger.unit,
@@ -83,34 +117,45 @@ def summarize_ledger(
         "sample_rates": sorted({e.sample_rate for e in ledger.entries}),
         "sampling": sorted({e.sampling for e in ledger.entries}),
         "rounds": ledger.rounds,
+        "runs": sorted({e.run for e in ledger.entries}),
         "total_steps": ledger.total_steps,
+        "worst_case_rounds": [r for _, r in ledger.pending_rounds],
+        "accountant": accountant,
+        "epsilon": eps,
+        "comparison_accountant": OTHER_ACCOUNTANT[accountant],
         "epsilon_rdp": eps_rdp,
         "epsilon_prv": eps_prv,
         "prv_error": prv_error,
-        "trajectory_rdp": ledger.epsilon_trajectory("rdp"),
-        "target_epsilon": target_epsilon,
-        "within_budget": None if target_epsilon is None else bool(budget_eps <= target_epsilon),
+        "trajectory": trajectory,
+        "target_epsilon": target,
+        "target_source": "ledger" if ledger.target_epsilon is not None else ("run" if target else None),
+        "within_budget": None if target is None else bool(eps <= target),
     }
 
 
 def build_report(
-    ledgers: Mapping[str, PrivacyLedger], facts: RunFacts, with_prv: bool = True
+    ledgers: Mapping[str, PrivacyLedger],
+    facts: RunFacts,
+    with_prv: bool = True,
+    resumes: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """Return the report as a JSON-ready dict (the content of ``privacy_report.json``)."""
     rows = [
         summarize_ledger(ledgers[k], facts.target_epsilon, with_prv, facts.accountant)
         for k in sorted(ledgers)
+        if ledgers[k].entries or facts.mode == "client"
     ]
-    dp = facts.mode != "none" and bool(rows)
+    dp = facts.mode != "none" and any(r["total_steps"] for r in rows)
+    accountant = rows[0]["accountant"] if rows else facts.accountant
     if dp:
-        key = "epsilon_prv" if facts.accountant == "prv" else "epsilon_rdp"
-        worst = max(r[key] if r[key] is not None else r["epsilon_rdp"] for r in rows)
-        whom = "every client's training data" if facts.mode == "record" else "every client"
+        worst = max(r["epsilon"] for r in rows)
+        who, against = HEADLINE[facts.mode]
         guarantee = (
-            f"{whom[0].upper()}{whom[1:]} is protected by ({format_epsilon(worst)}, {rows[0]['delta']:g})-"
-            f"differential privacy or better, with neighbouring datasets differing by: {facts.neighbouring} "
-            f"(largest ε over {len(rows)} ledger(s), Opacus {facts.accountant.upper()} accountant). "
-            "Each ledger's own ε is listed below."
+            f"{who} protected by ({format_epsilon(worst)}, {rows[0]['delta']:g})-differential privacy "
+            f"or better {against}, with neighbouring datasets differing by: {facts.neighbouring} "
+            f"(largest ε over {len(rows)} ledger(s), Opacus {accountant.upper()} accountant). "
+            "Each ledger's own ε and target are listed below; what the guarantee does not cover is "
+            "listed at the end."
         )
     elif facts.mode != "none":
         guarantee = "DP was configured but no client completed a DP round: nothing was released under DP."
@@ -121,10 +166,21 @@ def build_report(
         not_covered.insert(0, NOT_COVERED_BY_MODE[facts.mode])
     if facts.sampling == "fixed":
         not_covered.append("Sampling was fixed-size: no amplification by subsampling is claimed (q = 1).")
+    charged = sum(int(r.get("charged", 0)) for r in resumes)
+    resumed = (
+        f"The run was resumed {len(resumes)} time(s); {charged} round(s) in flight when it stopped were "
+        "charged as worst-case entries (marked in the ledgers) unless a client's own ledger proved otherwise."
+        if resumes
+        else "The run was not resumed."
+    )
     return {
         "format": REPORT_FORMAT,
         "formal_guarantee": dp,
         "guarantee": guarantee,
+        "accountant": accountant,
+        "comparison_accountant": OTHER_ACCOUNTANT[accountant],
+        "resumes": [dict(r) for r in resumes],
+        "resumed": resumed,
         "facts": facts.to_dict(),
         "method": {
             "record": "DP-SGD (Abadi et al. 2016) on each client, per-example clipping to C",
@@ -133,16 +189,18 @@ def build_report(
         }[facts.mode],
         "accounting": (
             "ε recomputed from each whole ledger with Opacus "
-            f"{facts.library_versions.get('opacus', '?')}: RDPAccountant (default orders) and "
-            f"PRVAccountant (eps_error={PRV_EPS_ERROR}, upper bound reported)"
+            f"{facts.library_versions.get('opacus', '?')}; {accountant.upper()} throughout (headline, table, "
+            f"trajectory, plot), {OTHER_ACCOUNTANT[accountant].upper()} as a comparison column. "
+            f"RDPAccountant (default orders); PRVAccountant (eps_error={PRV_EPS_ERROR}, upper bound reported)"
         ),
         "not_covered": not_covered,
         "clients": [
             {
                 **r,
+                "epsilon": _json_number(r["epsilon"]),
                 "epsilon_rdp": _json_number(r["epsilon_rdp"]),
                 "epsilon_prv": _json_number(r["epsilon_prv"]),
-                "trajectory_rdp": [[rd, _json_number(e)] for rd, e in r["trajectory_rdp"]],
+                "trajectory": [[rd, _json_number(e)] for rd, e in r["trajectory"]],
             }
             for r in rows
         ],
@@ -151,7 +209,7 @@ def build_report(
 
 def epsilon_plot_png(report: Mapping[str, Any]) -> bytes | None:
     """Return a PNG of ε after every round, one line per client (None when there is nothing to plot)."""
-    clients = [c for c in report["clients"] if c["trajectory_rdp"]]
+    clients = [c for c in report["clients"] if c["trajectory"]]
     if not clients:
         return None
     import matplotlib
@@ -163,15 +221,15 @@ def epsilon_plot_png(report: Mapping[str, Any]) -> bytes | None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     try:
         for c in clients:
-            pts = [(r, float(e)) for r, e in c["trajectory_rdp"]]
+            pts = [(r, float(e)) for r, e in c["trajectory"]]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=c["client_id"])
-        target = report["facts"].get("target_epsilon")
-        if target is not None:
+        targets = sorted({c["target_epsilon"] for c in clients if c["target_epsilon"] is not None})
+        for target in targets:
             ax.axhline(target, linestyle="--", color="black", label=f"target ε = {target:g}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(bottom=0)
         ax.set_xlabel("round")
-        ax.set_ylabel(f"ε (RDP, δ = {clients[0]['delta']:g})")
+        ax.set_ylabel(f"ε ({report['accountant'].upper()}, δ = {clients[0]['delta']:g})")
         ax.set_title("Privacy spent after each round")
         if len(clients) <= 12:
             ax.legend(fontsize="small")
@@ -192,9 +250,10 @@ def write_report(run_dir: str | os.PathLike[str], with_prv: bool = True) -> dict
     run = Path(run_dir)
     if ledger_path(run).exists():
         ledgers, facts = load_run_ledgers(run)
+        resumes = load_run_file(run).get("resumes", [])
     else:
-        ledgers, facts = {}, RunFacts.create("none")
-    report = build_report(ledgers, facts, with_prv=with_prv)
+        ledgers, facts, resumes = {}, RunFacts.create("none"), []
+    report = build_report(ledgers, facts, with_prv=with_prv, resumes=resumes)
     png = epsilon_plot_png(report)
     data_uri = None if png is None else "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     paths = {

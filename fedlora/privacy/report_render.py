@@ -41,11 +41,13 @@ def _rounds(rs: Sequence[int]) -> str:
 
 
 def client_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Return the header and the text cells of the per-client table."""
+    """Return the header and the text cells of the per-ledger table (run accountant first)."""
+    acc, other = report["accountant"], report["comparison_accountant"]
     header = [
         "client",
-        "ε (RDP)",
-        "ε (PRV)",
+        f"ε ({acc.upper()})",
+        "target ε",
+        f"ε ({other.upper()}, comparison)",
         "δ",
         "σ",
         "C",
@@ -53,16 +55,22 @@ def client_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
         "sampling",
         "steps",
         "rounds",
+        "worst-case charged rounds",
         "within target",
     ]
     rows = []
     for c in report["clients"]:
-        prv = format_epsilon(c["epsilon_prv"]) if c["epsilon_prv"] is not None else f"n/a ({c['prv_error']})"
+        comp = c[f"epsilon_{other}"]
+        comp_text = format_epsilon(comp) if comp is not None else f"n/a ({c['prv_error']})"
+        target = "none" if c["target_epsilon"] is None else f"{c['target_epsilon']:g}"
+        if c.get("target_source") == "ledger":
+            target += " (node)"
         rows.append(
             [
                 str(c["client_id"]),
-                format_epsilon(c["epsilon_rdp"]),
-                prv,
+                format_epsilon(c["epsilon"]),
+                target,
+                comp_text,
                 f"{c['delta']:g}",
                 _nums(c["noise_multipliers"]),
                 f"{c['max_grad_norm']:g}",
@@ -70,6 +78,7 @@ def client_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
                 ", ".join(c["sampling"]),
                 str(c["total_steps"]),
                 _rounds(c["rounds"]),
+                _nums(c["worst_case_rounds"]) if c["worst_case_rounds"] else "0",
                 {True: "yes", False: "NO", None: "no target"}[c["within_budget"]],
             ]
         )
@@ -77,10 +86,10 @@ def client_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def trajectory_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Return a round × client table of ε (RDP) after each round ("" where a client sat out)."""
-    rounds = sorted({r for c in report["clients"] for r, _ in c["trajectory_rdp"]})
+    """Return a round × client table of ε (run accountant) after each round ("" where a client sat out)."""
+    rounds = sorted({r for c in report["clients"] for r, _ in c["trajectory"]})
     header = ["round"] + [str(c["client_id"]) for c in report["clients"]]
-    by_client = [{r: e for r, e in c["trajectory_rdp"]} for c in report["clients"]]
+    by_client = [{r: e for r, e in c["trajectory"]} for c in report["clients"]]
     rows = [[str(r)] + [format_epsilon(t[r]) if r in t else "" for t in by_client] for r in rounds]
     return header, rows
 
@@ -95,7 +104,9 @@ def _facts_items(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("neighbouring relation", str(f["neighbouring"] or "none")),
         ("sampling", str(f["sampling"] or "none")),
         ("amplification by subsampling assumed", "yes" if f["amplification_assumed"] else "no"),
-        ("budget accountant", str(f["accountant"])),
+        ("accountant (headline, table, trajectory, plot)", str(report["accountant"])),
+        ("comparison accountant", str(report["comparison_accountant"])),
+        ("resumed", str(report["resumed"])),
         ("target ε", "none" if f["target_epsilon"] is None else f"{f['target_epsilon']:g}"),
         ("δ", "none" if f["delta"] is None else f"{f['delta']:g}"),
         ("strategy", str(f["strategy"] or "unspecified")),
@@ -121,7 +132,8 @@ def render_markdown(report: Mapping[str, Any], plot_data_uri: str | None) -> str
     out += ["## Run facts", "", _md_table(["fact", "value"], [list(kv) for kv in _facts_items(report)]), ""]
     if report["clients"]:
         out += ["## ε per client", "", _md_table(*client_rows(report)), ""]
-        out += ["## ε after each round (RDP)", "", _md_table(*trajectory_rows(report)), ""]
+        acc = report["accountant"].upper()
+        out += [f"## ε after each round ({acc})", "", _md_table(*trajectory_rows(report)), ""]
     if plot_data_uri:
         out += [f"![ε after each round]({plot_data_uri})", ""]
     out += ["## What the guarantee does not cover", ""]
@@ -152,7 +164,8 @@ def render_html(report: Mapping[str, Any], plot_data_uri: str | None) -> str:
         parts += ["<h2>ε per client</h2>", _html_table(*client_rows(report))]
         if plot_data_uri:
             parts.append(f'<p><img alt="ε after each round, one line per client" src="{plot_data_uri}"></p>')
-        parts += ["<h2>ε after each round (RDP)</h2>", _html_table(*trajectory_rows(report))]
+        acc = html.escape(report["accountant"].upper())
+        parts += [f"<h2>ε after each round ({acc})</h2>", _html_table(*trajectory_rows(report))]
     parts += ["<h2>What the guarantee does not cover</h2>", "<ul>"]
     parts += [f"<li>{html.escape(item)}</li>" for item in report["not_covered"]]
     parts += ["</ul>", "</body></html>"]

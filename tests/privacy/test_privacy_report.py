@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.ledger import LedgerError, PrivacyLedger
 from fedlora.privacy.report import load_report, write_report
 from fedlora.privacy.report_render import format_epsilon
@@ -66,9 +67,9 @@ def test_record_report_lists_every_client(tmp_path):
         row = next(c for c in report["clients"] if c["client_id"] == cid)
         assert row["epsilon_rdp"] == pytest.approx(ledger.epsilon("rdp"))
         assert row["epsilon_prv"] == pytest.approx(ledger.epsilon("prv"))
-        assert [r for r, _ in row["trajectory_rdp"]] == ledger.rounds
+        assert [r for r, _ in row["trajectory"]] == ledger.rounds
         assert row["total_steps"] == ledger.total_steps and row["within_budget"] is True
-    for needle in ("Metrics", "Example counts", "Hyper-parameter", "base model", "torchcsprng"):
+    for needle in ("no training loss", "example count", "Hyper-parameter", "base model", "torchcsprng"):
         assert needle in md and needle in html
 
 
@@ -97,7 +98,7 @@ def test_client_level_report(tmp_path):
     md = paths["md"].read_text()
     assert format_epsilon(ledger.epsilon("rdp")) in md and "DP-FedAvg" in md
     assert "n/a (not requested)" in md
-    assert "server itself sees every clipped update" in md
+    assert "NOT against the server" in md and "but not against the server" in md
 
 
 @pytest.mark.parametrize("explicit", [True, False])
@@ -120,3 +121,42 @@ def test_infinite_epsilon_is_valid_json(tmp_path):
     report = json.loads(paths["json"].read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert report["clients"][0]["epsilon_rdp"] == "inf"
     assert "| inf |" in paths["md"].read_text()
+
+
+def test_one_accountant_runs_through_the_report_and_the_other_is_a_labelled_comparison(tmp_path):
+    ledger = PrivacyLedger("client-0", "record", DELTA, 1.0)
+    for rnd in (1, 2, 3):
+        ledger = ledger.record(rnd, 1.1, 0.1, 10)
+    facts = RunFacts.create("record", accountant="prv", target_epsilon=8.0, delta=DELTA)
+    save_run_ledgers(tmp_path, {"client-0": ledger}, facts)
+    paths = write_report(tmp_path)
+    report, md = load_report(tmp_path), paths["md"].read_text()
+    (row,) = report["clients"]
+    assert report["accountant"] == row["accountant"] == "prv"
+    # The trajectory (table and plot) is PRV, ending at the headline's PRV ε; RDP is only a comparison.
+    assert row["trajectory"][-1][1] == pytest.approx(row["epsilon_prv"]) == pytest.approx(row["epsilon"])
+    assert row["trajectory"][0][1] == pytest.approx(compute_epsilon([(1.1, 0.1, 10)], DELTA, "prv"))
+    assert format_epsilon(row["epsilon_prv"]) in report["guarantee"]
+    assert "## ε after each round (PRV)" in md and "ε (RDP, comparison)" in md
+
+
+def test_each_ledger_is_judged_against_its_own_target(tmp_path):
+    strict = PrivacyLedger("client-0", "record", DELTA, 1.0, target_epsilon=1.0).record(1, 1.1, 0.1, 50)
+    loose = PrivacyLedger("client-1", "record", DELTA, 1.0).record(1, 1.1, 0.1, 50)
+    facts = RunFacts.create("record", target_epsilon=8.0, delta=DELTA)
+    save_run_ledgers(tmp_path, {"client-0": strict, "client-1": loose}, facts)
+    md = write_report(tmp_path, with_prv=False)["md"].read_text()
+    rows = {c["client_id"]: c for c in load_report(tmp_path)["clients"]}
+    assert 1.0 < strict.epsilon("rdp") < 8.0
+    assert rows["client-0"]["target_epsilon"] == 1.0 and rows["client-0"]["within_budget"] is False
+    assert rows["client-1"]["target_epsilon"] == 8.0 and rows["client-1"]["within_budget"] is True
+    assert "1 (node)" in md
+
+
+def test_the_report_says_the_run_was_resumed_and_how_often(tmp_path):
+    ledger = PrivacyLedger("client-0", "record", DELTA, 1.0).record(1, 1.1, 0.1, 10)
+    resumes = [{"after_round": 1, "charged": 2}, {"after_round": 3, "charged": 0}]
+    save_run_ledgers(tmp_path, {"client-0": ledger}, RunFacts.create("record"), resumes=resumes)
+    md = write_report(tmp_path, with_prv=False)["md"].read_text()
+    assert "resumed 2 time(s); 2 round(s) in flight" in md
+    assert load_report(tmp_path)["resumes"] == resumes
