@@ -10,9 +10,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.node import local_data, node_settings
-from clients.round import run_train_round
+from clients.worker import run_round
 from fedlora.config import from_json
-from fedlora.protocol import SetupQuery, SetupReply
 
 app = ClientApp()
 
@@ -20,6 +19,8 @@ app = ClientApp()
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Reply with this node's rank, alpha and number of training examples."""
+    from fedlora.protocol import SetupQuery, SetupReply  # imports torch: only when asked
+
     query = SetupQuery.from_message(msg)
     cfg = from_json(query.run_config)
     node = node_settings(cfg, context.node_config)
@@ -30,5 +31,9 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received adapter locally and reply with its update and metrics."""
-    return Message(run_train_round(msg.content, context), reply_to=msg)
+    """Train the received adapter locally and reply with its update and metrics.
+
+    On a node started with ``fedlora node`` the round runs in the node's warm worker (the
+    base model stays loaded); without one it runs here (see :mod:`clients.worker`).
+    """
+    return Message(run_round(msg.content, context), reply_to=msg)

@@ -214,7 +214,7 @@ def cmd_certs(argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the ``fedlora`` argument parser (``certs`` parses its own options)."""
+    """Return the ``fedlora`` argument parser (``certs`` and ``node`` parse their own options)."""
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning on Flower.")
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "certs", help="create a CA, SuperLink certificate and SuperNode keys (fedlora certs --help)"
     )
+    sub.add_parser("node", help="run a SuperNode with a warm worker process (fedlora node --help)")
     return parser
 
 
@@ -231,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["certs"]:
         return cmd_certs(argv[1:])
+    if argv[:1] == ["node"]:
+        from fedlora.deploy.node import node_main
+
+        return node_main(argv[1:])
     args = build_parser().parse_args(argv)
     handlers = {"simulate": cmd_simulate, "evaluate": cmd_evaluate, "report": cmd_report}
     try:

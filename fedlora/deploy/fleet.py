@@ -33,10 +33,11 @@ from typing import Any
 
 from fedlora.deploy import certs, nodekeys
 from fedlora.deploy.commands import superlink_command, supernode_command
-from fedlora.deploy.flwr_cli import ConfigArg, FlwrCli, config_arg, write_connection
+from fedlora.deploy.flwr_cli import ConfigArg, FlwrCli, RunResult, config_arg, write_connection
 from fedlora.deploy.processes import (
     FleetError,
     ManagedProcess,
+    exe,
     free_port,
     join_host_port,
     process_env,
@@ -45,8 +46,6 @@ from fedlora.deploy.processes import (
     stop_processes,
     wait_for_port,
 )
-
-RUN_COMPLETED = "finished:completed"
 
 
 @dataclass
@@ -58,22 +57,7 @@ class FleetNode:
     port: int
     node_id: int | None = None
     key_paths: nodekeys.NodeKeyPaths | None = None
-
-
-@dataclass
-class RunResult:
-    """Outcome of ``Fleet.run_app``."""
-
-    run_id: int
-    status: str
-    details: dict[str, Any]
-    logs: str
-    elapsed_s: float
-
-    @property
-    def ok(self) -> bool:
-        """Whether the run finished with status ``finished:completed``."""
-        return self.status == RUN_COMPLETED
+    state_dir: Path | None = None  # with worker=True: where the node's worker socket lives
 
 
 @dataclass
@@ -202,6 +186,7 @@ class Fleet:
         root_certificates: Path | None = None,
         max_retries: int | None = None,
         max_wait_time: float | None = None,
+        worker: bool = False,
     ) -> list[FleetNode]:
         """Create keys for, register (concurrently) and start SuperNodes.
 
@@ -221,6 +206,10 @@ class Fleet:
             CA bundle to trust instead of the fleet's CA.
         max_retries, max_wait_time : int | None, float | None
             Bound the nodes' connection retries (``None``: Flower's default, unlimited).
+        worker : bool
+            Start each node with ``fedlora node`` (SuperNode + warm worker,
+            :mod:`fedlora.deploy.node`) instead of plain ``flower-supernode``; its state dir
+            is the node config's ``state-dir``, else ``nodes/<name>/state``.
 
         Returns
         -------
@@ -253,16 +242,15 @@ class Fleet:
                 max_retries=max_retries,
                 max_wait_time=max_wait_time,
             )
+            state_dir = None
+            if worker:
+                state_dir = _state_dir(node_config) or node_dir / "state"
+                cmd = [exe("fedlora"), "node", "--state-dir", str(state_dir), *cmd[1:]]
             process = self._spawn(f"node-{name}", cmd, node_dir / "flwr-home")
-            node = FleetNode(name, process, port, ids.get(name), keys.get(name))
+            node = FleetNode(name, process, port, ids.get(name), keys.get(name), state_dir)
             self.nodes[name] = node
             started.append(node)
         return started
-
-    def register_node(self, public_key: Path, name: str | None = None) -> int:
-        """Register one SuperNode public key (``flwr supernode register``); return its node ID."""
-        label = name or Path(public_key).stem
-        return self.register_nodes({label: public_key})[label]
 
     def register_nodes(self, public_keys: Mapping[str, Path], timeout: float = 120.0) -> dict[str, int]:
         """Register public keys concurrently with ``flwr supernode register``; return name -> node ID."""
@@ -275,24 +263,12 @@ class Fleet:
         return self.cli.list_nodes()
 
     def wait_for_nodes(self, count: int | None = None, timeout: float = 60.0) -> list[FleetNode]:
-        """Wait until ``count`` of this fleet's SuperNodes (default: all) are connected.
+        """Wait until ``count`` of this fleet's SuperNodes (default: all) are connected; return them.
 
-        A SuperNode logs ``SuperNode ID: <id>`` right after the SuperLink activated it,
-        so this watches the logs instead of polling the Control API; confirm with
-        ``list_nodes()`` if needed (its ``status`` is ``online``). A node process that
-        exits ends the wait at once with ``FleetError``.
-
-        Parameters
-        ----------
-        count : int | None
-            How many nodes must be connected; all started nodes if None.
-        timeout : float
-            Seconds before ``FleetError`` (with every log's tail) is raised.
-
-        Returns
-        -------
-        list[FleetNode]
-            The connected nodes.
+        A SuperNode logs ``SuperNode ID: <id>`` right after the SuperLink activated it, so this
+        watches the logs (``list_nodes()`` confirms: ``status`` is ``online``). A registered node
+        that exits ends the wait at once; after ``timeout`` seconds ``FleetError`` carries every
+        log's tail.
         """
         target = len(self.nodes) if count is None else count
         deadline = time.monotonic() + timeout
@@ -311,21 +287,11 @@ class Fleet:
     # ------------------------------------------------------------------ runs
 
     def run_app(self, app_dir: Path, run_config: ConfigArg = None, timeout: float = 300.0) -> RunResult:
-        """Run a Flower App to completion with ``flwr run --stream``.
+        """Run the app in ``app_dir`` to completion with ``flwr run --stream``.
 
-        Parameters
-        ----------
-        app_dir : Path
-            Directory with the app's ``pyproject.toml``.
-        run_config : Mapping, str, Path or None
-            ``--run-config`` overrides (mapping written to TOML, ``"k=v"`` string, or TOML path).
-        timeout : float
-            Seconds before the run is stopped and ``FleetError`` raised.
-
-        Returns
-        -------
-        RunResult
-            Run ID, final status (``finished:completed`` when ``ok``), details and logs.
+        ``run_config`` is a mapping (written to TOML), a ``"k=v"`` string or a TOML path; after
+        ``timeout`` seconds the run is stopped and ``FleetError`` raised. The result holds the run
+        ID, its final status (``ok`` when ``finished:completed``), details and streamed logs.
         """
         config = self._next_run_config(run_config)
         log_path = self.logs_dir / f"run-{self._run_count}.log"
@@ -433,6 +399,13 @@ class Fleet:
         if self.superlink is not None and not self.superlink.alive:
             code = self.superlink.popen.returncode
             raise FleetError(f"The SuperLink exited with code {code}.\n{self.superlink.log()[-4000:]}")
+
+
+def _state_dir(node_config: ConfigArg) -> Path | None:
+    """Return ``state-dir`` of a mapping node config, if it sets one."""
+    if isinstance(node_config, Mapping) and node_config.get("state-dir"):
+        return Path(str(node_config["state-dir"]))
+    return None
 
 
 if __name__ == "__main__":

@@ -22,6 +22,23 @@ import tomli_w
 from fedlora.deploy.processes import FleetError, exe, kill_trees, read_log, strip_ansi
 
 ConfigArg = Mapping[str, Any] | str | Path | None
+RUN_COMPLETED = "finished:completed"
+
+
+@dataclass
+class RunResult:
+    """Outcome of a run followed to its end (``Fleet.run_app``)."""
+
+    run_id: int
+    status: str
+    details: dict[str, Any]
+    logs: str
+    elapsed_s: float
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run finished with status ``finished:completed``."""
+        return self.status == RUN_COMPLETED
 
 
 @dataclass

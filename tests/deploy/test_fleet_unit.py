@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 import tomllib
+from pathlib import Path
 
 import psutil
 import pytest
@@ -106,3 +107,41 @@ def test_kill_trees_reaches_descendants_in_other_sessions():
         if parent.poll() is None:
             parent.kill()
         parent.stdout.close()
+
+
+def test_fedlora_node_puts_the_ledger_in_its_state_dir(tmp_path):
+    from fedlora.deploy.node import with_state_dir
+
+    state = tmp_path / "state"
+    state.mkdir()
+    assert with_state_dir(None, state) == f'state-dir="{state}"'
+    assert with_state_dir("partition-id=1", state) == f'partition-id=1 state-dir="{state}"'
+    assert with_state_dir('state-dir="/elsewhere" lora-rank=8', state) == 'state-dir="/elsewhere" lora-rank=8'
+    toml = tmp_path / "node.toml"
+    toml.write_text('partition-id = 2\ndevice = "cpu"\n')
+    merged = with_state_dir(str(toml), state)
+    expected = {"partition-id": 2, "device": "cpu", "state-dir": str(state)}
+    assert tomllib.loads(Path(merged).read_text()) == expected
+
+
+def test_command_lines(tmp_path):
+    from fedlora.deploy.certs import PkiPaths
+    from fedlora.deploy.commands import superlink_command, supernode_command
+
+    pki = PkiPaths.in_dir(tmp_path)
+    link = superlink_command("127.0.0.1", 9093, tmp_path / "state.db", pki=pki, node_auth=True)
+    assert link[1:] == [
+        "--ssl-ca-certfile", str(pki.ca_cert), "--ssl-certfile", str(pki.server_cert),
+        "--ssl-keyfile", str(pki.server_key), "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", "9093",
+        "--database", str(tmp_path / "state.db"),
+    ]  # fmt: skip
+    plain = superlink_command("::1", 1, tmp_path / "db", pki=None, node_auth=False)
+    assert plain[1] == "--insecure" and "--enable-supernode-auth" not in plain
+    node = supernode_command("h:1", port=2, root_certificates=pki.ca_cert, private_key=tmp_path / "k",
+                             node_config="a=1", max_retries=0)  # fmt: skip
+    assert node[1:] == ["--superlink", "h:1", "--root-certificates", str(pki.ca_cert),
+                        "--auth-supernode-private-key", str(tmp_path / "k"), "--node-config", "a=1",
+                        "--port", "2", "--max-retries", "0"]  # fmt: skip
+    insecure = supernode_command("h:1", insecure=True, private_key=tmp_path / "k")
+    assert insecure[1:] == ["--superlink", "h:1", "--insecure"]
