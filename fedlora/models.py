@@ -304,6 +304,11 @@ def merged_into_base(loaded: LoadedModel, merge: Mapping[str, torch.Tensor] | No
             if layer is None:
                 raise ModelError(f"merge update names module {module!r}, which this model does not adapt")
             weight = layer.get_base_layer().weight
+            if not weight.dtype.is_floating_point:
+                raise ModelError(
+                    f"cannot merge an update into the quantised base weight of {module!r}; strategies "
+                    "that merge into the base (FLoRA) need model.quantization = 'none'"
+                )
             dense = (pair.b.double() @ pair.a.double()).to(weight.dtype)
             if getattr(layer, "fan_in_fan_out", False):
                 dense = dense.T

@@ -131,3 +131,15 @@ def test_dp_training_on_a_quantized_base_moves_only_lora(tiny, bits):
     after = adapter_state(q, 4)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.equal(p, base_before[n]) for n, p in q.peft.named_parameters() if n in base_before)
+
+
+@pytest.mark.skipif(not bnb_available(), reason="bitsandbytes (optional) is not installed")
+def test_flora_merge_into_a_4bit_base_is_refused(tiny):
+    from fedlora.models import merged_into_base
+
+    path, _, _, _ = tiny
+    q = get_lora_model(str(path), "causal-lm", 4, rank=4, alpha=8.0, quantization="4bit", device="cpu")
+    module = "base_model.model.model.layers.0.self_attn.q_proj"
+    merge = {module + ".lora_A.weight": torch.zeros(2, 32), module + ".lora_B.weight": torch.zeros(32, 2)}
+    with pytest.raises(ModelError, match="FLoRA"), merged_into_base(q, merge):
+        pass
