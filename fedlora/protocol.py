@@ -432,8 +432,8 @@ def decode_train_reply(msg: Message, expect: UpdateExpectation) -> TrainReply:
         tensors, or has tensors of the wrong dtype or shape.
     """
     metrics_record = _content(msg, METRICS, "metrics")
-    metrics = client_metrics(metrics_record)
     num = _int("num-examples", _get(metrics_record, NUM_EXAMPLES, "train reply metrics"), 0, MAX_EXAMPLES)
+    metrics = client_metrics(metrics_record)
     if num != expect.num_examples:
         raise ProtocolError(f"num-examples {num} differs from the node's setup reply ({expect.num_examples})")
     ledger, reason = "", ""

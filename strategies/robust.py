@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -258,25 +258,29 @@ def is_finite_state(state: Mapping[str, torch.Tensor]) -> bool:
 
 
 def aggregate_checked(
-    aggregate: Callable[[AdapterState, Sequence[ClientResult]], AdapterState],
-    state: AdapterState,
-    results: Sequence[ClientResult],
+    strategy: LoraStrategy, state: AdapterState, results: Sequence[ClientResult]
 ) -> tuple[AdapterState, list[int]]:
     """Aggregate and return ``(new state, offending node ids)``; the old state if no subset is finite.
 
-    When the aggregate is not finite, each result is left out in turn; the results whose
-    removal makes it finite are the offenders and the round is aggregated without them.
-    A strategy error (e.g. a singular system) is treated like a non-finite aggregate.
+    The new global state and the strategy's base merge (FLoRA) must be finite. When they are
+    not, each result is left out in turn; the results whose removal makes the aggregate
+    finite are the offenders and the round is aggregated without them. A strategy error
+    (e.g. a singular system) counts as a non-finite aggregate. The strategy's own state
+    (:meth:`~strategies.base.LoraStrategy.state_dict`) is restored before every attempt,
+    so it ends as the accepted aggregate left it (or unchanged when the round is rolled back).
     """
+    saved = strategy.state_dict()
 
     def attempt(rs: Sequence[ClientResult]) -> AdapterState | None:
+        strategy.load_state_dict(saved)
         if not rs:
             return None
         try:
-            new = aggregate(state, rs)
+            new = strategy.aggregate(state, rs)
+            merge = strategy.final_merge(new)
         except (ValueError, RuntimeError, ArithmeticError):
             return None
-        return new if is_finite_state(new) else None
+        return new if is_finite_state(new) and is_finite_state(merge or {}) else None
 
     new = attempt(results)
     if new is not None:
@@ -287,8 +291,8 @@ def aggregate_checked(
         if attempt([*results[:i], *results[i + 1 :]]) is not None
     ]
     if offenders:
-        rest = [r for r in results if r.spec.node_id not in offenders]
-        new = attempt(rest)
+        new = attempt([r for r in results if r.spec.node_id not in offenders])
         if new is not None:
             return new, offenders
+    strategy.load_state_dict(saved)
     return state, [r.spec.node_id for r in results]
