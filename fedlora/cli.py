@@ -200,8 +200,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Run ``fedlora report``."""
     from fedlora.privacy.report import write_report
 
-    paths = write_report(Path(args.run_dir))
-    for p in paths if isinstance(paths, list | tuple) else [paths]:
+    run_dir = Path(args.run_dir)
+    if not any((run_dir / name).exists() for name in ("metrics.jsonl", "config.toml", "privacy")):
+        raise FileNotFoundError(
+            f"{str(run_dir)!r} is not a run directory (no metrics.jsonl, config.toml or privacy/); "
+            "pass the directory a run wrote, e.g. runs/<timestamp>"
+        )
+    paths = write_report(run_dir)
+    for p in paths.values() if isinstance(paths, dict) else paths:
         print(p)
     return 0
 
@@ -211,6 +217,15 @@ def cmd_certs(argv: list[str]) -> int:
     from fedlora.deploy.cli import certs_main
 
     return certs_main(argv)
+
+
+def _quiet_libraries() -> None:
+    """Hide library notices a user cannot act on (bitsandbytes' CPU-kernel notice, FutureWarnings)."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return node_main(argv[1:])
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     handlers = {"simulate": cmd_simulate, "evaluate": cmd_evaluate, "report": cmd_report}
     try:
         return handlers[args.command](args)

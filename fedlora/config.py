@@ -421,7 +421,11 @@ class RunConfig:
         return ranks[partition_id % len(ranks)]
 
     def max_rank(self) -> int:
-        """Return the largest rank any simulated client uses."""
+        """Return the largest rank this config assigns to simulated clients.
+
+        A planning value only: node-config ``lora-rank`` can change a node's rank, so the
+        server's global rank is the largest rank its clients report (``server/loop.py``).
+        """
         return max(self.lora.ranks or (self.lora.rank,))
 
     def to_dict(self) -> dict[str, Any]:

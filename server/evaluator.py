@@ -44,7 +44,7 @@ class ServerModel:
         self.labels = labels
         self.num_labels = max(2, len(labels))
         self.device = resolve_device(cfg.train.device)
-        first = self._loaded(cfg.max_rank())
+        first = self._loaded(cfg.lora.rank)  # for its tokenizer: any rank would do
         self.test_records = list(test)
         self.test = encode(test, first.tokenizer, cfg.model.max_length, cfg.model.task)
 
@@ -111,7 +111,8 @@ class ServerModel:
         With a base merge (FLoRA) the merge itself is the exported LoRA (scale folded in, so
         ``alpha = rank``) and the adapter contributes only its head tensors.
         """
-        loaded = self._loaded(self.cfg.max_rank())
+        # Module names only; the exported rank is the adapter's own (the clients' global rank).
+        loaded = self._loaded(next(iter(split_state(merge or adapter)[0].values())).rank)
         if merge:
             state = {**dict(merge), **{k: v for k, v in adapter.items() if not is_lora(k)}}
             alpha = float(next(iter(split_state(merge)[0].values())).rank)

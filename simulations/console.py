@@ -30,7 +30,6 @@ from flwr.supercore.run import Run
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
     SpinnerColumn,
     TextColumn,
@@ -104,8 +103,7 @@ class LiveProgress:
             SpinnerColumn(),
             TextColumn("{task.description}"),
             BarColumn(bar_width=24),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[unit]}"),
+            TextColumn("{task.fields[count]}"),
             TimeElapsedColumn(),
             console=self.console,
             transient=True,
@@ -115,6 +113,8 @@ class LiveProgress:
         )
         self._task: Any = None
         self._started = False
+        self._total: int | None = None
+        self._unit = ""
 
     def phase(self, description: str, total: int | None, unit: str = "") -> None:
         """Start showing ``description`` with ``total`` steps (``None``: a spinner only)."""
@@ -123,16 +123,20 @@ class LiveProgress:
             self._started = True
         if self._task is not None:
             self._progress.remove_task(self._task)
-        self._task = self._progress.add_task(description, total=total, unit=unit)
+        self._total, self._unit = total, unit
+        self._task = self._progress.add_task(description, total=total, count=self._count(0))
+
+    def _count(self, completed: int) -> str:
+        return "" if self._total is None else f"{completed}/{self._total} {self._unit}".rstrip()
 
     def advance(self, completed: int, description: str | None = None) -> None:
         """Set the current phase's completed count (and optionally its description)."""
         if self._task is None:
             return
-        if description is None:
-            self._progress.update(self._task, completed=completed)
-        else:
-            self._progress.update(self._task, completed=completed, description=description)
+        fields: dict[str, Any] = {"completed": completed, "count": self._count(completed)}
+        if description is not None:
+            fields["description"] = description
+        self._progress.update(self._task, **fields)
 
     def stop(self) -> None:
         """Remove the progress line (the result lines above it stay)."""
@@ -178,7 +182,7 @@ class ProgressGrid(Grid):
             except (KeyError, TypeError, ValueError):
                 return "training"
             return f"round {rnd}/{self.num_rounds}"
-        return "clients loading the model"
+        return "clients loading the model and their data"
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -200,8 +204,12 @@ class ProgressGrid(Grid):
                 self.progress.advance(len(replies))
             if pending:
                 time.sleep(self.poll)
-        if label.startswith("round"):
-            self.progress.advance(len(replies), f"{label}: aggregating and evaluating")
+        after = (
+            f"{label}: aggregating, evaluating"
+            if label.startswith("round")
+            else "evaluating the initial adapter"
+        )
+        self.progress.advance(len(replies), after)
         return replies
 
 
@@ -233,7 +241,7 @@ def _privacy_line(run_dir: Path) -> str:
         return "no DP (no formal guarantee)" if mode == "none" else "DP configured, nothing released under DP"
     acc = report["facts"].get("accountant", "prv")
     clients = report["clients"]
-    eps = [c.get(f"epsilon_{acc}") or c.get("epsilon_rdp") for c in clients]
+    eps = [c.get("epsilon", c.get(f"epsilon_{acc}")) or c.get("epsilon_rdp") for c in clients]
     worst = max(float(e) for e in eps if e is not None)
     return f"ε ≤ {worst:.2f} at δ = {clients[0]['delta']:g} (largest of {len(clients)}, {acc.upper()})"
 
