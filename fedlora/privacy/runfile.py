@@ -53,9 +53,11 @@ RUN_FORMAT = "fedlora.privacy-run/1"
 RUN_LEDGER_PATH = Path("privacy") / "ledger.json"
 CLIENT_LEVEL_KEY = "all-clients"
 SECURE_RNG_REASON = (
-    "Opacus secure_mode needs the torchcsprng package, which cannot be installed with the pinned "
-    "torch; noise and sampling use torch's default pseudo-random generator, and the floating-point "
-    "mitigations of secure_mode are not applied"
+    "DP noise and Poisson sampling draw from torch generators seeded with 64 fresh bits of OS entropy "
+    "(os.urandom) on the party that applies them, and client sampling from the OS CSPRNG; no seed another "
+    "party knows is used and no generator state is stored. Opacus secure_mode (a cryptographically secure "
+    "generator for every draw plus floating-point mitigations) needs the torchcsprng package, which cannot "
+    "be installed with the pinned torch, so it is off"
 )
 NEIGHBOURING: dict[str, str | None] = {
     "none": None,
