@@ -142,7 +142,7 @@ class ServerRun:
         self.privacy = ServerPrivacy(cfg, run_dir)
         self.strategy = self.privacy.wrap(self.strategy)  # client-level DP wraps the strategy
         self.rng = random.Random(cfg.federation.seed)
-        self.max_rank = cfg.max_rank()
+        self.max_rank = 0  # the global rank: the largest rank the clients report (set in run)
         self.failed_rounds: list[str] = []
 
     def _checkpoint(self, rnd: int, state: AdapterState) -> None:
@@ -190,7 +190,7 @@ class ServerRun:
         """
         cfg = self.cfg
         nodes = wait_for_nodes(self.grid, cfg.federation.num_clients, cfg.federation.node_wait_timeout)
-        ceiling = rank_ceiling(self.model.template(cfg.max_rank(), cfg.federation.seed))
+        ceiling = rank_ceiling(self.model.template(cfg.lora.rank, cfg.federation.seed))  # any rank
         infos, left_out = query_nodes(self.grid, nodes, cfg, self.labels, max_rank=ceiling)
         specs = [i.spec for i in infos.values()]
         max_rank = self.max_rank = max(s.rank for s in specs)
