@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
         "certs", help="create a CA, SuperLink certificate and SuperNode keys (fedlora certs --help)"
     )
     sub.add_parser("node", help="run a SuperNode with a warm worker process (fedlora node --help)")
+    sub.add_parser(
+        "audit-dp", help="empirical ε lower bound of DP-SGD from one run (fedlora audit-dp --help)"
+    )
     return parser
 
 
@@ -247,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["certs"]:
         return cmd_certs(argv[1:])
+    if argv[:1] == ["audit-dp"]:
+        from fedlora.audit import main as audit_main
+
+        return audit_main(argv[1:])
     if argv[:1] == ["node"]:
         from fedlora.deploy.node import node_main
 
