@@ -160,13 +160,13 @@ def gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[No
             f"train.gradient_checkpointing = true, but {type(target).__name__} does not support it; "
             "set it to false"
         )
-    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    target.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     target.enable_input_require_grads()
     try:
         yield
     finally:
         target.disable_input_require_grads()
-        target.gradient_checkpointing_disable()
+        target.activation_checkpointing_disable()
 
 
 def train_local(

@@ -96,7 +96,7 @@ def test_gradient_checkpointing_gives_the_same_update_with_and_without_dp(tiny):
     b = _train(loaded, ds, start, ckpt, _dp_wrap(checkpointed))
     _release(checkpointed)
     _close(a, b)
-    assert not loaded.peft.get_base_model().is_gradient_checkpointing  # switched off after training
+    assert not loaded.peft.get_base_model().is_activation_checkpointing  # switched off after training
 
 
 def test_quantization_needs_bitsandbytes_and_refuses_mps(monkeypatch):
