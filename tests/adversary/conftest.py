@@ -21,8 +21,9 @@ class Run:
     def __init__(self, out: Path, error: Exception | None = None) -> None:
         self.out, self.error = out, error
         self.rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        ckpt = out / "checkpoint.pt"
-        self.state: dict[str, torch.Tensor] = load_checkpoint(ckpt)["state"] if ckpt.exists() else {}
+        ckpt = load_checkpoint(out / "checkpoint.pt") if (out / "checkpoint.pt").exists() else {}
+        self.state: dict[str, torch.Tensor] = ckpt.get("state", {})
+        self.merge: dict[str, torch.Tensor] = dict(ckpt.get("strategy", {}).get("merge", {}))
 
     def glob(self, rnd: int) -> dict[str, Any]:
         return next(r for r in self.rows if r["kind"] == "global" and r["round"] == rnd)
@@ -31,7 +32,21 @@ class Run:
         return {r["node"]: r["reason"] for r in self.glob(rnd)["rejected"]}
 
     def finite(self) -> bool:
-        return all(bool(torch.isfinite(v).all()) for v in self.state.values())
+        return all(bool(torch.isfinite(v).all()) for v in [*self.state.values(), *self.merge.values()])
+
+    def effective(self, scale: float = 2.0) -> dict[str, torch.Tensor]:
+        """The global model's change as dense weights: ``s B A`` per module (or FLoRA's merged
+        ``B A``) plus the head tensors (float64; fine for MiniLM's 384 x 384 modules)."""
+        from fedlora.adapters import is_lora, split_state
+
+        if self.merge:
+            pairs, _ = split_state(self.merge)
+            out = {m: p.b.double() @ p.a.double() for m, p in pairs.items()}
+        else:
+            pairs, _ = split_state(self.state)
+            out = {m: scale * p.b.double() @ p.a.double() for m, p in pairs.items()}
+        out.update({k: v.double() for k, v in self.state.items() if not is_lora(k)})
+        return out
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -69,8 +84,7 @@ def run_fed(tmp_path: Path, task_identity, monkeypatch) -> Callable[..., Run]:
     return run
 
 
-def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Frobenius distance between two adapter states over their common tensors (float64)."""
-    return float(
-        sum(((a[k].double() - b[k].double()) ** 2).sum() for k in sorted(set(a) & set(b))) ** 0.5
-    )
+def distance(a: Run, b: Run) -> float:
+    """Frobenius distance between two runs' global models (:meth:`Run.effective`)."""
+    ea, eb = a.effective(), b.effective()
+    return float(sum(((ea[k] - eb[k]) ** 2).sum() for k in sorted(set(ea) | set(eb))) ** 0.5)
