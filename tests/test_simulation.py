@@ -44,7 +44,7 @@ def test_two_clients_two_rounds_complete_with_outputs(fedit_run):
     assert all(m["clients_ok"] == 2 and not m["rejected"] for m in glob[1:])
     clients = [m for m in metrics if m["kind"] == "client"]
     assert sorted((m["round"], m["partition"]) for m in clients) == [(1, 0), (1, 1), (2, 0), (2, 1)]
-    assert all(m["bytes-up"] > 0 and m["bytes-down"] > 0 for m in clients)
+    assert all(m["client"]["bytes_up"] > 0 and m["client"]["bytes_down"] > 0 for m in clients)
     for name in [
         "config.toml",
         "metrics.png",

@@ -50,8 +50,8 @@ def test_ffa_under_record_level_dp_sends_only_b_and_meets_target(tmp_path):
         },
     )
     clients = [m for m in metrics if m["kind"] == "client"]
-    assert len(clients) == 4 and all(0 < m["dp-epsilon"] <= 4.0 for m in clients)
-    ffa_up = clients[0]["bytes-up"]
+    assert len(clients) == 4 and all(0 < m["client"]["dp_epsilon"] <= 4.0 for m in clients)
+    ffa_up = clients[0]["client"]["bytes_up"]
     report = json.loads((tmp_path / "ffa-dp" / "privacy_report.json").read_text())
     assert report["facts"]["mode"] == "record"
     assert len(report["clients"]) == 2
