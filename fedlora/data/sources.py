@@ -19,6 +19,7 @@ from typing import Any
 from fedlora.config import DataConfig
 
 Record = dict[str, Any]
+WHERE = "__fedlora_where__"  # each raw row's place in its file ("line 12", "row 5"), for errors
 
 
 class DataError(ValueError):
@@ -97,25 +98,50 @@ def read_rows(source: str, fmt: str = "auto") -> list[Record]:
         raise DataError(f"cannot read {source!r} as {fmt}: {err}") from err
     if not rows:
         raise DataError(f"data source {source!r} has no rows")
-    return rows
+    return _located(rows, fmt, source)
+
+
+def _located(rows: list[Any], fmt: str, source: str) -> list[Record]:
+    """Check every row is an object and tag it with its place in the file (line for text formats)."""
+    out = []
+    for i, row in enumerate(rows):
+        where = row.pop(WHERE) if isinstance(row, dict) and WHERE in row else _where(fmt, i)
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{source!r} {where}: a row must be an object with named columns, got {type(row).__name__} "
+                f"{str(row)[:60]!r}"
+            )
+        out.append({**row, WHERE: where})
+    return out
+
+
+def _where(fmt: str, index: int) -> str:
+    # CSV: line 1 is the header (a quoted field spanning lines shifts this; pandas does not say).
+    return f"line {index + 2}" if fmt == "csv" else f"row {index + 1}"
 
 
 def _read_jsonl(path: Path) -> list[Record]:
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        return list(json.loads(text))
+        items = json.loads(text)
+        return [{**x, WHERE: f"item {i}"} if isinstance(x, dict) else x for i, x in enumerate(items)]
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{str(path)!r} line {i} is not valid JSON: {err}") from err
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{str(path)!r} line {i}: a row must be a JSON object, got {type(row).__name__}"
+                )
+            rows.append({**row, WHERE: f"line {i}"})
     return rows
 
 
 def _require_columns(rows: Sequence[Record], columns: Sequence[str], source: str, field_hint: str) -> None:
-    available = sorted(rows[0].keys())
+    available = sorted(k for k in rows[0] if k != WHERE)
     for col in columns:
         if col not in rows[0]:
             raise DataError(
@@ -135,22 +161,45 @@ def classification_records(
     _require_columns(
         rows, [cfg.text_column, cfg.label_column], source, "data.text_column / data.label_column"
     )
-    raw_labels = [r[cfg.label_column] for r in rows]
+    raw_labels = [_check_label(r, cfg.label_column, source) for r in rows]
     if labels is None:
         labels = tuple(str(v) for v in sorted({_label_key(v) for v in raw_labels}, key=_sort_key))
     index = {name: i for i, name in enumerate(labels)}
     out = []
-    for i, row in enumerate(rows):
-        key = str(_label_key(row[cfg.label_column]))
+    for i, (row, raw) in enumerate(zip(rows, raw_labels, strict=True)):
+        where = row.get(WHERE, f"row {i + 1}")
+        key = str(_label_key(raw))
         if key not in index:
             raise DataError(
-                f"row {i} of {source!r} has label {key!r}, which is not among the known labels {list(labels)}"
+                f"{source!r} {where} has label {key!r}, which is not among the known labels {list(labels)}"
             )
-        text = row[cfg.text_column]
+        text = row.get(cfg.text_column)
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"row {i} of {source!r} has an empty or non-text {cfg.text_column!r}")
+            raise DataError(f"{source!r} {where} has an empty or non-text {cfg.text_column!r}")
         out.append({"text": text, "label": index[key]})
     return out, tuple(labels)
+
+
+def _check_label(row: Record, column: str, source: str) -> Any:
+    """Return the row's label after checking it is present, non-empty and a single scalar."""
+    where = row.get(WHERE, "a row")
+    if column not in row:
+        raise DataError(f"{source!r} {where} has no {column!r}; every row needs a label")
+    value = row[column]
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()  # a numpy scalar from pandas
+    if value is None or (isinstance(value, float) and value != value) or (
+        isinstance(value, str) and not value.strip()
+    ):
+        raise DataError(f"{source!r} {where} has an empty {column!r}; fill in the label or drop the row")
+    if isinstance(value, float) and not value.is_integer():
+        raise DataError(f"{source!r} {where} has label {value!r}: labels are names or integers")
+    if not isinstance(value, str | int | float):
+        raise DataError(
+            f"{source!r} {where} has a {type(value).__name__} label {str(value)[:40]!r}: "
+            "a label must be a single string or integer"
+        )
+    return value
 
 
 def _label_key(value: Any) -> Any:
@@ -172,9 +221,13 @@ def instruction_records(rows: Sequence[Record], cfg: DataConfig, source: str) ->
         source,
         "data.instruction_column / data.response_column",
     )
-    return [
-        {"instruction": str(r[cfg.instruction_column]), "response": str(r[cfg.response_column])} for r in rows
-    ]
+    out = []
+    for r in rows:
+        for col in (cfg.instruction_column, cfg.response_column):
+            if r.get(col) is None:
+                raise DataError(f"{source!r} {r.get(WHERE, 'a row')} has no {col!r}")
+        out.append({"instruction": str(r[cfg.instruction_column]), "response": str(r[cfg.response_column])})
+    return out
 
 
 def load_task_data(cfg: DataConfig, task: str) -> TaskData:
