@@ -125,11 +125,15 @@ def _load_ledger(cfg: RunConfig, node: NodeSettings, context: Context, server_co
     )
     ledger = _own_ledger(node, context) or fresh
     target = node.dp_epsilon if node.dp_epsilon > 0 else None
-    if ledger.target_epsilon != target:
-        ledger = replace(ledger, target_epsilon=target)
+    # With a state file written before every reply, this ledger holds every round the client spent.
+    complete = bool(state_dir(node))
+    ledger = replace(ledger, target_epsilon=target, complete=complete)
     if server_copy.strip():
         try:
-            ledger = ledger.union(PrivacyLedger.from_json(server_copy))
+            copy = PrivacyLedger.from_json(server_copy)
+            # A complete own ledger disproves the server's worst-case charges (rounds it lacks were not
+            # trained); without one, the charges stand in for what the client may have forgotten.
+            ledger = ledger.union(copy.without_pending() if complete else copy)
         except LedgerError as e:
             log.warning("ignoring the server's copy of the privacy ledger: %s", e)
     return ledger

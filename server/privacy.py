@@ -234,7 +234,8 @@ class ServerPrivacy:
 
         The copy is keyed by the partition the server bound ``node`` to at setup, and it only
         grows (union keyed by ``(run, round)``), so one client cannot overwrite another's ledger
-        nor lower its own recorded spending.
+        nor lower its own recorded spending. The one exception is the server's own worst-case
+        charges, which a client's ``complete`` (persistent) ledger disproves.
 
         Raises
         ------
@@ -261,6 +262,8 @@ class ServerPrivacy:
                 "a node may only report its own record-level ledger"
             )
         old = self.ledgers.get(key)
+        if old is not None and ledger.complete:  # the client's persistent ledger disproves what it lacks
+            old = old.without_pending()
         self.ledgers[key] = ledger if old is None else ledger.union(old)
 
     # -- client-level DP release -------------------------------------------------------------

@@ -166,6 +166,10 @@ class PrivacyLedger:
         Rounds in increasing order within each run; ``(run, round)`` keys are unique.
     target_epsilon
         The party's own ε budget (e.g. a node's ``dp-epsilon``), or None when it has none.
+    complete
+        True when the party keeps this ledger in persistent state it writes before every
+        release (a node's ``state-dir``): then every round it spent is in it, and a worst-case
+        charge it lacks is disproved (it did not train that round).
     """
 
     client_id: str
@@ -174,6 +178,7 @@ class PrivacyLedger:
     max_grad_norm: float
     entries: tuple[LedgerEntry, ...] = field(default_factory=tuple)
     target_epsilon: float | None = None
+    complete: bool = False
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -224,12 +229,18 @@ class PrivacyLedger:
         return self.append(LedgerEntry(round, noise_multiplier, sample_rate, steps, sampling, run))
 
     def next_round(self, run: str, wanted: int) -> int:
-        """Return the label for a new entry of ``run``: ``wanted``, or one past the run's last round.
+        """Return the label for a new entry: ``wanted``, or one past the last label recorded.
 
-        A round redone (after a restart) spends budget again, so it gets the next free label.
+        A round redone (after a restart) spends budget again, so it gets the next free label;
+        labels increase over the whole ledger, so a round table stays unambiguous. ``run`` is
+        kept for callers that label per run.
         """
-        done = [e.round for e in self.entries if e.run == run]
-        return max(int(wanted), done[-1] + 1) if done else int(wanted)
+        done = [e.round for e in self.entries]
+        return max(int(wanted), max(done) + 1) if done else int(wanted)
+
+    def without_pending(self) -> PrivacyLedger:
+        """Return this ledger without its worst-case charges (a complete ledger disproves them)."""
+        return replace(self, entries=tuple(e for e in self.entries if not e.pending))
 
     def union(self, other: PrivacyLedger) -> PrivacyLedger:
         """Return this ledger plus every entry of ``other`` whose ``(run, round)`` it lacks.
@@ -306,6 +317,7 @@ class PrivacyLedger:
             "max_grad_norm": float(self.max_grad_norm),
             "entries": [e.to_dict() for e in self.entries],
             **({} if self.target_epsilon is None else {"target_epsilon": float(self.target_epsilon)}),
+            **({"complete": True} if self.complete else {}),
         }
 
     @classmethod
@@ -339,6 +351,7 @@ class PrivacyLedger:
                 max_grad_norm=float(data["max_grad_norm"]),
                 entries=tuple(LedgerEntry.from_dict(e) for e in entries),
                 target_epsilon=None if target is None else float(target),
+                complete=bool(data.get("complete", False)),
             )
         except (TypeError, ValueError, OverflowError) as e:
             if isinstance(e, LedgerError):

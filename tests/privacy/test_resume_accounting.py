@@ -131,3 +131,29 @@ def test_simulated_nodes_keep_their_state_inside_the_run_dir(tmp_path: Path, mon
     monkeypatch.setenv(STATE_ROOT_ENV, str(tmp_path / "nodes"))  # what `fedlora simulate` sets
     assert state_dir(node_settings(cfg, {"partition-id": 1})) == str(tmp_path / "nodes" / "partition-1")
     assert state_dir(node_settings(cfg, {"partition-id": 1, "state-dir": "/srv/node"})) == "/srv/node"
+
+
+def test_a_client_with_persistent_state_disproves_charges_for_rounds_it_did_not_train(tmp_path: Path):
+    from flwr.app import Context
+
+    from clients.privacy import ClientPrivacy
+
+    cfg = cfg_for("record")
+    first = ServerPrivacy(cfg, tmp_path / "run")
+    first.before_dispatch(1, {11: (0, 40)}, run_id="7")
+    own = PrivacyLedger("client-0", "record", 1e-5, 1.0, complete=True).record(1, 1.0, 0.2, 5, run="7")
+    own.save(tmp_path / "node" / "privacy_ledger.json")  # written before its round-1 reply
+    first.observe_reply(11, 0, Reply(own))
+    first.round_summary(1)
+    checkpoint = first.state_dict()
+    first.before_dispatch(2, {11: (0, 40)}, run_id="7")  # the server dies before the client trains
+    again = ServerPrivacy(resumed(cfg), tmp_path / "run")
+    again.load_state_dict(checkpoint)
+    assert again.ledgers["client-0"].pending_rounds == [("7", 2)]
+    node_config = {"partition-id": 0, "num-partitions": 4, "state-dir": str(tmp_path / "node")}
+    context = Context(run_id=8, node_id=11, node_config=node_config, state=RecordDict(), run_config={})
+    copy = again.client_conf(0)["privacy-ledger"]
+    priv = ClientPrivacy.for_round(cfg, node_settings(cfg, node_config), context, 40, 5, 2, server_copy=copy)
+    assert priv.ledger is not None and priv.ledger.complete and priv.ledger.pending_rounds == []
+    again.observe_reply(11, 0, Reply(priv.ledger))  # its complete ledger lacks round 2: not trained
+    assert again.ledgers["client-0"].pending_rounds == [] and again.ledgers["client-0"].rounds == [1]
