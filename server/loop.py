@@ -340,12 +340,13 @@ class ServerRun:
         # Causal LM: test_perplexity, test_exact_match.
         record.extra = {**ev.extras, **self.privacy.round_summary(record.round)}
         row = self.out.log_round(record)
+        private_tree(self.run_dir)  # this round's ledger files included
         print(progress_line(row, self.cfg.federation.num_rounds), flush=True)
         return row
 
     def _finish(self, state: AdapterState) -> None:
         adapter, merge = self._global_view(state)
         self.model.export(self.run_dir / "adapter", adapter, merge)
-        private_tree(self.run_dir / "adapter")
         plot_metrics(self.out.metrics_path, self.run_dir / "metrics.png")
         self.privacy.write_report()
+        private_tree(self.run_dir)  # whatever a library wrote: owner-only, like the ledger
