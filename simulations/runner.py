@@ -191,10 +191,10 @@ def simulate(
     SimulationError
         If the run ended without its final adapter.
     """
+    check_runnable(cfg)
     from simulations.console import LiveProgress, print_summary, quiet_environment
 
     logs = quiet_environment(verbosity)
-    check_runnable(cfg)
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
