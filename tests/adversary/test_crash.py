@@ -9,6 +9,7 @@ traceback (OverflowError, MemoryError, TypeError, json.JSONDecodeError) or slipp
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -178,3 +179,17 @@ def test_client_error_reply_is_rejected(run_fed):
     run = run_fed(grid_of(4, {EVIL: craft}))
     _check_continues(run, "client error: boom")
 
+
+
+def test_ledger_of_the_wrong_kind_is_rejected_under_record_dp(run_fed):
+    # Valid JSON, but the client-level ledger of another client: the server's ledger code
+    # (server/privacy.py) refuses it with a ValueError, which must become a rejection.
+    ledger = {"client_id": "client-0", "unit": "client", "delta": 1e-5, "max_grad_norm": 1.0, "entries": []}
+
+    def craft(msg, content):
+        content[PRIVACY] = ConfigRecord({"ledger": json.dumps(ledger)})
+        return content
+
+    dp = {"privacy.mode": "record", "privacy.noise_multiplier": 1.0}
+    run = run_fed(grid_of(4, {EVIL: craft}), **dp)
+    _check_continues(run, "malformed privacy ledger")
