@@ -12,6 +12,8 @@ Modules (import them directly; this package imports nothing heavy on its own):
     Record-level DP-SGD wiring (Opacus) for LoRA-only training of a PEFT model.
 ``client_dp``
     Client-level DP-FedAvg math: clipping, noisy mean, client sampling, strategy support.
+``randomness``
+    OS-entropy generators for DP noise and sampling (never a seed another party knows).
 ``runfile``
     ``<run_dir>/privacy/ledger.json``: all ledgers plus run facts.
 ``report`` / ``report_render``

@@ -9,15 +9,21 @@ update ``Δ_k`` (all its tensors together) to L2 norm ``C``, and releases
 where ``m`` is a FIXED denominator: the expected number of participants ``q · K`` under
 Poisson sampling (McMahan et al.'s unbiased fixed-denominator estimator; dividing by the
 realised count would make the denominator, and so the sensitivity, data-dependent), or
-the chosen number of clients under fixed-size sampling. Adding or removing one client
-changes the clipped sum by at most ``C``, so this is the sampled Gaussian mechanism that
-:mod:`fedlora.privacy.accounting` accounts, one step per round, with ``q`` the client
-sampling rate (Poisson) or ``q = 1`` (fixed-size: no amplification is claimed).
+``K`` when every client takes part in every round. Adding or removing one client changes
+the clipped sum by at most ``C``, so this is the sampled Gaussian mechanism that
+:mod:`fedlora.privacy.accounting` accounts, one step per round (released every round, even
+with no participant), with ``q`` the Poisson client rate, or ``q = 1`` with every client.
+Fixed-size sampling of a subset is refused (:func:`check_client_sampling`).
+
+The noise generator and the sampling RNG must come from OS entropy on the server
+(:mod:`fedlora.privacy.randomness`), never from a seed the clients know. Which tensors a
+strategy lets the noisy sum privatise is its own declaration (``LoraStrategy.dp_tensors``,
+used by ``server.privacy.ClientLevelDP``); the name-based helpers below remain for callers
+without a strategy object.
 
 Every client weighs the same: weighting by example counts would let one client's weight
 (and so its influence) exceed ``C``.
 
-Which strategies the math allows is decided by :func:`supports_client_dp`.
 """
 
 from __future__ import annotations
