@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -160,9 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     t0 = time.monotonic()
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
+    # Own process group: on timeout mutmut and its fork server / workers are stopped together.
+    proc = subprocess.Popen(cmd, cwd=work, env=env, start_new_session=True)
     try:
-        rc = subprocess.run(cmd, cwd=work, env=env, timeout=args.timeout).returncode
+        rc = proc.wait(timeout=args.timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)  # mutmut saves every result as it comes
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         print(f"mutmut stopped after {args.timeout:.0f} s; the summary covers the mutants run so far")
         rc = 124
     summary = summarize(work) + f"\n\nwall time: {time.monotonic() - t0:.0f} s\n"
