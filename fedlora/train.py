@@ -201,7 +201,12 @@ def train_local(
                 "per-sample gradients before clipping); use 'bf16' or 'fp32'"
             )
         amp = None  # 'auto' on a GPU without bf16: fp32 under DP
-    with gradient_checkpointing(model, cfg.gradient_checkpointing):
+    # Dropout draws from torch's global generator: seed it for this round so runs with DP off
+    # are reproducible; fork_rng restores the caller's state afterwards. DP noise and Poisson
+    # sampling never use it (they draw from OS entropy, fedlora.privacy.randomness).
+    rng_devices = [device] if device.type == "cuda" else []
+    with gradient_checkpointing(model, cfg.gradient_checkpointing), torch.random.fork_rng(rng_devices):
+        torch.manual_seed(seed)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         train_model: torch.nn.Module = model
         if wrap is not None:

@@ -20,6 +20,7 @@ import torch
 
 from fedlora.adapters import AdapterState
 from strategies.base import ClientResult, ClientSpec, LoraStrategy, Payload
+from strategies.batched import thread_policy
 from strategies.common import average_named, clone_state, example_weights, require_uniform
 from strategies.registry import register
 
@@ -60,4 +61,5 @@ class FedIT(LoraStrategy):
     def aggregate(self, state: AdapterState, results: Sequence[ClientResult]) -> AdapterState:
         """Average every tensor with example-count weights."""
         require_uniform([r.spec for r in results], self.name)
-        return fedit_aggregate([r.state for r in results], example_weights(results), state)
+        with thread_policy(0):  # weighted sums: memory-bound, extra threads only contend
+            return fedit_aggregate([r.state for r in results], example_weights(results), state)

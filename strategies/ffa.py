@@ -19,6 +19,7 @@ import torch
 
 from fedlora.adapters import AdapterState, is_lora_a
 from strategies.base import ClientResult, ClientSpec, LoraStrategy, Payload
+from strategies.batched import thread_policy
 from strategies.common import (
     StrategyError,
     a_tensors,
@@ -95,4 +96,5 @@ class FFALoRA(LoraStrategy):
     def aggregate(self, state: AdapterState, results: Sequence[ClientResult]) -> AdapterState:
         """Average ``B`` and the head with example-count weights; keep ``A``."""
         require_uniform([r.spec for r in results], self.name)
-        return ffa_aggregate(state, [r.state for r in results], example_weights(results))
+        with thread_policy(0):  # weighted sums: memory-bound, extra threads only contend
+            return ffa_aggregate(state, [r.state for r in results], example_weights(results))

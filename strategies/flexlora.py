@@ -12,7 +12,10 @@ The SVD is computed in factored form and never forms ``delta_W``: with
 ``B_cat = [p_1 s_1 B_1 ... p_K s_K B_K]`` (d_out x m, m = sum r_k) and
 ``A_cat = [A_1; ...; A_K]`` (m x d_in), ``delta_W = B_cat A_cat = Q_B (R_B R_A^T) Q_A^T`` from the
 QR factorisations of ``B_cat`` and ``A_cat^T``; the SVD of the small m x m core gives
-``U = Q_B U_c`` and ``V = Q_A V_c``.
+``U = Q_B U_c`` and ``V = Q_A V_c``. The QRs stay in Householder form (LAPACK ``geqrf``) and only
+the ``R`` wanted columns of ``U``, ``V`` are formed (``ormqr``), which is ~2.5x fewer FLOPs than
+forming ``Q`` explicitly; modules sharing a shape are factored in one batched call
+(:mod:`strategies.batched`), in float32 for float32 adapters (float64 inputs stay float64).
 
 The global state keeps the top ``R = max r_k`` components at the global scale ``s_g`` (see
 :mod:`strategies.ranked`); truncating those to ``r_k`` equals truncating the full SVD. When the
@@ -27,32 +30,56 @@ from collections.abc import Sequence
 
 import torch
 
-from fedlora.adapters import AdapterState, LoraPair, join_state, split_state
+from fedlora.adapters import AdapterState, LoraPair
 from strategies.base import ClientResult
-from strategies.common import average_rest, example_weights, result_pairs, single_threaded
+from strategies.batched import ModuleBatch, aggregate_modules, compute_dtype, thread_policy
+from strategies.common import example_weights
 from strategies.ranked import RankedStrategy
 from strategies.registry import register
 
 
-def factored_svd(b_cat: torch.Tensor, a_cat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """Return ``x`` (... x n x k) with zero rows appended up to ``rows``."""
+    if x.shape[-2] == rows:
+        return x.contiguous()
+    out = x.new_zeros(*x.shape[:-2], rows, x.shape[-1])
+    out[..., : x.shape[-2], :] = x
+    return out
+
+
+def factored_svd(
+    b_cat: torch.Tensor, a_cat: torch.Tensor, top: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return the thin SVD ``(U, S, Vh)`` of ``b_cat @ a_cat`` without forming the product.
 
     Parameters
     ----------
     b_cat
-        d_out x m.
+        (...) x d_out x m; leading dimensions are a batch.
     a_cat
-        m x d_in.
+        (...) x m x d_in.
+    top
+        Form only the leading ``top`` singular triplets (default: all ``q``).
 
     Returns
     -------
     U, S, Vh
-        d_out x q, (q,), q x d_in with ``q = min(d_out, d_in, m)``, singular values descending.
+        (...) x d_out x k, (...) x k, (...) x k x d_in with ``k = min(top, q)``,
+        ``q = min(d_out, d_in, m)``, singular values descending; computed in
+        :func:`~strategies.batched.compute_dtype` of the inputs.
     """
-    q_b, r_b = torch.linalg.qr(b_cat.to(torch.float64))  # d_out x m', m' x m
-    q_a, r_a = torch.linalg.qr(a_cat.to(torch.float64).T)  # d_in x m'', m'' x m
-    u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)  # core m' x m''
-    return q_b @ u_c, s, vh_c @ q_a.T
+    dtype = compute_dtype(b_cat, a_cat)
+    b, a_t = b_cat.to(dtype), a_cat.to(dtype).mT  # ... x d_out x m, ... x d_in x m
+    d_out, m, d_in = b.shape[-2], b.shape[-1], a_t.shape[-2]
+    h_b, tau_b = torch.geqrf(b)  # Householder form of Q_B, R_B in the upper triangle
+    h_a, tau_a = torch.geqrf(a_t)
+    r_b = h_b[..., : min(d_out, m), :].triu()  # q_b x m
+    r_a = h_a[..., : min(d_in, m), :].triu()  # q_a x m
+    u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.mT, full_matrices=False)  # core q_b x q_a
+    k = s.shape[-1] if top is None else min(top, s.shape[-1])
+    u = torch.ormqr(h_b, tau_b, _pad_rows(u_c[..., :k], d_out))  # Q_B [U_c; 0]: d_out x k
+    v = torch.ormqr(h_a, tau_a, _pad_rows(vh_c[..., :k, :].mT, d_in))  # d_in x k
+    return u, s[..., :k], v.mT
 
 
 def orthonormal_completion(rows: torch.Tensor, hint: torch.Tensor, total: int) -> torch.Tensor:
@@ -75,41 +102,57 @@ def orthonormal_completion(rows: torch.Tensor, hint: torch.Tensor, total: int) -
     return torch.cat([extra, pad])
 
 
-def flexlora_module(
-    pairs: Sequence[LoraPair], coeffs: torch.Tensor, rank: int, global_scale: float, prev_a: torch.Tensor
+def flexlora_batch(
+    batch: ModuleBatch, coeffs: torch.Tensor, global_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return global ``(A_g, B_g)`` (R x d_in, d_out x R, float64) for one module.
+    """Return global ``(A_g, B_g)`` (M x R x d_in, M x d_out x R) for a batch of same-shape modules.
 
-    ``s_g B_g A_g`` is the best rank-``rank`` approximation of ``sum_k coeffs[k] B_k A_k``
-    (``coeffs[k] = p_k s_k``); ``A_g`` has orthonormal rows.
+    Per module, ``s_g B_g A_g`` is the best rank-``R`` approximation of ``sum_k coeffs[k] B_k A_k``
+    (``coeffs[k] = p_k s_k``) and ``A_g`` has orthonormal rows.
     """
-    b_cat = torch.cat([c * p.b.to(torch.float64) for c, p in zip(coeffs, pairs, strict=True)], dim=1)
-    a_cat = torch.cat([p.a.to(torch.float64) for p in pairs], dim=0)  # m x d_in
-    u, s, vh = factored_svd(b_cat, a_cat)
-    k = min(rank, s.shape[0])
-    a_g = vh[:k]  # k x d_in
-    b_g = u[:, :k] * (s[:k] / global_scale)  # d_out x k
+    rank = batch.rank
+    b_cat = torch.cat([float(c) * b for c, b in zip(coeffs, batch.b, strict=True)], dim=-1)  # M x d_out x m
+    a_cat = torch.cat(batch.a, dim=-2)  # M x m x d_in
+    d, m = max(b_cat.shape[-2], a_cat.shape[-1]), b_cat.shape[-1]
+    with thread_policy(d * m * m):  # the QRs dominate: ~d m^2 multiply-adds per module
+        u, s, vh = factored_svd(b_cat, a_cat, top=rank)
+    k = s.shape[-1]
+    a_g = vh  # M x k x d_in
+    b_g = u * (s / global_scale).unsqueeze(-2)  # M x d_out x k
     if k < rank:
-        a_g = torch.cat([a_g, orthonormal_completion(a_g, prev_a.to(torch.float64), rank)])
-        b_g = torch.cat([b_g, torch.zeros(b_g.shape[0], rank - k, dtype=torch.float64)], dim=1)
+        a_g = torch.stack(
+            [
+                torch.cat([a, orthonormal_completion(a, p, rank)])
+                for a, p in zip(a_g, batch.prev_a, strict=True)
+            ]
+        )
+        b_g = torch.cat([b_g, b_g.new_zeros(*b_g.shape[:-1], rank - k)], dim=-1)
     return a_g, b_g
 
 
-@single_threaded
+def flexlora_module(
+    pairs: Sequence[LoraPair], coeffs: torch.Tensor, rank: int, global_scale: float, prev_a: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return global ``(A_g, B_g)`` (R x d_in, d_out x R, float64) of one module (:func:`flexlora_batch`)."""
+    f64 = torch.float64
+    batch = ModuleBatch(
+        modules=("m",),
+        a=tuple(p.a.to(f64)[None] for p in pairs),
+        b=tuple(p.b.to(f64)[None] for p in pairs),
+        prev_a=prev_a.to(f64)[None],
+        prev_b=torch.zeros(1, pairs[0].b.shape[0], rank, dtype=f64),
+    )
+    a, b = flexlora_batch(batch, coeffs, global_scale)
+    return a[0], b[0]
+
+
 def flexlora_aggregate(
     state: AdapterState, results: Sequence[ClientResult], global_scale: float
 ) -> AdapterState:
     """Return the next global state (rank and dtypes of ``state``)."""
     p = example_weights(results)
     coeffs = p * torch.tensor([r.spec.scale for r in results], dtype=torch.float64)  # p_k s_k
-    client_pairs = result_pairs(results)
-    global_pairs, _ = split_state(state)
-    out: dict[str, LoraPair] = {}
-    for module, g in global_pairs.items():
-        a, b = flexlora_module([cp[module] for cp in client_pairs], coeffs, g.rank, global_scale, g.a)
-        out[module] = LoraPair(a=a.to(g.a.dtype), b=b.to(g.b.dtype))
-    new = join_state(out, average_rest([r.state for r in results], p, state))
-    return {k: new[k] for k in state}
+    return aggregate_modules(state, results, lambda batch: flexlora_batch(batch, coeffs, global_scale), p)
 
 
 @register

@@ -27,13 +27,13 @@ import torch
 
 from fedlora.adapters import AdapterState, LoraPair, a_name, b_name, join_state, split_state
 from strategies.base import ClientResult, ClientSpec, Payload
+from strategies.batched import thread_policy
 from strategies.common import (
     average_rest,
     clone_state,
     example_weights,
     fingerprint,
     result_pairs,
-    single_threaded,
 )
 from strategies.flexlora import factored_svd
 from strategies.ranked import RankedStrategy
@@ -57,7 +57,8 @@ def compact(pair: LoraPair) -> LoraPair:
     d_out, d_in = pair.b.shape[0], pair.a.shape[1]
     if pair.rank <= min(d_out, d_in):
         return pair
-    u, s, vh = factored_svd(pair.b, pair.a)  # d_out x q, (q,), q x d_in
+    # float64: the re-factoring must stay lossless (it is rare, so precision costs nothing)
+    u, s, vh = factored_svd(pair.b.double(), pair.a.double())  # d_out x q, (q,), q x d_in
     return LoraPair(a=(s[:, None] * vh).to(pair.a.dtype), b=u.to(pair.b.dtype))
 
 
@@ -108,12 +109,12 @@ class FLoRA(RankedStrategy):
             extras={FINGERPRINT_KEY: fingerprint(merge or {})},
         )
 
-    @single_threaded
     def aggregate(self, state: AdapterState, results: Sequence[ClientResult]) -> AdapterState:
         """Append this round's stack to the merge; keep the template; FedAvg the head."""
         global_pairs, _ = split_state(state)
-        stacks = flora_round(results, list(global_pairs))
-        self._merge = extend_merge(self._merge, stacks, state)
+        with thread_policy(0):  # concatenation and scaling: copies, no matrix products
+            stacks = flora_round(results, list(global_pairs))
+            self._merge = extend_merge(self._merge, stacks, state)
         self._rounds += 1
         new = {k: v.detach().clone() for k, v in state.items()}
         new.update(average_rest([r.state for r in results], example_weights(results), state))

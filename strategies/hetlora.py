@@ -19,16 +19,10 @@ from collections.abc import Sequence
 
 import torch
 
-from fedlora.adapters import AdapterState, LoraPair, join_state, split_state
+from fedlora.adapters import AdapterState, LoraPair
 from strategies.base import ClientResult
-from strategies.common import (
-    average_rest,
-    example_weights,
-    pad_rank,
-    result_pairs,
-    single_threaded,
-    weighted_sum,
-)
+from strategies.batched import ModuleBatch, aggregate_modules, thread_policy
+from strategies.common import example_weights
 from strategies.ranked import RankedStrategy
 from strategies.registry import register
 
@@ -51,45 +45,56 @@ def norm_weights(pairs: Sequence[LoraPair], scales: Sequence[float], fallback: t
     return norms.to(torch.float64) / total
 
 
-def hetlora_module(
-    pairs: Sequence[LoraPair], scales: Sequence[float], global_scale: float, rank: int, fallback: torch.Tensor
+def hetlora_batch(
+    batch: ModuleBatch, scales: Sequence[float], global_scale: float, fallback: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Aggregate one module's client factors into global ``(A_g, B_g)`` at ``rank`` (float64).
+    """Aggregate a batch of same-shape modules into global ``(A_g, B_g)`` (M x R x d_in, M x d_out x R).
 
     Parameters
     ----------
-    pairs
-        Client factors, ``A_k``: r_k x d_in, ``B_k``: d_out x r_k.
+    batch
+        Client ``k``'s factors ``A_k``: M x r_k x d_in, ``B_k``: M x d_out x r_k.
     scales
         The clients' ``s_k``; ``global_scale`` is ``s_g`` of the returned factors.
-    rank
-        The global rank ``R >= max r_k``.
     fallback
-        Shape (K,), example-count weights used when every update is zero.
+        Shape (K,), example-count weights used for a module whose updates are all zero.
     """
-    w = norm_weights(pairs, scales, fallback)
-    padded = [
-        pad_rank(p.a.to(torch.float64), p.b.to(torch.float64) * (s / global_scale), rank)
-        for p, s in zip(pairs, scales, strict=True)
-    ]  # (R x d_in, d_out x R) per client
-    return weighted_sum([a for a, _ in padded], w), weighted_sum([b for _, b in padded], w)
+    # ||s_k B_k A_k||_F per module and client from r_k x r_k Gram matrices: M x K, float64
+    d, r = max(batch.prev_a.shape[-1], batch.prev_b.shape[-2]), batch.rank
+    with thread_policy(d * r * r):
+        return _hetlora_batch(batch, scales, global_scale, fallback)
 
 
-@single_threaded
+def _hetlora_batch(
+    batch: ModuleBatch, scales: Sequence[float], global_scale: float, fallback: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    norms = torch.stack(
+        [
+            abs(s) * ((b.mT @ b) * (a @ a.mT)).sum((-2, -1)).to(torch.float64).clamp_min(0.0).sqrt()
+            for s, a, b in zip(scales, batch.a, batch.b, strict=True)
+        ],
+        dim=1,
+    )
+    total = norms.sum(1, keepdim=True)  # M x 1
+    usable = torch.isfinite(total) & (total > 0)
+    w = torch.where(usable, norms / torch.where(usable, total, 1.0), fallback.to(torch.float64)[None])
+    a_g, b_g = torch.zeros_like(batch.prev_a), torch.zeros_like(batch.prev_b)  # zero-padded sums
+    for k, (s, a, b) in enumerate(zip(scales, batch.a, batch.b, strict=True)):
+        wk = w[:, k].to(a_g.dtype)[:, None, None]  # M x 1 x 1
+        a_g[:, : a.shape[1]].add_(a * wk)
+        b_g[..., : b.shape[2]].add_(b * (wk * (s / global_scale)))
+    return a_g, b_g
+
+
 def hetlora_aggregate(
     state: AdapterState, results: Sequence[ClientResult], global_scale: float
 ) -> AdapterState:
     """Return the next global state (rank and dtypes of ``state``) from heterogeneous-rank results."""
     fallback = example_weights(results)
-    client_pairs = result_pairs(results)
-    global_pairs, _ = split_state(state)
     scales = [r.spec.scale for r in results]
-    out: dict[str, LoraPair] = {}
-    for module, g in global_pairs.items():
-        a, b = hetlora_module([cp[module] for cp in client_pairs], scales, global_scale, g.rank, fallback)
-        out[module] = LoraPair(a=a.to(g.a.dtype), b=b.to(g.b.dtype))
-    new = join_state(out, average_rest([r.state for r in results], fallback, state))
-    return {k: new[k] for k in state}
+    return aggregate_modules(
+        state, results, lambda batch: hetlora_batch(batch, scales, global_scale, fallback), fallback
+    )
 
 
 @register
