@@ -451,7 +451,7 @@ class ClientLevelDP(LoraStrategy):
 
     def aggregate(self, state: AdapterState, results: Sequence[ClientResult]) -> AdapterState:
         """Release the noisy mean of the clipped updates (possibly none); the inner strategy applies it."""
-        spec = results[0].spec if results else self._spec or self._default_spec()
+        spec = results[0].spec if results else self._spec or self._default_spec(state)
         base = self.inner.payload(state, spec).adapter
         names = privatisable_names(getattr(self.inner, "dp_tensors", None), list(base), self.inner.name)
         updates = []
@@ -463,8 +463,11 @@ class ClientLevelDP(LoraStrategy):
             state, [ClientResult(spec=spec, num_examples=1, state=apply_delta(base, noisy))]
         )
 
-    def _default_spec(self) -> ClientSpec:
-        rank = self.privacy.cfg.max_rank()
+    def _default_spec(self, state: AdapterState) -> ClientSpec:
+        # No client was sent anything in this process yet (a resumed run whose first round sampled
+        # nobody): the global state's own rank (A is r x d_in) gives the shape of the noise.
+        ranks = [int(v.shape[0]) for k, v in state.items() if is_lora_a(k)]
+        rank = max(ranks) if ranks else self.privacy.cfg.lora.rank
         return ClientSpec(node_id=0, rank=rank, alpha=self.privacy.cfg.lora.alpha_for(rank))
 
     def final_adapter(self, state: AdapterState, client: ClientSpec) -> AdapterState:

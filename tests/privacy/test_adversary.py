@@ -86,7 +86,7 @@ def test_other_clients_cannot_subtract_the_client_level_noise(tmp_path: Path):
     m = cfg.federation.num_clients
     released = release(resumed, updates).double()
     noise = released * m - true_sum  # exactly std * (the server's Gaussian draw)
-    assert float(noise.var()) == pytest.approx(std**2, rel=0.1)
+    assert float(noise.var()) == pytest.approx(std**2, rel=0.15)  # 4096 draws: 7 standard errors
     for guess in known_seed_noise(cfg.federation.seed, checkpoint):
         residual = noise - std * guess
         # A correct guess leaves ~0; an independent one leaves twice the noise variance.

@@ -180,15 +180,16 @@ def test_the_server_loop_charges_the_round_lost_in_a_crash_and_stops_at_the_budg
                 raise ConnectionError("the server machine lost power")
             return super().send_and_receive(messages, timeout=timeout)
 
-    two = PrivacyLedger("x", "client", 1e-5, 1.0).record(1, 1.0, 0.5, 1).record(2, 1.0, 0.5, 1)
-    target = (two.epsilon("rdp") + two.record(3, 1.0, 0.5, 1).epsilon("rdp")) / 2  # 2 releases fit, 3 do not
+    # q = 1: every node is sent round 2, so the crash always happens (a Poisson round may send nothing).
+    two = PrivacyLedger("x", "client", 1e-5, 1.0).record(1, 1.0, 1.0, 1).record(2, 1.0, 1.0, 1)
+    target = (two.epsilon("rdp") + two.record(3, 1.0, 1.0, 1).epsilon("rdp")) / 2  # 2 releases fit, 3 do not
     over = {
         "privacy.mode": "client",
         "privacy.noise_multiplier": 1.0,
         "privacy.epsilon": target,
         "privacy.accountant": "rdp",
         "privacy.client_sampling": "poisson",
-        "privacy.client_sample_rate": 0.5,
+        "privacy.client_sample_rate": 1.0,
     }
     out = tmp_path / "run"
     nodes = [HonestNode(11 + i, i) for i in range(4)]
