@@ -285,7 +285,10 @@ class ServerRun:
             rnd,
             0.0,
             0.0,
-            train_loss=(sum(w * loss for w, loss in outcome.train_losses) / n) if n else None,
+            # Under DP clients send no train loss (it is not covered by the guarantee).
+            train_loss=(sum(w * loss for w, loss in outcome.train_losses) / n)
+            if n and self.cfg.privacy.mode == "none"
+            else None,
             clients_sampled=len(payloads),
             clients_ok=len(outcome.results),
             rejected=outcome.rejected,
