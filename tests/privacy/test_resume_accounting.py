@@ -8,6 +8,7 @@ the same run directory as ``--resume`` does, and check what is charged.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,6 @@ def test_the_server_loop_charges_the_round_lost_in_a_crash_and_stops_at_the_budg
     assert "resumed 1 time(s); 1 round(s) in flight" in report["resumed"]
     assert report["clients"][0]["within_budget"] is True and report["clients"][0]["worst_case_rounds"] == [2]
     assert (out / "adapter" / "adapter_model.safetensors").exists()  # the last completed round is exported
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    # The in-process nodes report a train loss anyway; under DP the server publishes none.
+    assert [r["train_loss"] for r in rows if r["kind"] == "global" and r["round"] >= 1] == [None]
