@@ -19,12 +19,12 @@ Messages (record names and keys are the constants below):
 Decoding never trusts the other side: :func:`decode_setup_reply` and
 :func:`decode_train_reply` raise :class:`ProtocolError` (one line naming the field and the
 value) for anything malformed, and array records are sized and their ``.npy`` headers
-checked *before* any array is allocated. Only adapter tensors travel; base weights never do.
+checked *before* any array is allocated (:mod:`fedlora.protocol_arrays`, re-exported here).
+Only adapter tensors travel; base weights never do.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
@@ -34,9 +34,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedlora.adapters import AdapterState, is_lora_a
+from fedlora.protocol_arrays import (
+    WIRE_DTYPE,
+    ProtocolError,
+    decode_arrays,
+    encode_arrays,
+    record_bytes,
+    size_cap,
+)
+
+# Array codec names, re-exported: server and clients import the whole protocol from here.
+__all__ = ["WIRE_DTYPE", "ProtocolError", "decode_arrays", "encode_arrays", "record_bytes", "size_cap"]
 
 # Message types.
 QUERY = "query"
@@ -60,112 +71,11 @@ NUM_EXAMPLES, PARTITION_ID = "num-examples", "partition-id"
 DECLINED, LEDGER, DECLINED_REASON = "declined", "ledger", "declined-reason"
 EXTRA_KEYS = (A_FINGERPRINT, BASE_FINGERPRINT)  # strategy extras the client understands
 
-WIRE_DTYPE = np.dtype("<f4")  # every adapter tensor and delta travels as little-endian float32
 MAX_RANK = 4096  # no LoRA rank above this is plausible on any model fedlora adapts
 MAX_EXAMPLES = 10**9
 MAX_METRICS = 64  # client metrics kept per reply
 METRIC_KEY = re.compile(r"^[a-z][a-z0-9-]{0,47}$")
 METRIC_ABS_MAX = 1e15  # a client metric beyond this is a corrupt or hostile report
-_NPY_HEADER_MAX = 4096  # bytes of .npy header we accept per array
-
-
-class ProtocolError(ValueError):
-    """A message does not follow the protocol; the reply is rejected (never a crash)."""
-
-
-# --------------------------------------------------------------------------- arrays
-
-
-def encode_arrays(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """Pack adapter tensors into an ArrayRecord as float32 on CPU, keeping PEFT names."""
-    return ArrayRecord({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()})
-
-
-def record_bytes(record: ArrayRecord | None) -> int:
-    """Return the serialised size of ``record`` in bytes (0 for None)."""
-    return 0 if record is None else int(sum(len(a.data) for a in record.values()))
-
-
-def _read_npy(name: str, array: Any, want_shape: tuple[int, ...] | None) -> torch.Tensor:
-    """Decode one Flower ``Array`` after checking its header against what it must be.
-
-    The header's shape and dtype are read first and the byte count compared with the data
-    actually present, so a header claiming a gigantic shape never reaches an allocation.
-    """
-    data = getattr(array, "data", None)
-    if getattr(array, "stype", None) != "numpy.ndarray" or not isinstance(data, bytes):
-        raise ProtocolError(f"array {name!r} is not a serialised numpy array")
-    buf = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(buf)
-        reader = (
-            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        )
-        shape, fortran, dtype = reader(buf, max_header_size=_NPY_HEADER_MAX)
-    except (ValueError, TypeError, SyntaxError, EOFError) as err:
-        raise ProtocolError(f"array {name!r} has a malformed header: {err}") from None
-    if dtype != WIRE_DTYPE:
-        raise ProtocolError(
-            f"array {name!r} has dtype {dtype}, expected {WIRE_DTYPE} "
-            "(a delta has exactly the adapter's dtype)"
-        )
-    if want_shape is not None and tuple(shape) != tuple(want_shape):
-        raise ProtocolError(f"array {name!r} has shape {tuple(shape)}, expected {tuple(want_shape)}")
-    count = math.prod(shape)
-    offset = buf.tell()
-    if len(data) - offset != count * dtype.itemsize:
-        raise ProtocolError(
-            f"array {name!r} claims shape {tuple(shape)} ({count * dtype.itemsize} bytes) "
-            f"but carries {len(data) - offset} bytes"
-        )
-    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
-    return torch.from_numpy(flat.reshape(shape, order="F" if fortran else "C").copy())
-
-
-def decode_arrays(
-    record: object,
-    reference: Mapping[str, torch.Tensor] | None = None,
-    *,
-    max_bytes: int,
-    what: str = "record",
-) -> AdapterState:
-    """Unpack an ArrayRecord into fresh tensors, refusing oversized or mismatching records.
-
-    Parameters
-    ----------
-    record
-        The received ArrayRecord.
-    reference
-        When given, the record must hold exactly these names with these shapes (an update
-        that omits a tensor is refused, not read as a zero update).
-    max_bytes
-        Largest total payload accepted, checked before any array is deserialised.
-    what
-        How the record is named in error messages.
-    """
-    if not isinstance(record, ArrayRecord):
-        raise ProtocolError(f"{what} is a {type(record).__name__}, not an ArrayRecord")
-    sizes = [len(getattr(a, "data", b"")) for a in record.values()]
-    if sum(sizes) > max_bytes:
-        raise ProtocolError(f"{what} is {sum(sizes)} bytes, above the cap of {max_bytes} bytes")
-    if reference is not None:
-        missing = sorted(set(reference) - set(record))
-        extra = sorted(set(record) - set(reference))
-        if missing:
-            raise ProtocolError(f"{what} omits {len(missing)} tensor(s), e.g. {missing[0]!r}")
-        if extra:
-            raise ProtocolError(f"{what} has {len(extra)} unexpected tensor(s), e.g. {extra[0]!r}")
-    out: AdapterState = {}
-    for name, array in record.items():
-        want = tuple(reference[name].shape) if reference is not None else None
-        out[name] = _read_npy(name, array, want)
-    return out
-
-
-def size_cap(reference: Mapping[str, torch.Tensor], factor: float) -> int:
-    """Return the byte cap for a record expected to hold ``reference``'s tensors as float32."""
-    exact = sum(t.numel() * WIRE_DTYPE.itemsize for t in reference.values())
-    return int(exact * max(factor, 1.0)) + _NPY_HEADER_MAX * max(len(reference), 1)
 
 
 # --------------------------------------------------------------------------- scalars
