@@ -67,8 +67,6 @@ class Payload:
         client adds to its frozen base weights before training (FLoRA), or None.
     train_a
         Whether the client trains the A factors (False for FFA-LoRA).
-    fresh_adapter
-        Whether the client re-initialises its adapter from the shared seed (FLoRA).
     extras
         Small scalars/strings sent in the round config (fingerprints, seeds).
     """
@@ -76,7 +74,6 @@ class Payload:
     adapter: AdapterState
     merge: AdapterState | None = None
     train_a: bool = True
-    fresh_adapter: bool = False
     extras: Mapping[str, int | float | str] = field(default_factory=dict)
 
 

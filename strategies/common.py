@@ -13,7 +13,7 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
-from fedlora.adapters import AdapterState, fingerprint, is_lora, is_lora_a, split_state  # noqa: F401 (moved)
+from fedlora.adapters import AdapterState, is_lora, is_lora_a, split_state
 from strategies.base import ClientResult, ClientSpec, normalised_weights
 
 P = ParamSpec("P")

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedlora.adapters import AdapterState, is_lora_a
+from fedlora.adapters import AdapterState, fingerprint, is_lora_a
 from strategies.base import ClientResult, ClientSpec, LoraStrategy, Payload
 from strategies.batched import thread_policy
 from strategies.common import (
@@ -26,7 +26,6 @@ from strategies.common import (
     average_named,
     clone_state,
     example_weights,
-    fingerprint,
     require_uniform,
 )
 from strategies.registry import register

@@ -25,14 +25,13 @@ from typing import Any
 
 import torch
 
-from fedlora.adapters import AdapterState, LoraPair, a_name, b_name, join_state, split_state
+from fedlora.adapters import AdapterState, LoraPair, a_name, b_name, fingerprint, join_state, split_state
 from strategies.base import ClientResult, ClientSpec, Payload
 from strategies.batched import thread_policy
 from strategies.common import (
     average_rest,
     clone_state,
     example_weights,
-    fingerprint,
     result_pairs,
 )
 from strategies.flexlora import factored_svd
@@ -105,7 +104,6 @@ class FLoRA(RankedStrategy):
         return Payload(
             adapter=adapter,
             merge=merge,
-            fresh_adapter=True,
             extras={FINGERPRINT_KEY: fingerprint(merge or {})},
         )
 

@@ -31,7 +31,7 @@ def test_payload_omits_a_freezes_it_and_carries_its_fingerprint():
     state = s.init_state(template, SPECS[:1])
     p = s.payload(state, ClientSpec(0, 2, 4.0))
     assert not any(is_lora_a(k) for k in p.adapter) and B in p.adapter and HEAD_W in p.adapter
-    assert p.train_a is False and p.merge is None and not p.fresh_adapter
+    assert p.train_a is False and p.merge is None
     assert p.extras[FINGERPRINT_KEY] == a_fingerprint(template)
     # the client computes the same digest from its own full adapter (head, B ignored)
     client_side = {**template, B: torch.ones(3, 2), HEAD_W: torch.ones(2, 3)}

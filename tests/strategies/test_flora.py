@@ -5,9 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategy_testkit import HEAD_W, PROPERTY, clones, hand_pair, lora_state, product, result, same
 
-from fedlora.adapters import LoraPair
+from fedlora.adapters import LoraPair, fingerprint
 from strategies.base import ClientSpec
-from strategies.common import fingerprint
 from strategies.flora import FINGERPRINT_KEY, FLoRA, compact, flora_module
 
 A, B = "m.lora_A.weight", "m.lora_B.weight"
@@ -30,7 +29,7 @@ def test_hand_stacking_and_payload():
     specs = [r.spec for r in hand()]
     s, state = started(specs, 1, {"m": (3, 2)})
     first = s.payload(state, specs[0])
-    assert first.merge is None and first.fresh_adapter and first.extras[FINGERPRINT_KEY] == fingerprint({})
+    assert first.merge is None and first.extras[FINGERPRINT_KEY] == fingerprint({})
     out = s.aggregate(state, hand())
     merge = s.final_merge(out)
     # A_stack = [p1 s1 A1; p2 s2 A2] = [[.25, .5], [4.5, 0]]; B_stack = [B1 B2]
@@ -39,7 +38,7 @@ def test_hand_stacking_and_payload():
     assert torch.equal(out[A], state[A]) and torch.equal(out[B], state[B])  # fresh template kept
     assert torch.equal(out[HEAD_W], torch.tensor([[1.0, 5.0]]))
     p = s.payload(out, specs[1])
-    assert p.fresh_adapter and p.train_a and same(p.merge, merge)
+    assert p.train_a and same(p.merge, merge)
     assert p.extras[FINGERPRINT_KEY] == fingerprint(merge)
     assert same(p.adapter, {A: state[A], B: state[B], HEAD_W: out[HEAD_W]})
     assert not s.final_adapter(out, specs[0])[B].any()  # zero B: the adapter is a no-op

@@ -7,11 +7,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategy_testkit import PROPERTY
 
+from fedlora.adapters import fingerprint
 from strategies.base import ClientSpec, normalised_weights
 from strategies.common import (
     StrategyError,
     check_number,
-    fingerprint,
     pad_rank,
     require_uniform,
     slice_rank,
