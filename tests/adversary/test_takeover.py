@@ -120,9 +120,11 @@ def test_huge_finite_values_are_rejected(run_fed, strategy):
         return content
 
     without, with_ = _attack(run_fed, strategy, craft)
-    assert not without.finite() or not math.isfinite(without.glob(1)["test_loss"]) or max(
-        float(v.abs().max()) for v in [*without.state.values(), *without.merge.values()]
-    ) > 1e20, "without the caps the global model should be ruined"
+    assert (
+        not without.finite()
+        or not math.isfinite(without.glob(1)["test_loss"])
+        or max(float(v.abs().max()) for v in [*without.state.values(), *without.merge.values()]) > 1e20
+    ), "without the caps the global model should be ruined"
     assert "exceeds" in with_.rejected()[EVIL] and with_.finite()
     assert math.isfinite(with_.glob(1)["test_loss"])
 
@@ -154,3 +156,20 @@ def test_non_finite_aggregate_is_rolled_back_and_the_offender_named(run_fed):
     run = run_fed(grid_of(4, {EVIL: craft}), **{"federation.strategy": "flexlora"}, **ONE_ROUND, **off)
     assert "not finite" in run.rejected()[EVIL]
     assert run.glob(1)["clients_ok"] == 3 and run.finite()
+
+
+@pytest.mark.parametrize("center", ["median", "trimmed-mean"])
+def test_robust_centres_ignore_a_scaled_update_even_without_norm_bounding(run_fed, center):
+    robust = {"robust.aggregator": center, "robust.trim_fraction": 0.25, "robust.norm_bound": 0}
+    honest, influence = _three(run_fed, "fedit", **robust)
+    attacked = run_fed(
+        grid_of(4, {EVIL: scaled(30.0)}), **{"federation.strategy": "fedit"}, **ONE_ROUND, **robust
+    )
+    assert attacked.finite() and distance(attacked, honest) / influence <= 2.0
+
+
+def test_robust_centre_is_refused_for_product_methods(run_fed):
+    from server.loop import FederationError
+
+    with pytest.raises(FederationError, match="norm bounding"):
+        run_fed(**{"federation.strategy": "flexlora", "robust.aggregator": "median"})
