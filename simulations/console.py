@@ -261,9 +261,7 @@ def summary_table(run_dir: Path, seconds: float) -> Table:
         table.add_row("round 0 (initial adapter)", f"{rows[0]['test_accuracy']:.3f}")
         up = sum(_bytes(r, "bytes_up") for r in rows)
         down = sum(_bytes(r, "bytes_down") for r in rows)
-        table.add_row(
-            "bytes sent", f"{up / 1e6:.2f} MB up, {down / 1e6:.2f} MB down (all clients, all rounds)"
-        )
+        table.add_row("bytes, all rounds", f"{up / 1e6:.2f} MB up, {down / 1e6:.2f} MB down")
         rejected = sum(len(r.get("rejected") or []) for r in rows)
         if rejected:
             table.add_row("rejected updates", f"{rejected} (reasons in metrics.jsonl)")
