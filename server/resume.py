@@ -52,7 +52,7 @@ def config_changes(checkpoint_json: str, new: RunConfig) -> list[str]:
     now = _flatten(new.to_dict())
     safe, unsafe = [], []
     for key in sorted(now):
-        if key not in old or old[key] == now[key]:
+        if key not in old or old[key] == now[key] or key == "output.resume":  # resuming is the point
             continue
         change = f"{key}: {old[key]!r} -> {now[key]!r}"
         (safe if key.startswith(SAFE_PREFIXES) else unsafe).append(change)
