@@ -305,7 +305,8 @@ class TrainReply:
         metrics = {NUM_EXAMPLES: self.num_examples, **self.metrics}
         if self.update is None:
             metrics[DECLINED] = 1
-        reply = RecordDict({METRICS: MetricRecord({k: v for k, v in metrics.items() if v == v})})  # no NaN
+        finite = {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
+        reply = RecordDict({METRICS: MetricRecord(finite)})  # NaN/inf (no validation data) left out
         if self.update is not None:
             reply[UPDATE] = encode_arrays(self.update)
         privacy = {LEDGER: self.ledger} if self.ledger else {}
