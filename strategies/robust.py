@@ -160,6 +160,8 @@ def bound_updates(
     if bound <= 0 or len(kept) < 2:
         return Bounded(kept, rejected, clipped, norms)
     limit = bound * lower_median(list(norms.values()))
+    if limit <= 0:  # most updates are empty: nothing to scale against (zeroing the rest would be an attack)
+        return Bounded(kept, rejected, clipped, norms)
     out = []
     for r in kept:
         node = r.spec.node_id

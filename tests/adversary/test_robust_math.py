@@ -118,3 +118,11 @@ def test_aggregate_checked_finds_the_offender_and_restores_strategy_state():
     merge = flora.final_merge(new)  # exactly one aggregation of the good clients, not three
     assert merge is not None and expected is not None
     assert all(torch.allclose(merge[k], expected[k]) for k in expected)
+
+
+def test_empty_updates_cannot_zero_the_round():
+    sent = _state(0)
+    zero = [_result(n, dict(sent)) for n in (1, 2)]
+    real = _result(3, shrink(sent, _state(3), 0.1))
+    out = bound_updates([*zero, real], {n: sent for n in (1, 2, 3)}, bound=3.0, max_norm=1e6, max_abs=1e4)
+    assert out.clipped == [] and out.results[-1] is real
