@@ -42,6 +42,7 @@ TESTS = [
     "tests/strategies",
     "tests/privacy/test_privacy_ledger.py",
     "tests/privacy/test_privacy_calibrate.py",
+    "tests/privacy/test_calibrate_edges.py",
     "tests/privacy/test_privacy_client_dp.py",
     "tests/privacy/test_report_claims.py",
     "tests/privacy/test_server_client_dp.py",
