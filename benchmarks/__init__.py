@@ -20,6 +20,9 @@ BENCHMARKS: dict[str, str] = {
     "dp_overhead": "benchmarks.dp_overhead",
     "reproducibility": "benchmarks.reproducibility",
     "linear_probe": "benchmarks.linear_probe",
+    "dp_tuning": "benchmarks.dp_tuning",
+    "dp_curve": "benchmarks.dp_curve",
+    "default_run": "benchmarks.default_run",
 }
 
 RunFn = Callable[[bool], tuple[dict[str, Any], str]]

@@ -242,6 +242,6 @@ def run(quick: bool) -> tuple[dict[str, Any], str]:
             (Setup("7B shape, ranks 4-64", 32, 4096, (4, 8, 16, 32, 64) * 2), HETERO_METHODS, 0),
             (Setup("7B shape, 100 clients", 4, 4096, (16,) * 100), ALL_METHODS, 0),
         ]
-        reps = 3
+        reps = 2
     rows = [run_setup(s, methods, reps, dense) for s, methods, dense in setups]
     return {"rows": rows, "machine": machine()}, table(rows)

