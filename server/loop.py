@@ -209,6 +209,7 @@ class ServerRun:
             state, last = self._round(rnd, state, infos)
             self._checkpoint(rnd, state)
             if self.failed_rounds:
+                print(f"stopping: {self.failed_rounds[-1]}", flush=True)  # the console shows why
                 raise FederationError(self.failed_rounds[-1])
         self._finish(state)
         return last
