@@ -61,8 +61,15 @@ def _wait_until(condition, what: str, fleet: Fleet) -> None:
 
 
 def _workers(node_pid: int) -> list[psutil.Process]:
-    kids = psutil.Process(node_pid).children(recursive=True)
-    return [p for p in kids if "fedlora.deploy.worker" in " ".join(p.cmdline())]
+    """The node's live worker processes (a killed one stays a zombie until the node reaps it)."""
+    found = []
+    for proc in psutil.Process(node_pid).children(recursive=True):
+        try:
+            if "fedlora.deploy.worker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return found
 
 
 @pytest.fixture
