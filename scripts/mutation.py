@@ -46,6 +46,8 @@ TESTS = [
     "tests/privacy/test_privacy_client_dp.py",
     "tests/privacy/test_report_claims.py",
     "tests/privacy/test_server_client_dp.py",
+    "tests/privacy/test_client_dp_edges.py",
+    "tests/privacy/test_resume_accounting.py",
 ]
 # Registry and wiring code whose mutants only change error wording or import-time glue.
 DO_NOT_MUTATE = ["strategies/__init__.py"]
