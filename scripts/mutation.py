@@ -40,6 +40,7 @@ TARGETS = [
 # Fast tests of the mutated code (no Flower runs, no pretrained model).
 TESTS = [
     "tests/strategies",
+    "tests/adversary/test_robust_math.py",  # strategies/robust.py
     "tests/privacy/test_privacy_ledger.py",
     "tests/privacy/test_privacy_calibrate.py",
     "tests/privacy/test_calibrate_edges.py",
