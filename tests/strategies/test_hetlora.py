@@ -155,3 +155,21 @@ def test_mixed_alpha_folds_each_clients_scale_into_b():
     # Client 0's next payload folds s_g / s_0 = 4 back into its rank-1 slice of B_g.
     view = s.payload(out, specs[0]).adapter
     torch.testing.assert_close(view[B], torch.tensor([[2 / 3], [8 / 3], [0.0]]))
+
+
+def test_small_updates_are_norm_weighted_not_example_weighted():
+    # The hand-computed case scaled by 1/100: norms 0.02 and 0.04 (sum < 1) still give w = (1/3, 2/3),
+    # not the example weights (1/4, 3/4); only an all-zero round falls back.
+    specs = [ClientSpec(0, 1, 2.0), ClientSpec(1, 2, 4.0)]
+    s, state = started(specs)
+    s1 = {A: torch.tensor([[1.0, 0.0]]), B: torch.tensor([[0.01], [0.0], [0.0]]), HEAD_W: torch.zeros(1, 2)}
+    s2 = {
+        A: torch.tensor([[0.0, 1.0], [1.0, 0.0]]),
+        B: torch.tensor([[0.0, 0.0], [0.02, 0.0], [0.0, 0.0]]),
+        HEAD_W: torch.zeros(1, 2),
+    }
+    out = s.aggregate(state, [result(0, 1, 2.0, 1, s1), result(1, 2, 4.0, 3, s2)])
+    torch.testing.assert_close(out[A], torch.tensor([[1 / 3, 2 / 3], [2 / 3, 0.0]]))
+    pairs = [LoraPair(x[A], x[B]) for x in (s1, s2)]
+    w = norm_weights(pairs, [2.0, 2.0], torch.tensor([0.25, 0.75], dtype=torch.float64))
+    torch.testing.assert_close(w, torch.tensor([1 / 3, 2 / 3], dtype=torch.float64))
