@@ -83,6 +83,8 @@ def test_sampling_schemes_and_their_denominators():
     assert len(sample_clients(ids, 0.01, "fixed", random.Random(0))) == 1  # at least one client
     picked = sample_clients(ids, 0.5, "fixed", np.random.default_rng(0))
     assert len(picked) == 5 and picked == sorted(picked)
+    for seed in range(20):  # distinct clients: drawn without replacement
+        assert len(set(sample_clients(ids, 0.8, "fixed", np.random.default_rng(seed)))) == 8
     assert expected_clients(10, 0.25, "poisson") == 2.5 and expected_clients(10, 0.25, "fixed") == 2.0
     assert expected_clients(10, 0.01, "fixed") == 1.0 and expected_clients(1, 1.0, "poisson") == 1.0
     with pytest.raises(ClientDPError, match=r"^num_clients=0 must be >= 1"):
@@ -101,6 +103,8 @@ def test_fixed_sampling_of_a_subset_is_refused_with_the_fix():
         ClientDPError, match=r"clients_per_round = 3 < num_clients = 10.*client_sample_rate = 0.3"
     ):
         check_client_sampling("fixed", 3, 10)
+    with pytest.raises(ClientDPError, match=r"clients_per_round = 1 < num_clients = 10"):
+        check_client_sampling("fixed", 1, 10)
     with pytest.raises(ClientDPError, match=r"clients_per_round = 9 < num_clients = 10"):
         check_client_sampling("fixed", 9, 10)
     with pytest.raises(ClientDPError, match=r"^privacy.client_sampling='random' must be"):
