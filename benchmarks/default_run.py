@@ -111,40 +111,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/default_run.json"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = parser.parse_args()
-    cfg = load_toml(DEFAULT_SCENARIO)
     overrides = dict(item.split("=", 1) for item in args.set)
-    run_dir = Path(tempfile.mkdtemp(prefix="fedlora-bench-"))
-    cfg = with_overrides(cfg, {**overrides, "output.out_dir": str(run_dir)})
-
-    peak, stop = [0], threading.Event()
-    me = psutil.Process()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _tree_rss(me))
-            time.sleep(0.5)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t0 = time.perf_counter()
-    simulate(cfg)
-    seconds = time.perf_counter() - t0
-    stop.set()
-    sampler.join()
-    rounds = [m for m in read_metrics(run_dir / "metrics.jsonl") if m["kind"] == "global"]
     result = {
         "scenario": str(DEFAULT_SCENARIO.name),
-        "overrides": overrides,
-        "wall_seconds": round(seconds, 1),
-        "test_accuracy_per_round": [round(m["test_accuracy"], 4) for m in rounds],
-        "final_test_accuracy": rounds[-1]["test_accuracy"],
-        "peak_rss_mib": round(peak[0] / 2**20),
+        **measure(overrides),
         "machine": {
             "cpus": psutil.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
         },
-        "run_dir": str(run_dir),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

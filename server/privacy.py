@@ -45,7 +45,7 @@ from fedlora.privacy.ledger import LedgerEntry, LedgerError, PrivacyLedger
 from fedlora.privacy.randomness import entropy_generator, system_random
 from fedlora.privacy.report import write_report
 from fedlora.privacy.runfile import CLIENT_LEVEL_KEY, RunFacts, load_run_file, save_run_ledgers
-from strategies.base import ClientResult, ClientSpec, LoraStrategy, Payload
+from strategies.base import ClientResult, ClientSpec, LoraStrategy, Payload, StrategyWrapper
 from strategies.registry import lookup
 
 log = logging.getLogger(__name__)
@@ -422,7 +422,7 @@ class ServerPrivacy:
         return write_report(self.run_dir)
 
 
-class ClientLevelDP(LoraStrategy):
+class ClientLevelDP(StrategyWrapper):
     """DP-FedAvg (McMahan et al. 2018) around any strategy that declares ``dp_tensors``.
 
     As Flower's DP strategy wrappers do, the wrapper owns clipping, noise and accounting, and
@@ -432,9 +432,8 @@ class ClientLevelDP(LoraStrategy):
     """
 
     def __init__(self, inner: LoraStrategy, privacy: ServerPrivacy) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.privacy = privacy
-        self.name = inner.name  # type: ignore[misc]
         self._spec: ClientSpec | None = None
         privatisable_names(getattr(inner, "dp_tensors", None), [], inner.name)  # refuse early
 
@@ -470,18 +469,3 @@ class ClientLevelDP(LoraStrategy):
         rank = max(ranks) if ranks else self.privacy.cfg.lora.rank
         return ClientSpec(node_id=0, rank=rank, alpha=self.privacy.cfg.lora.alpha_for(rank))
 
-    def final_adapter(self, state: AdapterState, client: ClientSpec) -> AdapterState:
-        """Delegate to the inner strategy."""
-        return self.inner.final_adapter(state, client)
-
-    def final_merge(self, state: AdapterState) -> AdapterState | None:
-        """Delegate to the inner strategy."""
-        return self.inner.final_merge(state)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Delegate to the inner strategy (the privacy state is checkpointed by the loop)."""
-        return self.inner.state_dict()
-
-    def load_state_dict(self, data: Mapping[str, Any]) -> None:
-        """Delegate to the inner strategy."""
-        self.inner.load_state_dict(data)

@@ -118,6 +118,47 @@ class LoraStrategy(ABC):
         """Restore what :meth:`state_dict` returned."""
 
 
+
+class StrategyWrapper(LoraStrategy):
+    """A strategy that changes how another one aggregates and delegates everything else.
+
+    Defences and server-side DP compose around a method this way (as Flower wraps its
+    strategies with DP) instead of adding flags to it; subclasses override what they change.
+    """
+
+    def __init__(self, inner: LoraStrategy) -> None:
+        self.inner = inner
+        self.name = inner.name  # type: ignore[misc]
+        self.dp_tensors = inner.dp_tensors  # type: ignore[misc]
+
+    def init_state(self, template: AdapterState, clients: Sequence[ClientSpec]) -> AdapterState:
+        """Delegate to the wrapped method."""
+        return self.inner.init_state(template, clients)
+
+    def payload(self, state: AdapterState, client: ClientSpec) -> Payload:
+        """Delegate to the wrapped method."""
+        return self.inner.payload(state, client)
+
+    def aggregate(self, state: AdapterState, results: Sequence[ClientResult]) -> AdapterState:
+        """Delegate to the wrapped method."""
+        return self.inner.aggregate(state, results)
+
+    def final_adapter(self, state: AdapterState, client: ClientSpec) -> AdapterState:
+        """Delegate to the wrapped method."""
+        return self.inner.final_adapter(state, client)
+
+    def final_merge(self, state: AdapterState) -> AdapterState | None:
+        """Delegate to the wrapped method."""
+        return self.inner.final_merge(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Delegate to the wrapped method."""
+        return self.inner.state_dict()
+
+    def load_state_dict(self, data: Mapping[str, Any]) -> None:
+        """Delegate to the wrapped method."""
+        self.inner.load_state_dict(data)
+
 def normalised_weights(counts: Sequence[float]) -> torch.Tensor:
     """Return ``p_k = n_k / sum(n)`` as float64.
 

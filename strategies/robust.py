@@ -24,12 +24,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 
 from fedlora.adapters import AdapterState, a_name, b_name, is_lora, lora_modules
-from strategies.base import ClientResult, ClientSpec, LoraStrategy, Payload
+from strategies.base import ClientResult, LoraStrategy, StrategyWrapper
 
 ROBUST_CENTERS = ("mean", "median", "trimmed-mean")
 CENTER_STRATEGIES = ("fedit", "ffa")  # global state = average of the clients' tensors
@@ -200,7 +199,7 @@ def trimmed_mean(tensors: Sequence[torch.Tensor], fraction: float) -> torch.Tens
     return stacked[k : len(tensors) - k].mean(dim=0)
 
 
-class RobustCenter(LoraStrategy):
+class RobustCenter(StrategyWrapper):
     """Wrap FedIT or FFA-LoRA: the global tensors become a robust centre of the clients' tensors.
 
     Both methods set each received tensor to the (example-weighted) mean of the clients'
@@ -217,16 +216,8 @@ class RobustCenter(LoraStrategy):
             )
         if center not in ROBUST_CENTERS[1:]:
             raise ValueError(f"robust centre must be one of {ROBUST_CENTERS[1:]}, got {center!r}")
-        self.inner, self.center, self.fraction = inner, center, fraction
-        self.name = inner.name
-
-    def init_state(self, template: AdapterState, clients: Sequence[ClientSpec]) -> AdapterState:
-        """Delegate to the wrapped method."""
-        return self.inner.init_state(template, clients)
-
-    def payload(self, state: AdapterState, client: ClientSpec) -> Payload:
-        """Delegate to the wrapped method."""
-        return self.inner.payload(state, client)
+        super().__init__(inner)
+        self.center, self.fraction = center, fraction
 
     def aggregate(self, state: AdapterState, results: Sequence[ClientResult]) -> AdapterState:
         """Return ``state`` with every tensor the clients sent replaced by its robust centre."""
@@ -236,22 +227,6 @@ class RobustCenter(LoraStrategy):
             c = coordinate_median(values) if self.center == "median" else trimmed_mean(values, self.fraction)
             out[name] = c.to(state[name].dtype)
         return out
-
-    def final_adapter(self, state: AdapterState, client: ClientSpec) -> AdapterState:
-        """Delegate to the wrapped method."""
-        return self.inner.final_adapter(state, client)
-
-    def final_merge(self, state: AdapterState) -> AdapterState | None:
-        """Delegate to the wrapped method."""
-        return self.inner.final_merge(state)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Delegate to the wrapped method."""
-        return self.inner.state_dict()
-
-    def load_state_dict(self, data: Mapping[str, Any]) -> None:
-        """Delegate to the wrapped method."""
-        self.inner.load_state_dict(data)
 
 
 def is_finite_state(state: Mapping[str, torch.Tensor]) -> bool:
