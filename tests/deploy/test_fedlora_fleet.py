@@ -184,7 +184,7 @@ def test_two_nodes_complete_a_record_dp_run(fleet, tmp_path):
     for rnd in (1, 2):
         clients = [r for r in rows if r["kind"] == "client" and r["round"] == rnd]
         assert sorted(r["partition"] for r in clients) == [0, 1]
-        assert all(r["client"]["dp_epsilon"] > 0 and r["client"]["steps"] == 2 for r in clients)
+        assert all(r["dp_epsilon"] > 0 and r["steps"] == 2 for r in clients)
     last = [r for r in rows if r["kind"] == "global"][-1]
     assert last["clients_ok"] == 2 and last["rejected"] == []
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
