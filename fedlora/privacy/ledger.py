@@ -35,12 +35,12 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from fedlora.atomic import atomic_write
 from fedlora.privacy.accounting import check_accountant, check_block, check_delta, compute_epsilon
 
 Unit = Literal["record", "client"]
@@ -388,22 +388,8 @@ class PrivacyLedger:
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write ``data`` as JSON to ``path`` via a temporary file and ``os.replace``.
+    """Write ``data`` as JSON to ``path`` with :func:`fedlora.atomic.atomic_write` (owner-only).
 
     A crash leaves either the old file or the new one, never a torn one.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True, allow_nan=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return atomic_write(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=True) + "\n")

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedlora.atomic import atomic_write_text
 from fedlora.privacy.accounting import PRV_EPS_ERROR, compute_epsilon
 from fedlora.privacy.ledger import PrivacyLedger, write_json_atomic
 from fedlora.privacy.report_render import format_epsilon, render_html, render_markdown
@@ -267,9 +268,7 @@ def write_report(run_dir: str | os.PathLike[str], with_prv: bool = True) -> dict
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def load_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
