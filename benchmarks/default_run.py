@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,36 +31,17 @@ from server.outputs import read_metrics
 from simulations.runner import DEFAULT_SCENARIO, simulate
 
 
-def _tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
 def measure(overrides: dict[str, str]) -> dict:
     """Run the default scenario with ``overrides``; return timings, accuracy, memory and breakdown."""
+    from benchmarks.harness import PeakRss  # lazily: the file also runs as a plain script
+
     cfg = load_toml(DEFAULT_SCENARIO)
     run_dir = Path(tempfile.mkdtemp(prefix="fedlora-bench-"))
     cfg = with_overrides(cfg, {**overrides, "output.out_dir": str(run_dir)})
-    peak, stop = [0], threading.Event()
-    me = psutil.Process()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _tree_rss(me))
-            time.sleep(0.5)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t0 = time.perf_counter()
-    simulate(cfg)
-    seconds = time.perf_counter() - t0
-    stop.set()
-    sampler.join()
+    with PeakRss(interval=0.5) as mem:
+        t0 = time.perf_counter()
+        simulate(cfg)
+        seconds = time.perf_counter() - t0
     records = read_metrics(run_dir / "metrics.jsonl")
     rounds = [m for m in records if m["kind"] == "global"]
     train = sum(
@@ -76,7 +57,7 @@ def measure(overrides: dict[str, str]) -> dict:
         "outside_rounds_seconds": round(seconds - in_rounds, 1),
         "test_accuracy_per_round": [round(m["test_accuracy"], 4) for m in rounds],
         "final_test_accuracy": rounds[-1]["test_accuracy"],
-        "peak_rss_mib": round(peak[0] / 2**20),
+        "peak_rss_mib": round(mem.peak / 2**20),
         "run_dir": str(run_dir),
     }
 
@@ -127,4 +108,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` as a package
     main()
