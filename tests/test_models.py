@@ -1,7 +1,7 @@
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForSequenceClassification
 
 from fedlora.adapters import is_lora_a, is_lora_b, split_state
 from fedlora.config import DataConfig, TrainConfig
@@ -20,6 +20,7 @@ from fedlora.models import (
     set_trainable,
 )
 from fedlora.train import evaluate, train_local
+from tests.llm.llm_models import tiny_llama_dir
 
 
 @pytest.fixture(scope="module")
@@ -126,31 +127,8 @@ def test_unknown_architecture_needs_explicit_targets():
         resolve_model_path("./no/such/model")
 
 
-def _tiny_llama_dir(tmp_path):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
-    tok.eos_token = "[SEP]"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.sep_token_id,
-    )
-    path = tmp_path / "tiny-llama"
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_causal_lm_path_on_tiny_llama(tmp_path):
-    path = _tiny_llama_dir(tmp_path)
+    path = tiny_llama_dir(tmp_path / "tiny-llama")
     loaded = get_lora_model(str(path), "causal-lm", 2, rank=4, alpha=8.0)
     assert loaded.target_modules == ("q_proj", "v_proj") and loaded.head_modules == ()
     records = [
