@@ -126,3 +126,150 @@ def test_empty_updates_cannot_zero_the_round():
     real = _result(3, shrink(sent, _state(3), 0.1))
     out = bound_updates([*zero, real], {n: sent for n in (1, 2, 3)}, bound=3.0, max_norm=1e6, max_abs=1e4)
     assert out.clipped == [] and out.results[-1] is real
+
+
+# Value-by-value checks of every branch (they make mutation testing kill robust.py mutants).
+
+
+def test_update_norm_squares_the_scale_and_adds_the_head_by_hand():
+    sent = {A: torch.zeros(1, 2), B: torch.zeros(2, 1), H: torch.zeros(2)}
+    got = {A: torch.tensor([[1.0, 0.0]]), B: torch.tensor([[2.0], [0.0]]), H: torch.tensor([3.0, 4.0])}
+    # ΔBA = [[2, 0], [0, 0]]: ||3 ΔBA||^2 = 36; head: 9 + 16 = 25
+    assert update_norm(sent, got, 3.0) == pytest.approx(math.sqrt(36.0 + 25.0), rel=1e-12)
+    # halfway: B_t A_t = [[0.5, 0], [0, 0]] -> 9 * 0.25; head (1.5, 2) -> 6.25
+    assert update_norm(sent, got, 3.0, t=0.5) == pytest.approx(math.sqrt(2.25 + 6.25), rel=1e-12)
+    assert update_norm(sent, {**got, H: torch.tensor([1e200, 0.0], dtype=torch.float64)}, 1.0) == math.inf
+
+
+def test_update_norm_of_b_only_modules_scales_with_the_client():
+    sent, got = {B: torch.zeros(2, 1)}, {B: torch.tensor([[3.0], [4.0]])}
+    assert update_norm(sent, got, 2.0) == pytest.approx(10.0)
+    assert update_norm(sent, got, 2.0, t=0.5) == pytest.approx(5.0)
+
+
+def test_shrink_moves_each_tensor_toward_what_was_sent_and_keeps_dtypes():
+    sent = {A: torch.zeros(2), H: torch.tensor([2.0, 2.0])}
+    got = {A: torch.tensor([4.0, -4.0], dtype=torch.float16), H: torch.tensor([6.0, 0.0])}
+    out = shrink(sent, got, 0.25)
+    assert out[A].tolist() == [1.0, -1.0] and out[A].dtype == torch.float16
+    assert out[H].tolist() == [3.0, 1.5]
+
+
+def test_clip_factor_bisects_to_the_bound_from_below():
+    sent, got = {B: torch.zeros(1, 1)}, {B: torch.tensor([[8.0]])}
+    t = clip_factor(sent, got, 1.0, 2.0)  # norm(t) = 8 t: t = 1/4
+    assert t == pytest.approx(0.25, abs=1e-11) and t <= 0.25
+    assert clip_factor(sent, got, 1.0, 8.0) == 1.0  # exactly at the bound: untouched
+    assert clip_factor(sent, got, 1.0, 0.0) == 0.0
+
+
+def test_lower_median_of_an_even_count_is_the_smaller_middle():
+    assert lower_median([4.0, 1.0, 3.0, 2.0]) == 2.0
+    assert lower_median([5.0]) == 5.0
+
+
+def _b_result(node: int, value: float, n: int = 10) -> ClientResult:
+    return ClientResult(spec=ClientSpec(node, 1, 1.0), num_examples=n, state={B: torch.tensor([[value]])})
+
+
+def test_bound_updates_reports_each_decision_exactly():
+    sent = {n: {B: torch.zeros(1, 1)} for n in range(1, 7)}
+    rs = [_b_result(1, 1.0), _b_result(2, 2.0), _b_result(3, 3.0), _b_result(4, 100.0), _b_result(5, 50.0)]
+    rs.append(ClientResult(spec=ClientSpec(6, 1, 1.0), num_examples=1, state={B: torch.tensor([[5000.0]])}))
+    out = bound_updates(rs, sent, bound=2.0, max_norm=60.0, max_abs=1000.0)
+    assert out.rejected == [
+        {"node": 4, "reason": "update norm 100 exceeds the cap 60"},
+        {"node": 6, "reason": "a value of magnitude 5e+03 exceeds 1000"},
+    ]
+    assert out.norms == {1: 1.0, 2: 2.0, 3: 3.0, 5: 50.0}
+    # lower median of (1, 2, 3, 50) = 2, limit 4: only node 5 is clipped, to norm 4
+    assert len(out.clipped) == 1
+    c = out.clipped[0]
+    assert (c["node"], c["norm"], c["bound"]) == (5, 50.0, 4.0) and c["factor"] == pytest.approx(0.08)
+    assert [r.spec.node_id for r in out.results] == [1, 2, 3, 5]
+    assert float(out.results[3].state[B]) == pytest.approx(4.0)
+    assert out.results[0] is rs[0] and out.results[2] is rs[2]
+
+
+def test_bound_updates_caps_are_inclusive_and_nan_norms_are_rejected():
+    sent = {n: {B: torch.zeros(1, 1)} for n in (1, 2, 3)}
+    huge = ClientResult(
+        spec=ClientSpec(3, 1, 1.0), num_examples=1, state={B: torch.tensor([[1e300]], dtype=torch.float64)}
+    )
+    rs = [_b_result(1, 10.0), _b_result(2, -10.0), huge]
+    sent[3] = {
+        B: torch.tensor([[-1e300]], dtype=torch.float64)
+    }  # 1e300 - (-1e300) overflows: the norm is inf
+    out = bound_updates(rs, sent, bound=0.0, max_norm=10.0, max_abs=1e301)
+    assert [r.spec.node_id for r in out.results] == [1, 2] and out.clipped == []
+    assert out.rejected == [{"node": 3, "reason": "update norm inf exceeds the cap 10"}]
+    empty = ClientResult(spec=ClientSpec(1, 1, 1.0), num_examples=1, state={B: torch.zeros(1, 0)})
+    one = bound_updates([empty], {1: {B: torch.zeros(1, 0)}}, bound=2.0, max_norm=1.0, max_abs=0.0)
+    assert one.results == [empty] and one.rejected == []
+
+
+def test_bound_updates_needs_two_results_and_a_positive_bound_to_clip():
+    sent = {n: {B: torch.zeros(1, 1)} for n in (1, 2)}
+    rs = [_b_result(1, 1.0), _b_result(2, 100.0)]
+    assert bound_updates(rs[:1], sent, bound=2.0, max_norm=1e9, max_abs=1e9).clipped == []
+    assert bound_updates(rs, sent, bound=0.0, max_norm=1e9, max_abs=1e9).clipped == []
+    assert bound_updates(rs, sent, bound=-1.0, max_norm=1e9, max_abs=1e9).clipped == []
+    clipped = bound_updates(rs, sent, bound=2.0, max_norm=1e9, max_abs=1e9).clipped
+    assert [c["node"] for c in clipped] == [2] and clipped[0]["bound"] == 2.0
+
+
+def test_example_count_cap_floors_at_one_and_needs_two_results():
+    rs = [_result(n, {}, n=c) for n, c in enumerate([10, 20, 30])]
+    assert [r.num_examples for r in cap_example_counts(rs, 0.01)] == [1, 1, 1]
+    assert [r.num_examples for r in cap_example_counts(rs, 1.5)] == [10, 20, 30]
+    assert [r.num_examples for r in cap_example_counts(rs, 1.0)] == [10, 20, 20]
+    assert [r.num_examples for r in cap_example_counts(rs[2:], 0.01)] == [30]
+    assert [r.num_examples for r in cap_example_counts(rs, -1.0)] == [10, 20, 30]
+
+
+def test_median_of_an_even_count_and_trimmed_mean_caps_the_trim():
+    four = [torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([3.0]), torch.tensor([10.0])]
+    med = coordinate_median(four)
+    assert med.tolist() == [2.5] and med.dtype == torch.float64
+    assert trimmed_mean(four, 0.5).tolist() == [2.5]  # 2 of 4 each side would leave none: trim 1
+    assert trimmed_mean(four, 0.0).tolist() == [4.0]
+    assert trimmed_mean(four[:3], 0.34).tolist() == [2.0]
+    assert trimmed_mean(four[:3], 0.9).tolist() == [2.0]
+    assert trimmed_mean(four[:2], 0.5).tolist() == [1.5]
+
+
+def test_robust_center_trimmed_mean_keeps_unsent_tensors_and_dtypes():
+    state = {A: torch.ones(1, 2), B: torch.zeros(1, 1, dtype=torch.float16), H: torch.full((1,), 7.0)}
+    rs = [_result(n, {B: torch.tensor([[v]])}) for n, v in enumerate([1.0, 2.0, 3.0, 100.0, -50.0])]
+    center = RobustCenter(create("ffa"), "trimmed-mean", fraction=0.2)
+    out = center.aggregate(state, rs)
+    assert out[B].tolist() == [[2.0]] and out[B].dtype == torch.float16
+    assert torch.equal(out[A], state[A]) and out[A] is not state[A] and torch.equal(out[H], state[H])
+    assert float(state[B]) == 0.0  # input not mutated
+    wide = RobustCenter(create("ffa"), "trimmed-mean", fraction=0.4).aggregate(state, rs)
+    assert wide[B].tolist() == [[2.0]]
+    assert RobustCenter(create("fedit"), "trimmed-mean").fraction == 0.2
+
+
+def test_robust_center_refuses_the_plain_mean_and_names_the_choices():
+    with pytest.raises(
+        ValueError, match=r"robust centre must be one of \('median', 'trimmed-mean'\), got 'mean'"
+    ):
+        RobustCenter(create("fedit"), "mean")
+    with pytest.raises(
+        ValueError, match=r"^robust centre 'median' applies to fedit, ffa, not 'hetlora'; use norm"
+    ):
+        RobustCenter(create("hetlora"), "median")
+
+
+def test_aggregate_checked_rolls_back_when_no_subset_is_finite():
+    fedit = create("fedit")
+    template = {A: torch.zeros(2, 5), B: torch.zeros(3, 2), H: torch.zeros(2)}
+    state = fedit.init_state(template, [ClientSpec(n, 2, 4.0) for n in (1, 2)])
+    nan = {A: torch.full((2, 5), math.nan), B: torch.zeros(3, 2), H: torch.zeros(2)}
+    new, offenders = aggregate_checked(fedit, state, [_result(1, nan), _result(2, nan)])
+    assert new is state and offenders == [1, 2]
+    ok, none = aggregate_checked(fedit, state, [_result(1, _state(1)), _result(2, _state(2))])
+    assert none == [] and torch.allclose(ok[B], (_state(1)[B] + _state(2)[B]) / 2)
+    ints = {**_state(1), "step": torch.tensor([1])}
+    assert aggregate_checked(fedit, state, [_result(1, ints)])[1] == []
