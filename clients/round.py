@@ -131,7 +131,6 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
         return TrainReply(
             len(train_records), None, metrics, privacy.ledger_json(), declined_reason=privacy.reason
         ).to_content()
-    t0 = time.perf_counter()
     with merged_into_base(loaded, merge):
         try:
             result = train_local(
@@ -146,6 +145,7 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
             privacy.commit(server_round)
         finally:
             privacy.close()
+        t_val = time.perf_counter()
         val = evaluate(
             model,
             encode(val_records, loaded.tokenizer, cfg.model.max_length, cfg.model.task),
@@ -153,6 +153,7 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
             device,
             cfg.train.eval_batch_size,
         )
+        val_seconds = time.perf_counter() - t_val
     new = adapter_state(loaded, rank)
     keys = trained_keys(list(new), train_a)
     update = delta({k: new[k] for k in keys}, start)
@@ -161,7 +162,8 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
         {
             "train-loss": result.loss,
             "steps": result.steps,
-            "train-seconds": time.perf_counter() - t0,
+            "train-seconds": result.seconds,  # the optimiser steps only
+            "val-seconds": val_seconds,  # local validation (encoding included)
             "local-val-loss": val.loss,
             "local-val-accuracy": val.accuracy,
             "bytes-up": record_bytes(record),

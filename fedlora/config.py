@@ -357,7 +357,11 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    """Where results go. Empty ``out_dir`` means ``runs/<timestamp>``."""
+    """Where results go and how often the server evaluates. Empty ``out_dir`` means ``runs/<timestamp>``.
+
+    The server scores the global adapter on the held-out split after every ``eval_every``-th
+    round and after the last one; ``eval_initial`` also scores the untrained adapter (round 0).
+    """
 
     out_dir: str = _field(
         "", flag="out", metavar="DIR", alias="out-dir", help="run directory (default runs/<timestamp>)"
@@ -365,6 +369,14 @@ class OutputConfig:
     resume: bool = _field(
         False, flag="resume", alias="resume", help="continue the run in out_dir from its last checkpoint"
     )
+    eval_initial: bool = _field(True, help="evaluate the untrained initial adapter as round 0")
+    eval_every: int = _field(
+        1, flag="eval-every", metavar="K", help="server evaluation every K rounds (the last always)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.eval_every < 1:
+            _fail("output.eval_every", self.eval_every, "an integer >= 1 (1 = evaluate every round)")
 
 
 @dataclass(frozen=True)

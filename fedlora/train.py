@@ -273,6 +273,23 @@ def _loop(
     )
 
 
+def trim_padding(
+    ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Drop the trailing columns that are padding in every row of a batch.
+
+    ``ids`` and ``mask`` are (batch, seq); ``labels`` is (batch,) or (batch, seq). Encoded
+    examples are right-padded to ``model.max_length``, and a masked position changes no other
+    position's output, so the cut columns change no logit of a kept one (up to float rounding)
+    and evaluation does less work. Left-padded batches end in real tokens and are returned whole.
+    """
+    used = torch.nonzero(mask.any(dim=0))
+    end = int(used.max()) + 1 if len(used) else mask.shape[1]
+    if end == mask.shape[1]:
+        return ids, mask, labels
+    return ids[:, :end], mask[:, :end], labels[:, :end] if labels.dim() == 2 else labels
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, dataset: Dataset, task: str, device: torch.device, batch_size: int = 64
@@ -288,8 +305,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     loss_sum, correct, count, n = 0.0, 0, 0, 0
-    for ids, mask, labels in DataLoader(dataset, batch_size=batch_size):
-        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        ids, mask, labels = (t.to(device) for t in trim_padding(*batch))
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
         n += len(ids)
         if task == "classification":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from fedlora.adapters import AdapterState, is_lora_a, is_lora_b
 from fedlora.atomic import private_tree
 from fedlora.checkpoint import load_checkpoint, prev_path, save_checkpoint
-from fedlora.config import RunConfig
+from fedlora.config import OutputConfig, RunConfig
 from fedlora.data.cached import task_data
 from fedlora.protocol import ProtocolError, SetupQuery, TrainRequest, decode_setup_reply, record_bytes
 from server.evaluator import ServerModel
@@ -122,6 +122,26 @@ def build_strategy(cfg: RunConfig) -> LoraStrategy:
     return strategy
 
 
+def is_eval_round(rnd: int, num_rounds: int, output: OutputConfig) -> bool:
+    """Return whether the server scores the global adapter after round ``rnd`` (0: the initial one).
+
+    Round 0 when ``output.eval_initial``; then every ``output.eval_every``-th round and always
+    the last (``num_rounds``), so a run ends with a score whatever K is.
+    """
+    if rnd <= 0:
+        return output.eval_initial
+    return rnd % output.eval_every == 0 or rnd >= num_rounds
+
+
+def by_partition(nodes: Iterable[int], infos: Mapping[int, NodeInfo]) -> list[int]:
+    """Return ``nodes`` ordered by partition id (then node id).
+
+    Flower draws node ids at random in every run, so any order or sample taken over node ids
+    would change from one run to the next; partition ids are the run's own and fixed.
+    """
+    return sorted(nodes, key=lambda n: (infos[n].partition_id if n in infos else -1, n))
+
+
 def rank_ceiling(template: AdapterState) -> int:
     """Return the largest sensible LoRA rank for the model: its smallest adapted dimension."""
     dims = [int(v.shape[1]) for k, v in template.items() if is_lora_a(k)]
@@ -198,15 +218,23 @@ class ServerRun:
         if resumed is None:
             start_round = 1
             state = self.strategy.init_state(self.model.template(max_rank, cfg.federation.seed), specs)
-            self._record(RoundRecord(0, 0.0, 0.0, clients_sampled=len(nodes), rejected=left_out), state)
+            # Round 0's line records the nodes left out at setup, evaluated or not.
+            initial = RoundRecord(0, None, None, clients_sampled=len(nodes), rejected=left_out)
+            self._record(initial, state, time.perf_counter(), evaluate=cfg.output.eval_initial)
         else:
             start_round, state = resumed[0] + 1, resumed[1]
         last: dict[str, Any] = {}
+        stop = self.privacy.budget_stop(start_round) if start_round <= cfg.federation.num_rounds else None
         for rnd in range(start_round, cfg.federation.num_rounds + 1):
-            if stop := self.privacy.budget_stop(rnd):
+            if stop:
                 print(stop, flush=True)
                 break
-            state, last = self._round(rnd, state, infos)
+            t0 = time.perf_counter()
+            state, record = self._round(rnd, state, infos)
+            # The next round's budget check comes first: a run that stops here ends evaluated.
+            stop = self.privacy.budget_stop(rnd + 1) if rnd < cfg.federation.num_rounds else None
+            evaluate = is_eval_round(rnd, cfg.federation.num_rounds, cfg.output) or bool(stop)
+            last = self._record(record, state, t0, evaluate=evaluate or bool(self.failed_rounds))
             self._checkpoint(rnd, state)
             if self.failed_rounds:
                 print(f"stopping: {self.failed_rounds[-1]}", flush=True)  # the console shows why
@@ -220,7 +248,7 @@ class ServerRun:
         A SuperNode that died is not waited for again; it rejoins the pool if it reconnects.
         """
         online = set(self.grid.get_node_ids())
-        nodes = sorted(n for n in infos if n in online)
+        nodes = by_partition((n for n in infos if n in online), infos)  # the seeded sample is reproducible
         offline = sorted(n for n in infos if n not in online)
         if offline:
             log.warning("%d of %d nodes are no longer connected: %s", len(offline), len(infos), offline)
@@ -261,9 +289,13 @@ class ServerRun:
 
     def _round(
         self, rnd: int, state: AdapterState, infos: Mapping[int, NodeInfo]
-    ) -> tuple[AdapterState, dict[str, Any]]:
-        t0 = time.perf_counter()
+    ) -> tuple[AdapterState, RoundRecord]:
+        """Run round ``rnd`` up to the new global state; return it and the round's record (not yet logged)."""
         payloads, replies, offline, bytes_down = self.exchange(rnd, state, infos)
+        # Replies arrive in whatever order the nodes finish; aggregate in partition order so the
+        # floating-point sums, and so the run, do not depend on it.
+        order = {n: i for i, n in enumerate(by_partition({n for n, _ in replies}, infos))}
+        replies = sorted(replies, key=lambda pair: order[pair[0]])
         outcome = collect_replies(
             rnd,
             payloads,
@@ -284,8 +316,8 @@ class ServerRun:
         n = sum(w for w, _ in outcome.train_losses)
         record = RoundRecord(
             rnd,
-            0.0,
-            0.0,
+            None,
+            None,
             # Under DP clients send no train loss (it is not covered by the guarantee).
             train_loss=(sum(w * loss for w, loss in outcome.train_losses) / n)
             if n and self.cfg.privacy.mode == "none"
@@ -296,10 +328,9 @@ class ServerRun:
             clipped=outcome.clipped,
             bytes_up=outcome.bytes_up,
             bytes_down=bytes_down,
-            seconds=time.perf_counter() - t0,
         )
         self._check_failed(rnd, outcome, len(replies))
-        return state, self._record(record, state)
+        return state, record
 
     def _aggregate(
         self, rnd: int, state: AdapterState, outcome: RoundOutcome, payloads: Mapping[int, Payload]
@@ -336,16 +367,29 @@ class ServerRun:
         spec = ClientSpec(node_id=0, rank=self.max_rank, alpha=self.cfg.lora.alpha_for(self.max_rank))
         return self.strategy.final_adapter(state, spec), self.strategy.final_merge(state)
 
-    def _record(self, record: RoundRecord, state: AdapterState) -> dict[str, Any]:
-        """Evaluate the global adapter, write the round's line and print its progress line."""
-        adapter, merge = self._global_view(state)
-        ev = self.model.evaluate(adapter, merge, record.round)
-        record.test_accuracy, record.test_loss = ev.accuracy, ev.loss
-        # Causal LM: test_perplexity, test_exact_match.
-        record.extra = {**ev.extras, **self.privacy.round_summary(record.round)}
+    def _record(
+        self, record: RoundRecord, state: AdapterState, t0: float, *, evaluate: bool
+    ) -> dict[str, Any]:
+        """Evaluate the global adapter (if ``evaluate``), write the round's line and print its progress line.
+
+        ``record.seconds`` is the whole round from ``t0`` (the round's start) to here, evaluation
+        included; ``record.eval_seconds`` is the evaluation's share of it (0 when not evaluated,
+        and then the ``test_*`` fields stay None).
+        """
+        extras: dict[str, Any] = {}
+        if evaluate:
+            t_eval = time.perf_counter()
+            adapter, merge = self._global_view(state)
+            ev = self.model.evaluate(adapter, merge, record.round)
+            record.test_accuracy, record.test_loss = ev.accuracy, ev.loss
+            extras = dict(ev.extras)  # causal LM: test_perplexity, test_exact_match
+            record.eval_seconds = time.perf_counter() - t_eval
+        record.extra = {**extras, **self.privacy.round_summary(record.round)}
+        record.seconds = time.perf_counter() - t0
         row = self.out.log_round(record)
         private_tree(self.run_dir)  # this round's ledger files included
-        print(progress_line(row, self.cfg.federation.num_rounds), flush=True)
+        if evaluate or record.round > 0:
+            print(progress_line(row, self.cfg.federation.num_rounds), flush=True)
         return row
 
     def _finish(self, state: AdapterState) -> None:

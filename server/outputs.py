@@ -32,12 +32,15 @@ class RoundRecord:
     """One round's global line in metrics.jsonl (underscore keys, like every metrics.jsonl key).
 
     ``rejected`` lists ``{"node", "reason"}`` for every update left out; ``clipped`` lists
-    updates the norm bound shrank (``node``, ``norm``, ``bound``, ``factor``).
+    updates the norm bound shrank (``node``, ``norm``, ``bound``, ``factor``). ``seconds`` is
+    the whole round (sending, training, aggregation and server evaluation), ``eval_seconds``
+    the server evaluation in it; ``test_*`` are None in rounds the server did not evaluate
+    (``output.eval_every``, ``output.eval_initial``).
     """
 
     round: int
-    test_accuracy: float
-    test_loss: float
+    test_accuracy: float | None
+    test_loss: float | None
     train_loss: float | None = None
     clients_sampled: int = 0
     clients_ok: int = 0
@@ -46,6 +49,7 @@ class RoundRecord:
     bytes_up: int = 0
     bytes_down: int = 0
     seconds: float = 0.0
+    eval_seconds: float = 0.0
     extra: Mapping[str, Any] = field(default_factory=dict)  # privacy summary (dp_epsilon ...)
 
     def row(self) -> dict[str, Any]:
@@ -110,11 +114,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def progress_line(rec: Mapping[str, Any], num_rounds: int) -> str:
     """Render one global metrics record as a progress line."""
-    loss = rec.get("train_loss")
+    loss, acc, test_loss = rec.get("train_loss"), rec.get("test_accuracy"), rec.get("test_loss")
     return (
         f"round {rec['round']:>3}/{num_rounds}  "
         f"train loss {'   -  ' if loss is None else f'{loss:6.3f}'}  "
-        f"test acc {rec['test_accuracy']:.3f}  test loss {rec['test_loss']:.3f}  "
+        f"test acc {'  -  ' if acc is None else f'{acc:.3f}'}  "
+        f"test loss {'  -  ' if test_loss is None else f'{test_loss:.3f}'}  "
         f"clients {rec.get('clients_ok', 0)}/{rec.get('clients_sampled', 0)}  "
         f"up {rec.get('bytes_up', 0) / 1e6:6.2f} MB  down {rec.get('bytes_down', 0) / 1e6:6.2f} MB  "
         f"{rec.get('seconds', 0.0):6.1f} s"
@@ -128,14 +133,15 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in read_metrics(metrics_path) if r.get("kind") == "global"]
+    every = [r for r in read_metrics(metrics_path) if r.get("kind") == "global"]
+    rows = [r for r in every if r.get("test_accuracy") is not None]  # the evaluated rounds
     rounds = [r["round"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(rounds, [r["test_accuracy"] for r in rows], marker="o")
     ax1.set(xlabel="round", ylabel="held-out accuracy", title="Global adapter accuracy")
     ax1.grid(alpha=0.3)
     ax2.plot(rounds, [r["test_loss"] for r in rows], marker="o", label="held-out loss")
-    train = [(r["round"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
+    train = [(r["round"], r["train_loss"]) for r in every if r.get("train_loss") is not None]
     if train:
         ax2.plot(*zip(*train, strict=True), marker="s", label="client train loss")
     ax2.set(xlabel="round", ylabel="loss", title="Loss")

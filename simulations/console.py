@@ -252,13 +252,17 @@ def summary_table(run_dir: Path, seconds: float) -> Table:
     table = Table(title="fedlora simulate: summary", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
+    scored = [r for r in rows if r.get("test_accuracy") is not None]  # output.eval_every / eval_initial
     if rows:
-        final = rows[-1]
-        best = max(rows, key=lambda r: r.get("test_accuracy") or 0.0)
-        table.add_row("rounds", f"{final['round']} in {seconds:.0f} s")
+        table.add_row("rounds", f"{rows[-1]['round']} in {seconds:.0f} s")
+    if scored:
+        final = scored[-1]
+        best = max(scored, key=lambda r: r["test_accuracy"])
         table.add_row("final test accuracy", f"{final['test_accuracy']:.3f}  (loss {final['test_loss']:.3f})")
         table.add_row("best test accuracy", f"{best['test_accuracy']:.3f}  (round {best['round']})")
-        table.add_row("round 0 (initial adapter)", f"{rows[0]['test_accuracy']:.3f}")
+        if scored[0]["round"] == 0:
+            table.add_row("round 0 (initial adapter)", f"{scored[0]['test_accuracy']:.3f}")
+    if rows:
         up = sum(_bytes(r, "bytes_up") for r in rows)
         down = sum(_bytes(r, "bytes_down") for r in rows)
         table.add_row("bytes, all rounds", f"{up / 1e6:.2f} MB up, {down / 1e6:.2f} MB down")
