@@ -79,3 +79,14 @@ def test_fedit_payload_is_a_copy_of_everything():
     state = {A: torch.ones(1, 2), B: torch.zeros(2, 1)}
     p = create("fedit").payload(state, ClientSpec(1, 1, 2.0))
     assert set(p.adapter) == {A, B} and p.train_a is True and p.adapter[A] is not state[A]
+
+
+def test_base_defaults_through_fedit():
+    fedit = create("fedit")
+    state = {A: torch.ones(1, 2), B: torch.zeros(2, 1)}
+    assert fedit.final_merge(state) is None and fedit.state_dict() == {}
+    fedit.load_state_dict({"anything": 1})  # the default hook accepts and ignores state
+    final = fedit.final_adapter(state, ClientSpec(1, 1, 2.0))
+    assert isinstance(final, dict) and set(final) == {A, B} and torch.equal(final[A], state[A])
+    assert fedit.dp_tensors == "all" and create("ffa").dp_tensors == "no_lora_a"
+    assert create("hetlora").dp_tensors is None
