@@ -23,6 +23,8 @@ BENCHMARKS: dict[str, str] = {
     "dp_tuning": "benchmarks.dp_tuning",
     "dp_curve": "benchmarks.dp_curve",
     "default_run": "benchmarks.default_run",
+    "scaling": "benchmarks.scaling",
+    "baseline": "benchmarks.baseline",
 }
 
 RunFn = Callable[[bool], tuple[dict[str, Any], str]]
