@@ -72,28 +72,68 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 @dataclass(frozen=True)
 class ModuleBatch:
-    """``M`` modules of one shape, each client's factors stacked along a leading module axis.
+    """``M`` modules of one shape, the clients' factors concatenated along the rank axis.
+
+    ``b_cat @ a_cat`` is ``sum_k B_k A_k`` per module (no weights or scales applied): the form
+    in which FlexLoRA and LoRA-FAIR use the factors, built with one copy of each client factor.
 
     Attributes
     ----------
     modules
         The ``M`` module names, in the order of the leading axis.
-    a, b
-        Per client ``k``: ``a[k]`` is M x r_k x d_in, ``b[k]`` is M x d_out x r_k (compute dtype).
+    a_cat, b_cat
+        M x m x d_in and M x d_out x m (compute dtype), ``m = sum_k r_k``: client ``k``'s ``A_k``
+        are rows, its ``B_k`` columns ``r_0 + ... + r_{k-1}`` onwards (client order).
+    ranks
+        The clients' ranks ``r_k``.
     prev_a, prev_b
         The global factors, M x R x d_in and M x d_out x R (compute dtype).
     """
 
     modules: tuple[str, ...]
-    a: tuple[torch.Tensor, ...]
-    b: tuple[torch.Tensor, ...]
+    a_cat: torch.Tensor
+    b_cat: torch.Tensor
+    ranks: tuple[int, ...]
     prev_a: torch.Tensor
     prev_b: torch.Tensor
+
+    @classmethod
+    def from_clients(
+        cls,
+        modules: Sequence[str],
+        a: Sequence[torch.Tensor],
+        b: Sequence[torch.Tensor],
+        prev_a: torch.Tensor,
+        prev_b: torch.Tensor,
+    ) -> ModuleBatch:
+        """Build a batch from per-client stacks ``a[k]`` (M x r_k x d_in) and ``b[k]`` (M x d_out x r_k)."""
+        return cls(
+            modules=tuple(modules),
+            a_cat=torch.cat(list(a), dim=-2),
+            b_cat=torch.cat(list(b), dim=-1),
+            ranks=tuple(int(x.shape[-2]) for x in a),
+            prev_a=prev_a,
+            prev_b=prev_b,
+        )
 
     @property
     def rank(self) -> int:
         """The global rank ``R``."""
         return int(self.prev_a.shape[1])
+
+    def _bounds(self) -> list[tuple[int, int]]:
+        ends = [sum(self.ranks[: k + 1]) for k in range(len(self.ranks))]
+        return [(e - r, e) for e, r in zip(ends, self.ranks, strict=True)]
+
+    @property
+    def a(self) -> tuple[torch.Tensor, ...]:
+        """Per client ``k``: ``A_k`` batches, M x r_k x d_in (views of ``a_cat``)."""
+        return tuple(self.a_cat[:, lo:hi] for lo, hi in self._bounds())
+
+    @property
+    def b(self) -> tuple[torch.Tensor, ...]:
+        """Per client ``k``: ``B_k`` batches, M x d_out x r_k (views of ``b_cat``)."""
+        return tuple(self.b_cat[..., lo:hi] for lo, hi in self._bounds())
 
 
 BatchFn = Callable[[ModuleBatch], tuple[torch.Tensor, torch.Tensor]]
@@ -111,6 +151,9 @@ def module_batches(
 ) -> Iterator[ModuleBatch]:
     """Yield the modules grouped by shape (client ranks included) in batches of at most ``max_bytes``.
 
+    Each client factor is copied once, straight into the batch's concatenated tensors, on one
+    thread (copies are memory-bound: extra threads only contend).
+
     Raises
     ------
     StrategyError
@@ -126,15 +169,19 @@ def module_batches(
         first = [cp[modules[0]] for cp in client_pairs]
         per_module = sum(p.a.numel() + p.b.numel() for p in first) * torch.finfo(dtype).bits // 8
         step = max(1, max_bytes // max(1, per_module))
+        ranks = tuple(int(p.a.shape[0]) for p in first)
+        (d_out, _), d_in = first[0].b.shape, first[0].a.shape[1]
         for i in range(0, len(modules), step):
             chunk = modules[i : i + step]
-            yield ModuleBatch(
-                modules=tuple(chunk),
-                a=tuple(torch.stack([cp[m].a for m in chunk]).to(dtype) for cp in client_pairs),
-                b=tuple(torch.stack([cp[m].b for m in chunk]).to(dtype) for cp in client_pairs),
-                prev_a=torch.stack([global_pairs[m].a for m in chunk]).to(dtype),
-                prev_b=torch.stack([global_pairs[m].b for m in chunk]).to(dtype),
-            )
+            with thread_policy(0):  # the copies only; the consumer picks its own threads
+                a_cat = torch.empty(len(chunk), sum(ranks), d_in, dtype=dtype)
+                b_cat = torch.empty(len(chunk), d_out, sum(ranks), dtype=dtype)
+                for j, m in enumerate(chunk):
+                    torch.cat([cp[m].a.to(dtype) for cp in client_pairs], dim=0, out=a_cat[j])
+                    torch.cat([cp[m].b.to(dtype) for cp in client_pairs], dim=1, out=b_cat[j])
+                prev_a = torch.stack([global_pairs[m].a for m in chunk]).to(dtype)
+                prev_b = torch.stack([global_pairs[m].b for m in chunk]).to(dtype)
+            yield ModuleBatch(tuple(chunk), a_cat, b_cat, ranks, prev_a, prev_b)
 
 
 def aggregate_modules(

@@ -69,6 +69,16 @@ def _vdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(x.flatten(1), y.flatten(1))
 
 
+def weighted_gram_norm(b_cat: torch.Tensor, a_cat: torch.Tensor, cw: torch.Tensor) -> torch.Tensor:
+    """Return ``||B_cat diag(cw) A_cat||_F`` per module (... x d_out x m, ... x m x d_in -> (...)).
+
+    ``||B D A||^2 = sum((D B^T B D) * (A A^T))`` from m x m Gram matrices, never a d_out x d_in
+    product.
+    """
+    g_b = (b_cat.mT @ b_cat) * (cw[:, None] * cw[None, :])
+    return (g_b * (a_cat @ a_cat.mT)).sum((-2, -1)).clamp_min(0.0).sqrt()
+
+
 def correct_batch(
     m: torch.Tensor,
     gram_a: torch.Tensor,
@@ -82,33 +92,64 @@ def correct_batch(
 
     The same iteration as running :func:`fair_objective` and Adam module by module, vectorised
     over the leading module axis (shapes: ``m``, ``b_bar`` M x d_out x r; ``gram_a`` M x r x r;
-    ``norm_w`` (M,)); each module keeps its own best loss and iterate.
+    ``norm_w`` (M,)); each module keeps its own best iterate.
+
+    Every step is a handful of passes over d_out x r: with ``C = B_bar gram_a`` (constant) the four
+    rows ``z = [m, C, dB gram_a, dB]`` (flattened, stored together) give every reduction of a step
+    as one batched matrix-vector product ``z dB`` (``<B, m> = <B_bar, m> + <dB, m>`` and
+    ``||B A_bar||^2 = <B_bar, C> + 2 <dB, C> + <dB, dB gram_a>`` since ``gram_a`` is symmetric), and
+    the gradient ``-(m - (<B, m> / q) B gram_a) / den + 2 lam dB`` as one combination ``w z`` of
+    the same rows. Adam is applied in place (torch's formulation: ``lerp``, ``addcmul``, one
+    ``sqrt`` and one ``addcdiv``), so a step allocates nothing of size d_out x r.
     """
     beta1, beta2, eps = 0.9, 0.999, 1e-8
-    tiny = _TINY if b_bar.dtype == torch.float64 else torch.finfo(b_bar.dtype).tiny
-    d_b = torch.zeros_like(b_bar)  # M x d_out x r
-    mom, var = torch.zeros_like(b_bar), torch.zeros_like(b_bar)
-    best, best_loss = d_b.clone(), torch.full_like(norm_w, math.inf)
-    b, bg = torch.empty_like(b_bar), torch.empty_like(b_bar)
-    norm_sq = norm_w * norm_w
+    dtype = b_bar.dtype
+    tiny = _TINY if dtype == torch.float64 else torch.finfo(dtype).tiny
+    n_mod, d_out, r = b_bar.shape
+    n = d_out * r
+    z = torch.zeros(4, n_mod, n, dtype=dtype)  # rows m, C, dB gram_a, dB; per module z_rows is 4 x n
+    z[0] = m.reshape(n_mod, n)
+    torch.bmm(b_bar, gram_a, out=z[1].view(n_mod, d_out, r))
+    z_rows = z.permute(1, 0, 2)  # M x 4 x n (a strided view: no copy)
+    d_b, d_b_gram = z[3].view(n_mod, d_out, r), z[2].view(n_mod, d_out, r)
+    d_b_col, d_b_row = z[3].unsqueeze(-1), z[3].unsqueeze(1)  # M x n x 1, M x 1 x n
+    # per-module scalars in float64 Python arithmetic (a step's few dozen of them cost less so
+    # than as tensor ops): <B_bar, m>, <B_bar, C>, ||delta_W||^2
+    c_inner, c_q = _vdot(b_bar, m).tolist(), _vdot(b_bar, z[1]).tolist()
+    norm_sq = [x * x for x in norm_w.tolist()]
+    mom = torch.zeros(n_mod, 1, n, dtype=dtype)
+    var = torch.zeros(n_mod, 1, n, dtype=dtype)  # Adam's second moment divided by beta2^t
+    buf = torch.empty(n_mod, 1, n, dtype=dtype)  # the gradient, then Adam's denominator
+    best, best_loss = torch.zeros_like(b_bar), [math.inf] * n_mod
+    w = torch.zeros(n_mod, 1, 4, dtype=dtype)  # gradient = w z per module
     for t in range(1, steps + 2):  # the last pass only evaluates the final iterate
-        torch.add(b_bar, d_b, out=b)
-        torch.bmm(b, gram_a, out=bg)  # B gram_a
-        inner, q = _vdot(b, m), _vdot(b, bg).clamp_min(0.0)  # <B, m>, ||B A_bar||^2
-        den = torch.sqrt(norm_sq * q + tiny)
-        loss = 1.0 - inner / den + lam * _vdot(d_b, d_b)
-        better = loss < best_loss
-        best_loss = torch.where(better, loss, best_loss)
-        best = torch.where(better[:, None, None], d_b, best)
+        torch.bmm(d_b, gram_a, out=d_b_gram)
+        # M x 4: <dB, m>, <dB, C>, <dB, dB gram_a>, <dB, dB>
+        red = torch.bmm(z_rows, d_b_col)[..., 0].tolist()
+        coeffs = []
+        for i, (r_m, r_c, r_g, r_d) in enumerate(red):
+            inner = c_inner[i] + r_m  # <B, m>
+            q = max(c_q[i] + 2.0 * r_c + r_g, 0.0)  # ||B A_bar||^2
+            den = math.sqrt(norm_sq[i] * q + tiny)
+            loss = 1.0 - inner / den + lam * r_d
+            if loss < best_loss[i]:
+                best_loss[i] = loss
+                best[i].copy_(d_b[i])
+            # grad = -m / den + coef (C + dB gram_a) + 2 lam dB, coef = <B, m> / (q den), 0 if q = 0
+            coef = inner / (q * den) if q > 0.0 else 0.0
+            coeffs.append([[-1.0 / den, coef, coef, 2.0 * lam]])
         if t > steps:
             break
-        # grad = -(m - (<B, m> / q) B gram_a) / den + 2 lam dB   (B gram_a term only where q > 0)
-        coef = torch.where(q > 0.0, inner / q.clamp_min(tiny), torch.zeros_like(q)) / den
-        grad = bg.mul_(coef[:, None, None]).sub_(m / den[:, None, None]).add_(d_b, alpha=2.0 * lam)
-        mom.mul_(beta1).add_(grad, alpha=1 - beta1)
-        var.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step = (mom / (1 - beta1**t)).div_((var / (1 - beta2**t)).sqrt_().add_(eps))
-        d_b = d_b - lr * step
+        w.copy_(torch.tensor(coeffs, dtype=dtype))
+        torch.bmm(w, z_rows, out=buf)  # the gradient
+        mom.lerp_(buf, 1.0 - beta1)
+        # Adam's v_t = beta2 v + (1 - beta2) g^2 kept as v_t / beta2^t: one pass instead of two
+        var.addcmul_(buf, buf, value=(1.0 - beta2) / beta2**t)
+        # lr (mom / bc1) / (sqrt(v_t / bc2) + eps) with v_t = var beta2^t:
+        # (lr sqrt(bc2) / (bc1 beta2^(t/2))) mom / (sqrt(var) + eps sqrt(bc2) / beta2^(t/2))
+        bc1, bc2_sqrt, root = 1.0 - beta1**t, math.sqrt(1.0 - beta2**t), beta2 ** (t / 2)
+        torch.sqrt(var, out=buf).add_(eps * bc2_sqrt / root)
+        d_b_row.addcdiv_(mom, buf, value=-lr * bc2_sqrt / (bc1 * root))
     return best
 
 
@@ -137,16 +178,16 @@ def fair_batch(
     """
     dtype = batch.prev_a.dtype
     d_out, d_in, r = batch.prev_b.shape[-2], batch.prev_a.shape[-1], batch.rank
-    kr = sum(a.shape[-2] for a in batch.a)
+    b_cat, a_cat = batch.b_cat, batch.a_cat  # M x d_out x (K r), M x (K r) x d_in: unweighted
+    kr = a_cat.shape[-2]
+    # (K r,): delta_W = B_cat diag(cw) A_cat
+    cw = torch.repeat_interleave(weights.to(dtype), torch.tensor(batch.ranks))
     a_bar64 = weighted_sum(batch.a, weights)  # M x r x d_in
     b_bar64 = weighted_sum(batch.b, weights)  # M x d_out x r
     a_bar, b_bar = a_bar64.to(dtype), b_bar64.to(dtype)
-    b_cat = torch.cat([float(w) * b for w, b in zip(weights, batch.b, strict=True)], dim=-1)
-    a_cat = torch.cat(batch.a, dim=-2)  # M x (K r) x d_in; delta_W = b_cat a_cat
-    # ||delta_W||^2 = sum((B_cat^T B_cat) * (A_cat A_cat^T)), from (K r) x (K r) Gram matrices
     with thread_policy(max(d_out, d_in) * kr * kr):
-        norm_w = ((b_cat.mT @ b_cat) * (a_cat @ a_cat.mT)).sum((-2, -1)).clamp_min(0.0).sqrt()  # (M,)
-        m = b_cat @ (a_cat @ a_bar.mT)  # M x d_out x r
+        norm_w = weighted_gram_norm(b_cat, a_cat, cw)  # (M,)
+        m = b_cat @ (cw[:, None] * (a_cat @ a_bar.mT))  # M x d_out x r
         gram_a = a_bar @ a_bar.mT  # M x r x r
     active = norm_w > 0.0
     if steps == 0 or math.isinf(lam) or not bool(active.any()):
@@ -189,12 +230,12 @@ def fair_module(
         Penalty on ``||dB||_F^2``, Adam steps and learning rate.
     """
     f64 = torch.float64
-    batch = ModuleBatch(
-        modules=("m",),
-        a=tuple(p.a.to(f64)[None] for p in pairs),
-        b=tuple(p.b.to(f64)[None] for p in pairs),
-        prev_a=pairs[0].a.to(f64)[None],
-        prev_b=pairs[0].b.to(f64)[None],
+    batch = ModuleBatch.from_clients(
+        ("m",),
+        [p.a.to(f64)[None] for p in pairs],
+        [p.b.to(f64)[None] for p in pairs],
+        pairs[0].a.to(f64)[None],
+        pairs[0].b.to(f64)[None],
     )
     a, b = fair_batch(batch, weights, lam, steps, lr)
     return a[0], b[0]

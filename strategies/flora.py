@@ -41,14 +41,24 @@ from strategies.registry import register
 FINGERPRINT_KEY = "base-fingerprint"
 
 
-def flora_module(pairs: Sequence[LoraPair], coeffs: torch.Tensor) -> LoraPair:
-    """Return the stacked factors of one module (float64; ``coeffs[k] = p_k s_k``).
+def flora_module(
+    pairs: Sequence[LoraPair], coeffs: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> LoraPair:
+    """Return the stacked factors of one module in ``dtype`` (``coeffs[k] = p_k s_k``).
 
     ``A``: (sum r_k) x d_in with ``coeffs[k]`` folded into client k's rows; ``B``: d_out x (sum r_k).
+    Each client's rows are scaled straight into the stack (one pass over the factors, no
+    temporaries): at Llama-7B shape the stacks are the whole merge, 5 MiB per module at rank 160.
     """
-    a = torch.cat([c * p.a.to(torch.float64) for c, p in zip(coeffs, pairs, strict=True)], dim=0)
-    b = torch.cat([p.b.to(torch.float64) for p in pairs], dim=1)
-    return LoraPair(a=a, b=b)
+    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32  # scale half types in float32
+    rows = sum(p.a.shape[0] for p in pairs)
+    a = torch.empty(rows, pairs[0].a.shape[1], dtype=work)
+    start = 0
+    for c, p in zip(coeffs, pairs, strict=True):
+        torch.mul(p.a.to(work), float(c), out=a[start : start + p.a.shape[0]])
+        start += p.a.shape[0]
+    b = torch.cat([p.b.to(dtype) for p in pairs], dim=1)
+    return LoraPair(a=a.to(dtype), b=b)
 
 
 def compact(pair: LoraPair) -> LoraPair:
@@ -78,12 +88,18 @@ def extend_merge(
     return join_state(out)
 
 
-def flora_round(results: Sequence[ClientResult], modules: Sequence[str]) -> dict[str, LoraPair]:
-    """Return this round's stacked factors per module (example-count weights, clients' scales)."""
+def flora_round(
+    results: Sequence[ClientResult], modules: Sequence[str], like: AdapterState
+) -> dict[str, LoraPair]:
+    """Return this round's stacked factors per module (example-count weights, clients' scales).
+
+    Each stack is built in the dtype of ``like``'s A factor (the merge's dtype), so float32
+    adapters never pass through float64 copies.
+    """
     p = example_weights(results)
     coeffs = p * torch.tensor([r.spec.scale for r in results], dtype=torch.float64)  # p_k s_k
     client_pairs = result_pairs(results)
-    return {m: flora_module([cp[m] for cp in client_pairs], coeffs) for m in modules}
+    return {m: flora_module([cp[m] for cp in client_pairs], coeffs, like[a_name(m)].dtype) for m in modules}
 
 
 @register
@@ -111,7 +127,7 @@ class FLoRA(RankedStrategy):
         """Append this round's stack to the merge; keep the template; FedAvg the head."""
         global_pairs, _ = split_state(state)
         with thread_policy(0):  # concatenation and scaling: copies, no matrix products
-            stacks = flora_round(results, list(global_pairs))
+            stacks = flora_round(results, list(global_pairs), state)
             self._merge = extend_merge(self._merge, stacks, state)
         self._rounds += 1
         new = {k: v.detach().clone() for k, v in state.items()}
