@@ -99,12 +99,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="rounds per mode (>= 2)")
     parser.add_argument("--overrides", default="", help="extra section.key=value overrides (e.g. the model)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="keep the fleets' logs here (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--modes", default="in-process,worker", help="comma-separated subset of: in-process, worker"
+    )
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (round 1 of the worker includes its model load)")
     results = {}
     with tempfile.TemporaryDirectory(prefix="fedlora-overhead-") as tmp:
-        for mode, worker in (("in-process", False), ("worker", True)):
+        if args.workdir is not None:
+            tmp = str(args.workdir)
+        modes = [m.strip() for m in args.modes.split(",")]
+        unknown = set(modes) - {"in-process", "worker"}
+        if unknown:
+            parser.error(f"unknown --modes {sorted(unknown)}; choose from in-process, worker")
+        for mode in modes:
+            worker = mode == "worker"
             per_round = measure(worker, args.rounds, args.overrides, Path(tmp) / mode)
             steady = [r for r in per_round if r["round"] >= 2]
             results[mode] = {

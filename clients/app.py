@@ -10,7 +10,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.node import local_data, node_settings
-from clients.worker import run_round
+from clients.worker import round_metrics
 from fedlora.config import from_json
 
 app = ClientApp()
@@ -33,7 +33,9 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train the received adapter locally and reply with its update and metrics.
 
-    On a node started with ``fedlora node`` the round runs in the node's warm worker (the
-    base model stays loaded); without one it runs here (see :mod:`clients.worker`).
+    On a node started with ``fedlora node`` this runs in the node's warm worker process, where
+    the base model stays loaded across rounds (see :mod:`clients.worker`).
     """
-    return Message(run_round(msg.content, context), reply_to=msg)
+    from clients.round import run_train_round  # imports torch: only when asked
+
+    return Message(round_metrics(run_train_round(msg.content, context)), reply_to=msg)

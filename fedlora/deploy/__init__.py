@@ -6,11 +6,10 @@
 * :mod:`~fedlora.deploy.flwr_cli` — the operator's ``flwr`` CLI and its connections;
 * :mod:`~fedlora.deploy.commands` — the ``flower-superlink`` / ``flower-supernode`` command lines;
 * :mod:`~fedlora.deploy.fleet` — SuperLink + SuperNodes on one machine (tests, walk-throughs);
-* :mod:`~fedlora.deploy.node` — ``fedlora node``: a SuperNode plus its warm worker, supervised;
-* :mod:`~fedlora.deploy.worker` — the worker's Unix-socket server (the Flower side of the
-  hand-over is ``clients/worker.py``);
+* :mod:`~fedlora.deploy.node` — ``fedlora node``: a SuperNode plus its warm worker
+  (``clients/worker.py``), supervised;
 * :mod:`~fedlora.deploy.cli` — ``fedlora certs`` and ``python -m fedlora.deploy.fleet``.
 
-Nothing here imports torch or Flower's Python API: the tooling drives Flower's command lines,
-and the worker loads its request handler by name.
+Nothing here imports torch or Flower's Python API: the tooling drives Flower's command lines
+(the worker, which does use Flower's API, is part of the ClientApp: ``clients/worker.py``).
 """

@@ -57,7 +57,7 @@ class FleetNode:
     port: int
     node_id: int | None = None
     key_paths: nodekeys.NodeKeyPaths | None = None
-    state_dir: Path | None = None  # with worker=True: where the node's worker socket lives
+    state_dir: Path | None = None  # with worker=True: the node's state dir (ledger, SuperExec secret)
 
 
 @dataclass

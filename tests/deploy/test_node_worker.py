@@ -1,10 +1,13 @@
 """``fedlora node`` for real: a SuperLink, and a SuperNode whose rounds run in its warm worker.
 
 One node (partition 0 of 1), TLS + node authentication, record-level DP, three rounds of
-the fedlora app with a tiny configuration. The worker serves rounds 1 and 2 from one
-process (the base model stays loaded); it is then SIGKILLed, ``fedlora node`` restarts it,
-round 3 runs (in the new worker, or in-process while it warms up) and the node's privacy
-ledger, kept in its state dir, goes on without a gap and equals what the server reports.
+the fedlora app with a tiny configuration. The SuperNode runs in process isolation and the
+worker serves rounds 1 and 2 from one process (the base model stays loaded); it is then
+SIGKILLed, ``fedlora node`` restarts it, round 3 runs in the new worker and the node's
+privacy ledger, kept in its state dir, goes on without a gap and equals what the server
+reports. (Should the kill land inside round 3, Flower reports that ClientApp as crashed, the
+server rejects the round's update, and the node's ledger may count round 3 once more than
+the server's copy: never less.)
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def _workers(node_pid: int) -> list[psutil.Process]:
     found = []
     for proc in psutil.Process(node_pid).children(recursive=True):
         try:
-            if "fedlora.deploy.worker" in " ".join(proc.cmdline()):
+            if "clients.worker" in " ".join(proc.cmdline()):
                 found.append(proc)
         except (psutil.ZombieProcess, psutil.NoSuchProcess):
             continue
@@ -85,7 +88,8 @@ def test_rounds_run_in_the_warm_worker_which_restarts_without_losing_the_ledger(
         {"edge": {"partition-id": 0, "num-partitions": 1, "state-dir": str(state)}}, worker=True
     )
     fleet.wait_for_nodes(timeout=LIMIT)
-    assert "worker" in node.process.log() and " listening on " in node.process.log()
+    assert "fedlora node: worker started" in node.process.log()
+    assert "--isolation process" in node.process.log()  # no flwr-clientapp process per message
     (first,) = _workers(node.process.popen.pid)
 
     out = tmp_path / "run"
@@ -104,20 +108,20 @@ def test_rounds_run_in_the_warm_worker_which_restarts_without_losing_the_ledger(
     assert details["status"] == "finished:completed", f"{details}\n{fleet.log_tails()}"
 
     rows = _client_rows(out)
-    assert sorted(rows) == [1, 2, 3]
     # rounds 1 and 2 ran in the worker, in one process: the model was loaded once
     assert [(rows[r]["worker"], rows[r]["worker_rounds"]) for r in (1, 2)] == [(1, 1), (1, 2)]
-    assert rows[3].get("worker_rounds", 1) == 1  # a fresh worker, or in-process (no worker keys)
     assert all(rows[r]["clientapp_seconds"] > rows[r]["train_seconds"] for r in rows)
     log = node.process.log()
-    assert "fedlora node: worker exited with code -9; restarting" in log
+    assert "fedlora node: worker exited with code -9" in log
     _wait_until(lambda: len(_workers(node.process.popen.pid)) == 1, "the restarted worker", fleet)
     assert _workers(node.process.popen.pid)[0].pid != first.pid
 
-    # the ledger lives in the state dir: nothing was lost with the worker. (Had the kill hit
-    # round 3 after the worker's ledger commit, the redone round is counted again, as label 4.)
+    # the ledger lives in the state dir: nothing was lost with the worker
     mine = PrivacyLedger.load(state / "privacy_ledger.json")
-    assert mine.rounds[:3] == [1, 2, 3] and len(mine.rounds) <= 4, mine.rounds
-    server = json.loads((out / RUN_LEDGER_PATH).read_text())["ledgers"]["client-0"]
-    assert PrivacyLedger.from_dict(server) == mine
-    assert rows[3]["dp_epsilon"] > rows[2]["dp_epsilon"] > rows[1]["dp_epsilon"] > 0
+    server = PrivacyLedger.from_dict(json.loads((out / RUN_LEDGER_PATH).read_text())["ledgers"]["client-0"])
+    if 3 in rows:  # the kill landed between rounds (the usual case): round 3 ran in the new worker
+        assert (rows[3]["worker"], rows[3]["worker_rounds"]) == (1, 1)
+        assert mine.rounds == [1, 2, 3] and server == mine
+        assert rows[3]["dp_epsilon"] > rows[2]["dp_epsilon"] > rows[1]["dp_epsilon"] > 0
+    else:  # it landed inside round 3: that round failed; the node never counts less than the server
+        assert sorted(rows) == [1, 2] and server.rounds == [1, 2] and mine.rounds[:2] == [1, 2]

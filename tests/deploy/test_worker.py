@@ -1,214 +1,234 @@
-"""The node-local worker: its socket, who may open it, surviving failures, and equal results.
+"""The node's warm worker (``clients/worker.py``) and the secret that guards it, piece by piece.
 
-The worker is served from a thread of the test process (the same ``serve`` loop that
-``python -m fedlora.deploy.worker`` runs); ``tests/deploy/test_node_worker.py`` runs it as
-the real process that ``fedlora node`` starts.
+``tests/deploy/test_node_worker.py`` runs the whole thing (``fedlora node`` with TLS and node
+auth); these tests take seconds: app bundles built in memory and loaded twice, the reply
+metrics, the private directory and secret, and a real ``flower-supernode`` in process
+isolation that hands tasks only to a caller holding the node's secret.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import threading
-from pathlib import Path
+import time
+from types import SimpleNamespace
 
+import httpx
 import pytest
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import MetricRecord, RecordDict
 
-from clients import worker as client_worker
-from fedlora.config import RunConfig, with_overrides
-from fedlora.deploy.worker import (
-    SOCKET_ENV,
-    WorkerError,
-    WorkerUnavailable,
-    call,
-    secure_dir,
-    serve,
-    socket_path_for,
-)
-from fedlora.models import adapter_state, get_lora_model, init_adapter_state
+from clients import worker
+from fedlora.deploy import node as node_module
+from fedlora.deploy.node import FALLBACK_AFTER, NodeRunner, secure_dir, write_secret
+from fedlora.deploy.processes import exe, free_port
 
-LABELS = ["person", "animal", "vehicle", "robot"]
+PYPROJECT = """\
+[project]
+name = "probe"
+version = "1.0.0"
+dependencies = []
 
+[tool.flwr.app]
+publisher = "fedloratest"
 
-class Served:
-    """A worker loop in a thread, stopped and joined on exit."""
+[tool.flwr.app.components]
+serverapp = "probeapp.app:app"
+clientapp = "probeapp.app:app"
+"""
+APP = """\
+from flwr.clientapp import ClientApp
 
-    def __init__(self, path: Path, handler) -> None:
-        self.path, self.stop, self.ready = path, threading.Event(), threading.Event()
-        args = (path, handler, self.stop, self.ready)
-        self.thread = threading.Thread(target=serve, args=args, daemon=True)
-
-    def __enter__(self) -> Served:
-        self.thread.start()
-        while not self.ready.wait(0.05):  # ends when the thread listens or dies, not on a clock
-            if not self.thread.is_alive():
-                raise RuntimeError("the worker thread died before listening")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
+VERSION = {version!r}
+app = ClientApp()
+"""
 
 
-def _echo(frames: list[bytes]) -> list[bytes]:
-    if frames[0] == b"fail":
-        raise ValueError("bad round")
-    return [b"got:" + b"|".join(frames)]
+def _bundle(version: str) -> SimpleNamespace:
+    """An app bundle (FAB) whose ``probeapp.app`` says ``VERSION = version``, as Flower hands it over."""
+    from flwr.cli.build import build_fab_from_files
+    from flwr.supercore.fab import Fab
 
-
-@pytest.fixture
-def sock(tmp_path) -> Path:
-    return socket_path_for(tmp_path / "state")
-
-
-def test_round_trip_and_a_failed_request_leaves_the_worker_serving(sock):
-    with Served(sock, _echo):
-        assert call(sock, [b"a", b"", b"c" * 100_000]) == [b"got:a||" + b"c" * 100_000]
-        with pytest.raises(WorkerError, match="ValueError: bad round"):
-            call(sock, [b"fail"])
-        assert call(sock, [b"again"]) == [b"got:again"]
-    assert not sock.exists()  # removed on shutdown
-
-
-def test_no_worker_is_unavailable_not_an_error(sock):
-    with pytest.raises(WorkerUnavailable):
-        call(sock, [b"x"])
-
-
-def test_socket_dir_is_private_and_a_stale_socket_is_replaced(sock):
-    secure_dir(sock.parent)
-    assert (sock.parent.stat().st_mode & 0o777) == 0o700
-    sock.write_text("left by a killed worker")
-    with Served(sock, _echo):
-        assert (sock.stat().st_mode & 0o777) == 0o600
-        assert call(sock, [b"x"]) == [b"got:x"]
-    os.chmod(sock.parent, 0o755)
-    with pytest.raises(PermissionError, match="chmod 700"):
-        secure_dir(sock.parent)
-
-
-def test_long_state_dirs_get_a_short_private_socket_path(tmp_path):
-    deep = tmp_path / ("d" * 120)
-    path = socket_path_for(deep)
-    assert len(str(path)) <= 100 and path == socket_path_for(deep)  # stable across restarts
-
-
-@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another local user")
-def test_another_local_user_cannot_use_the_worker():
-    """Attack: a different uid on the node connects to the worker to run or read rounds."""
-    probe = (  # stdlib only, imported before dropping to uid 65534 ("nobody")
-        "import os, socket, struct, sys\n"
-        "os.setgid(65534); os.setuid(65534)\n"
-        "conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
-        "try:\n    conn.connect(sys.argv[1])\nexcept OSError as err:\n    sys.exit(f'REFUSED {err}')\n"
-        "try:\n    conn.sendall(struct.pack('!IQ', 1, 5) + b'steal')\n    reply = conn.recv(64)\n"
-        "except OSError:\n    reply = b''\n"
-        "sys.exit('ANSWERED' if reply else 'REFUSED: closed without a reply')\n"
-    )
-
-    def as_nobody() -> str:
-        run = subprocess.run(
-            [sys.executable, "-c", probe, str(base / "worker" / "worker.sock")],
-            capture_output=True,
-            text=True,
-        )
-        return run.stderr.strip()
-
-    base = Path(tempfile.mkdtemp(prefix="fedlora-test-"))  # pytest's tmp dirs are 0700: not reachable
-    try:
-        os.chmod(base, 0o711)
-        sock = base / "worker" / "worker.sock"
-        _attack(sock, as_nobody)
-    finally:
-        shutil.rmtree(base)
-
-
-def _attack(sock: Path, as_nobody) -> None:
-    with Served(sock, _echo):
-        assert as_nobody().startswith("REFUSED [Errno 13]")  # the 0700 directory stops it
-        # even with the directory and socket opened up, the peer-uid check refuses it
-        os.chmod(sock.parent, 0o755)
-        os.chmod(sock, 0o777)
-        assert as_nobody() == "REFUSED: closed without a reply"
-        assert call(sock, [b"mine"]) == [b"got:mine"]
-
-
-# ---------------------------------------------------------------------- a real round
-
-
-def _cfg(**over) -> RunConfig:
-    base = {
-        "data.num_train": 48,
-        "data.num_test": 16,
-        "model.max_length": 16,
-        "train.local_steps": 2,
-        "train.batch_size": 8,
-        "train.device": "cpu",
-        "federation.num_clients": 2,
-        "lora.rank": 4,
+    files = {
+        "pyproject.toml": PYPROJECT.encode(),
+        "probeapp/__init__.py": b"",
+        "probeapp/app.py": APP.format(version=version).encode(),
     }
-    return with_overrides(RunConfig(), {**base, **over})
+    content, _ = build_fab_from_files(files)
+    fab = Fab(hashlib.sha256(content).hexdigest(), content, {})
+    return SimpleNamespace(run=SimpleNamespace(fab_id="fedloratest/probe", fab_version="1.0.0"), fab=fab)
 
 
-def _content(cfg: RunConfig, rank: int = 4) -> RecordDict:
-    loaded = get_lora_model("minilm", "classification", len(LABELS), 4, 8.0)
-    start = init_adapter_state(adapter_state(loaded, 4), 0)
-    conf = {"run-config": cfg.to_json(), "labels": json.dumps(LABELS), "round": 1, "rank": rank}
-    conf.update({"alpha": 2.0 * rank, "seed": 0, "train-a": True})
-    adapter = ArrayRecord({k: v.detach().clone() for k, v in start.items()})
-    return RecordDict({"adapter": adapter, "config": ConfigRecord(conf)})
+def test_a_bundle_stays_imported_and_a_new_bundle_replaces_its_code(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # load_app inserts the bundle's directory
+    old, new = _bundle("one"), _bundle("two")
+    cache = worker.AppCache()
+    try:
+        first = cache.load(old.run, old.fab)
+        assert sys.modules["probeapp.app"].VERSION == "one"
+        assert cache.load(old.run, old.fab) is first  # same bundle: nothing re-imported
+        second = cache.load(new.run, new.fab)
+        # the adversary here is stale code: a run that ships new code must not get the old one
+        assert second is not first and sys.modules["probeapp.app"].VERSION == "two"
+        assert sum(p == str(cache.app_dir) for p in sys.path) == 1
+        assert not any(p.endswith(old.fab.hash_str[:8]) for p in sys.path)
+    finally:
+        worker.drop_modules(sys.modules, {"probeapp"})
 
 
-def _context(**node) -> Context:
-    node_config = {"partition-id": 0, "num-partitions": 2, **node}
-    return Context(run_id=1, node_id=10, node_config=node_config, state=RecordDict(), run_config={})
+def test_drop_modules_removes_whole_packages_only():
+    modules = {"clients": 1, "clients.app": 2, "clientsx": 3, "fedlora.models": 4, "torch": 5}
+    assert worker.drop_modules(modules, {"clients", "fedlora"}) == [
+        "clients",
+        "clients.app",
+        "fedlora.models",
+    ]
+    assert modules == {"clientsx": 3, "torch": 5}
 
 
-def _update(reply: RecordDict) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(v.numpy()) for k, v in reply.array_records["update"].items()}
+def test_bundle_top_names_are_its_packages_and_modules(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "data").mkdir()  # no __init__.py: not a package
+    (tmp_path / "tool.py").write_text("")
+    (tmp_path / "README.md").write_text("")
+    assert worker.bundle_top_names(tmp_path) == {"pkg", "tool"}
 
 
-def test_delegated_round_equals_the_in_process_round_and_keeps_state(sock, monkeypatch, tmp_path):
-    from clients.round import run_train_round
-
-    cfg = _cfg()
-    first, second = _content(cfg), _content(cfg)  # (loading the model draws random numbers)
-    torch.manual_seed(0)  # dropout draws from the global generator (the served thread shares it)
-    here = run_train_round(first, _context())
-    monkeypatch.setenv(SOCKET_ENV, str(sock))
-    with Served(sock, client_worker.handle):
-        torch.manual_seed(0)
-        there = client_worker.delegate(client_worker.KIND_TRAIN, second, _context())
-        again = client_worker.delegate(client_worker.KIND_TRAIN, _content(cfg), _context())
-        # a round that fails in the worker fails the ClientApp the same way; the worker goes on
-        with pytest.raises(WorkerError, match="rank"):
-            client_worker.delegate(client_worker.KIND_TRAIN, _content(cfg, rank=8), _context())
-        # record-level DP: the ledger written in the worker comes back in context.state
-        context = _context(**{"state-dir": str(tmp_path / "state")})
-        dp = _cfg(**{"privacy.mode": "record", "privacy.noise_multiplier": 1.0})
-        private = client_worker.delegate(client_worker.KIND_TRAIN, _content(dp), context)
-    assert there is not None and again is not None and private is not None
-    assert _update(there).keys() == _update(here).keys()
-    for key, value in _update(here).items():
-        assert torch.equal(_update(there)[key], value), key
-    assert there["metrics"]["worker"] == 1 and "worker" not in here["metrics"]
-    assert [there["metrics"]["worker-rounds"], again["metrics"]["worker-rounds"]] == [1, 2]  # one process
-    assert private["metrics"]["worker-rounds"] == 3  # the failed round was not counted
-    assert "fedlora-privacy" in context.state.config_records
-    assert (tmp_path / "state" / "privacy_ledger.json").is_file()
+def test_phase_seconds():
+    assert worker.phase_seconds([("start", 0.0), ("pull", 0.25), ("run", 1.0)]) == "pull 0.250 run 0.750"
 
 
-def test_without_a_worker_the_clientapp_trains_in_process(sock, monkeypatch):
-    monkeypatch.setenv(SOCKET_ENV, str(sock))  # configured, but nobody listens
-    assert client_worker.delegate(client_worker.KIND_TRAIN, _content(_cfg()), _context()) is None
-    reply = client_worker.run_round(_content(_cfg()), _context())  # what the ClientApp calls
-    assert "worker" not in reply["metrics"] and "update" in reply.array_records
-    assert reply["metrics"]["clientapp-seconds"] > reply["metrics"]["train-seconds"]
-    monkeypatch.delenv(SOCKET_ENV)
-    assert client_worker.delegate(client_worker.KIND_TRAIN, _content(_cfg()), _context()) is None
+def _reply() -> RecordDict:
+    return RecordDict({"metrics": MetricRecord({"train-seconds": 0.5})})
+
+
+def test_round_metrics_in_a_worker_count_from_the_task_and_count_rounds(monkeypatch):
+    monkeypatch.setenv(worker.TASK_START_ENV, str(time.time() - 2.0))
+    monkeypatch.setenv(worker.ROUNDS_ENV, "4")
+    metrics = worker.round_metrics(_reply())["metrics"]
+    assert 2.0 <= metrics["clientapp-seconds"] < 60.0
+    assert metrics["worker"] == 1 and metrics["worker-rounds"] == 5
+    assert os.environ[worker.ROUNDS_ENV] == "5"
+
+
+def test_round_metrics_outside_a_worker_count_from_the_process_start(monkeypatch):
+    import psutil
+
+    monkeypatch.delenv(worker.TASK_START_ENV, raising=False)
+    metrics = worker.round_metrics(_reply())["metrics"]
+    assert "worker" not in metrics and "worker-rounds" not in metrics
+    expected = time.time() - psutil.Process().create_time()
+    assert abs(metrics["clientapp-seconds"] - expected) < 5.0
+
+
+def test_secret_is_fresh_private_and_in_a_private_dir(tmp_path):
+    path = write_secret(tmp_path / "worker" / "superexec.secret")
+    first = path.read_bytes()
+    assert len(first) == 32 and path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    assert write_secret(path).read_bytes() != first  # a new secret on every start
+
+
+def test_secure_dir_refuses_an_open_directory_and_a_symlink(tmp_path):
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o755)
+    open_dir.chmod(0o755)
+    with pytest.raises(PermissionError, match="chmod 700"):
+        secure_dir(open_dir)
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    with pytest.raises(PermissionError, match="not a plain directory"):
+        secure_dir(tmp_path / "link")
+
+
+def _acquire(address: str, secret: bytes | None):
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if secret is not None:
+        interceptors.append(
+            SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={worker.ACQUIRE_METHOD})
+        )
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=interceptors,
+        retry_invoker=worker.retry_invoker(max_tries=1),
+    )
+    try:
+        return client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+def test_only_a_holder_of_the_node_secret_can_take_its_tasks(tmp_path):
+    """Adversary: another local process (no secret, or a wrong one) polls the node's Runtime API."""
+    secret = write_secret(tmp_path / "state" / "worker" / "superexec.secret")
+    port = free_port("127.0.0.1")
+    cmd = [exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{free_port('127.0.0.1')}"]
+    cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret), "--port", str(port)]
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_TELEMETRY_ENABLED": "0"}
+    node = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120  # only stops a hung test: ends when the API answers
+        while True:
+            try:
+                res = _acquire(address, secret.read_bytes())
+                break
+            except Exception:
+                if node.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert not res.HasField("task")  # the holder is served (no task waiting)
+        for wrong in (None, b"x" * 32):
+            with pytest.raises(httpx.HTTPStatusError) as refused:
+                _acquire(address, wrong)
+            assert refused.value.response.status_code == 401
+    finally:
+        node.terminate()
+        node.wait(30)
+
+
+def test_a_worker_that_keeps_dying_at_start_is_replaced_by_flowers_superexec(tmp_path):
+    """Three fast exits in a row: ``fedlora node`` hands the node to ``flower-superexec``."""
+    fallback_ran = tmp_path / "fallback-ran"
+    py = sys.executable
+    # the stand-in SuperNode runs until the fallback has started, then exits with code 7
+    supernode = [
+        py,
+        "-c",
+        f"import os,time\nwhile not os.path.exists({str(fallback_ran)!r}): time.sleep(0.05)\n"
+        "raise SystemExit(7)",
+    ]
+    dying_worker = [py, "-c", "raise SystemExit(3)"]
+    fallback = [py, "-c", f"open({str(fallback_ran)!r}, 'w').close()\nimport time; time.sleep(60)"]
+    runner = NodeRunner(supernode, dying_worker, fallback, backoff=(0.01, 0.02))
+    assert runner.run() == 7
+    assert runner.restarts == FALLBACK_AFTER and fallback_ran.exists()
+    assert runner.worker is not None and runner.worker.poll() is not None  # stopped with the node
+
+
+def test_a_worker_that_ran_for_a_while_is_restarted_not_replaced(tmp_path, monkeypatch):
+    monkeypatch.setattr(node_module, "FAST_EXIT_S", 0.0)  # every exit counts as after a long run
+    starts = tmp_path / "starts"
+    py = sys.executable
+    supernode = [
+        py,
+        "-c",
+        f"import os,time\nwhile not os.path.exists({str(starts)!r}) or "
+        f"len(open({str(starts)!r}).read()) < 5: time.sleep(0.05)\n",
+    ]
+    worker_cmd = [py, "-c", f"open({str(starts)!r}, 'a').write('w')"]
+    fallback = [py, "-c", f"open({str(starts)!r}, 'a').write('F')"]
+    runner = NodeRunner(supernode, worker_cmd, fallback, backoff=(0.01, 0.02))
+    assert runner.run() == 0
+    assert "F" not in starts.read_text() and runner.restarts >= 4
