@@ -11,10 +11,12 @@ matrices, where waking threads costs more than the work; every thread for large 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -28,6 +30,8 @@ SMALL_WORK = 1 << 24
 # Upper bound on the bytes of stacked client factors aggregated at once; bounds peak memory
 # (7B shape: 10 clients x 128 modules x 512 KiB = 640 MiB would otherwise be copied in one go).
 MAX_BATCH_BYTES = 64 << 20
+
+T = TypeVar("T")
 
 
 def policy_threads(work: int, available: int | None = None) -> int:
@@ -61,6 +65,34 @@ def thread_policy(work: int) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
+def map_chunks(fn: Callable[[int, int], T], total: int, chunk: int, work: int) -> list[T]:
+    """Return ``[fn(lo, hi) for each chunk [lo, hi) of range(total)]``, in order, in parallel when large.
+
+    For work that is a long series of small calls (LoRA-FAIR's Adam steps: elementwise passes
+    over d_out x r), OpenMP threads inside each call cost more in wake-ups than they save, but
+    independent chunks on separate Python threads (one torch thread each; torch releases the GIL
+    inside its kernels) never wait on each other. The worker count is
+    :func:`policy_threads` ``(work)``: one (a plain loop) for small work or a busy machine. The
+    result does not depend on the worker count: each chunk is computed the same way.
+    """
+    bounds = [(lo, min(lo + chunk, total)) for lo in range(0, total, chunk)]
+    workers = min(policy_threads(work), len(bounds))
+    if workers <= 1:
+        with thread_policy(0):
+            return [fn(lo, hi) for lo, hi in bounds]
+
+    def run(lo: int, hi: int) -> T:
+        torch.set_num_threads(1)  # this worker's own intra-op count (the caller's is restored below)
+        return fn(lo, hi)
+
+    before = torch.get_num_threads()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(run, *zip(*bounds, strict=True)))
+    finally:
+        torch.set_num_threads(before)
+
+
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """Return float64 if any of ``tensors`` is float64, else float32 (half types compute in float32).
 
@@ -76,14 +108,16 @@ class ModuleBatch:
 
     ``b_cat @ a_cat`` is ``sum_k B_k A_k`` per module (no weights or scales applied): the form
     in which FlexLoRA and LoRA-FAIR use the factors, built with one copy of each client factor.
+    ``B_cat`` is stored transposed (``bt_cat``, M x m x d_out), so that every client's block of
+    either factor is one contiguous slab per module (BLAS reads ``b_cat`` transposed for free).
 
     Attributes
     ----------
     modules
         The ``M`` module names, in the order of the leading axis.
-    a_cat, b_cat
-        M x m x d_in and M x d_out x m (compute dtype), ``m = sum_k r_k``: client ``k``'s ``A_k``
-        are rows, its ``B_k`` columns ``r_0 + ... + r_{k-1}`` onwards (client order).
+    a_cat, bt_cat
+        M x m x d_in and M x m x d_out (compute dtype), ``m = sum_k r_k``: client ``k``'s ``A_k``
+        and ``B_k^T`` are the rows ``r_0 + ... + r_{k-1}`` onwards (client order).
     ranks
         The clients' ranks ``r_k``.
     prev_a, prev_b
@@ -92,7 +126,7 @@ class ModuleBatch:
 
     modules: tuple[str, ...]
     a_cat: torch.Tensor
-    b_cat: torch.Tensor
+    bt_cat: torch.Tensor
     ranks: tuple[int, ...]
     prev_a: torch.Tensor
     prev_b: torch.Tensor
@@ -110,11 +144,16 @@ class ModuleBatch:
         return cls(
             modules=tuple(modules),
             a_cat=torch.cat(list(a), dim=-2),
-            b_cat=torch.cat(list(b), dim=-1),
+            bt_cat=torch.cat([x.mT for x in b], dim=-2),
             ranks=tuple(int(x.shape[-2]) for x in a),
             prev_a=prev_a,
             prev_b=prev_b,
         )
+
+    @property
+    def b_cat(self) -> torch.Tensor:
+        """``B_cat``: M x d_out x m (a transposed view of ``bt_cat``)."""
+        return self.bt_cat.mT
 
     @property
     def rank(self) -> int:
@@ -132,8 +171,8 @@ class ModuleBatch:
 
     @property
     def b(self) -> tuple[torch.Tensor, ...]:
-        """Per client ``k``: ``B_k`` batches, M x d_out x r_k (views of ``b_cat``)."""
-        return tuple(self.b_cat[..., lo:hi] for lo, hi in self._bounds())
+        """Per client ``k``: ``B_k`` batches, M x d_out x r_k (transposed views of ``bt_cat``)."""
+        return tuple(self.bt_cat[:, lo:hi].mT for lo, hi in self._bounds())
 
 
 BatchFn = Callable[[ModuleBatch], tuple[torch.Tensor, torch.Tensor]]
@@ -175,13 +214,13 @@ def module_batches(
             chunk = modules[i : i + step]
             with thread_policy(0):  # the copies only; the consumer picks its own threads
                 a_cat = torch.empty(len(chunk), sum(ranks), d_in, dtype=dtype)
-                b_cat = torch.empty(len(chunk), d_out, sum(ranks), dtype=dtype)
+                bt_cat = torch.empty(len(chunk), sum(ranks), d_out, dtype=dtype)
                 for j, m in enumerate(chunk):
                     torch.cat([cp[m].a.to(dtype) for cp in client_pairs], dim=0, out=a_cat[j])
-                    torch.cat([cp[m].b.to(dtype) for cp in client_pairs], dim=1, out=b_cat[j])
+                    torch.cat([cp[m].b.to(dtype).T for cp in client_pairs], dim=0, out=bt_cat[j])
                 prev_a = torch.stack([global_pairs[m].a for m in chunk]).to(dtype)
                 prev_b = torch.stack([global_pairs[m].b for m in chunk]).to(dtype)
-            yield ModuleBatch(tuple(chunk), a_cat, b_cat, ranks, prev_a, prev_b)
+            yield ModuleBatch(tuple(chunk), a_cat, bt_cat, ranks, prev_a, prev_b)
 
 
 def aggregate_modules(
@@ -218,6 +257,9 @@ def aggregate_modules(
         new_a, new_b = fn(batch)
         for i, module in enumerate(batch.modules):
             g = global_pairs[module]
-            out[module] = LoraPair(a=new_a[i].to(g.a.dtype, copy=True), b=new_b[i].to(g.b.dtype, copy=True))
+            out[module] = LoraPair(
+                a=new_a[i].to(g.a.dtype, copy=True, memory_format=torch.contiguous_format),
+                b=new_b[i].to(g.b.dtype, copy=True, memory_format=torch.contiguous_format),
+            )
     new = join_state(out, average_rest([r.state for r in results], rest_weights, state))
     return {k: new[k] for k in state}

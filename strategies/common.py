@@ -64,9 +64,13 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torc
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) != 1:
         raise StrategyError(f"cannot average tensors of different shapes {sorted(shapes)}")
-    stacked = torch.stack([t.detach().to(torch.float64) for t in tensors])  # K x ...
-    w = weights.to(torch.float64).reshape(-1, *([1] * (stacked.dim() - 1)))
-    return (w * stacked).sum(dim=0)
+    # the rounded products w_k x_k added in client order, elementwise only: any layout of the same
+    # values (e.g. LoRA-FAIR's batched factors, strategies/fair.py:fedit_mean) gives the same bits
+    w = weights.to(torch.float64).tolist()
+    out = torch.mul(tensors[0].detach().to(torch.float64), w[0])
+    for wk, t in zip(w[1:], tensors[1:], strict=True):
+        out.add_(torch.mul(t.detach().to(torch.float64), wk))
+    return out
 
 
 def average_named(

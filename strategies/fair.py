@@ -23,8 +23,8 @@ import torch
 
 from fedlora.adapters import AdapterState, LoraPair
 from strategies.base import ClientResult
-from strategies.batched import ModuleBatch, aggregate_modules, thread_policy
-from strategies.common import check_number, example_weights, require_uniform, weighted_sum
+from strategies.batched import ModuleBatch, aggregate_modules, map_chunks, thread_policy
+from strategies.common import check_number, example_weights, require_uniform
 from strategies.fedit import FedIT
 from strategies.registry import register
 
@@ -67,6 +67,25 @@ def fair_objective(
 def _vdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Return ``<x[i], y[i]>_F`` per leading index (M x ... -> M), without a temporary product."""
     return torch.linalg.vecdot(x.flatten(1), y.flatten(1))
+
+
+def fedit_mean(blocks: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Return ``sum_k weights[k] * blocks[k]`` in float64, bit-identical to FedIT's average.
+
+    The same arithmetic as :func:`~strategies.common.weighted_sum` (what FedIT uses: rounded
+    products ``w_k x_k`` added in client order, elementwise), module by module in place with two
+    module-sized float64 buffers that stay in cache. Blocks: M x ... each (contiguous per module
+    is fastest).
+    """
+    w = weights.to(torch.float64).tolist()
+    out = torch.empty(blocks[0].shape, dtype=torch.float64)
+    tmp = torch.empty(blocks[0].shape[1:], dtype=torch.float64)
+    for i in range(out.shape[0]):
+        acc = out[i]
+        acc.copy_(blocks[0][i]).mul_(w[0])
+        for wk, x in zip(w[1:], blocks[1:], strict=True):
+            acc.add_(tmp.copy_(x[i]).mul_(wk))
+    return out
 
 
 def weighted_gram_norm(b_cat: torch.Tensor, a_cat: torch.Tensor, cw: torch.Tensor) -> torch.Tensor:
@@ -182,9 +201,9 @@ def fair_batch(
     kr = a_cat.shape[-2]
     # (K r,): delta_W = B_cat diag(cw) A_cat
     cw = torch.repeat_interleave(weights.to(dtype), torch.tensor(batch.ranks))
-    a_bar64 = weighted_sum(batch.a, weights)  # M x r x d_in
-    b_bar64 = weighted_sum(batch.b, weights)  # M x d_out x r
-    a_bar, b_bar = a_bar64.to(dtype), b_bar64.to(dtype)
+    a_bar64 = fedit_mean(batch.a, weights)  # M x r x d_in
+    b_bar64 = fedit_mean([batch.bt_cat[:, i * r : (i + 1) * r] for i in range(len(batch.ranks))], weights).mT
+    a_bar, b_bar = a_bar64.to(dtype), b_bar64.to(dtype).contiguous()  # b_bar: M x d_out x r
     with thread_policy(max(d_out, d_in) * kr * kr):
         norm_w = weighted_gram_norm(b_cat, a_cat, cw)  # (M,)
         m = b_cat @ (cw[:, None] * (a_cat @ a_bar.mT))  # M x d_out x r
@@ -196,21 +215,13 @@ def fair_batch(
     # time so its ~10 working tensors stay in cache (measured: 1 module at a time is ~3x faster per
     # module than 4, and 2 threads are slower than 1).
     chunk = max(1, ADAM_CACHE_BYTES // (10 * d_out * r * b_bar.element_size()))
-    with thread_policy(d_out * r * r):
-        d_b = torch.cat(
-            [
-                correct_batch(
-                    m[i : i + chunk],
-                    gram_a[i : i + chunk],
-                    norm_w[i : i + chunk],
-                    b_bar[i : i + chunk],
-                    lam,
-                    steps,
-                    lr,
-                )
-                for i in range(0, len(m), chunk)
-            ]
-        )
+    pieces = map_chunks(
+        lambda lo, hi: correct_batch(m[lo:hi], gram_a[lo:hi], norm_w[lo:hi], b_bar[lo:hi], lam, steps, lr),
+        len(m),
+        chunk,
+        work=steps * len(m) * d_out * r * r,
+    )
+    d_b = torch.cat(pieces)
     d_b[~active] = 0.0
     return a_bar64, b_bar + d_b
 
