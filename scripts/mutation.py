@@ -100,13 +100,18 @@ use_git_change_detection = false
 
 
 def alive_mutants(work: Path) -> list[str]:
-    """Return the names of the mutants in ``work`` that survived or that no test reached."""
+    """Return the names of the mutants in ``work`` that survived, that no test reached, or not yet run."""
     from mutmut.stats import status_by_exit_code
 
     names = []
     for path in sorted((work / "mutants").rglob("*.py.meta")):
         for name, code in json.loads(path.read_text()).get("exit_code_by_key", {}).items():
-            if code is not None and status_by_exit_code[code] in ("survived", "no tests"):
+            if code is None or status_by_exit_code[code] in (
+                "survived",
+                "no tests",
+                "not checked",
+                "check was interrupted by user",
+            ):
                 names.append(name)
     return names
 
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--rerun-alive",
         action="store_true",
-        help="in an existing --workdir: copy the current tests in and rerun only the mutants not killed",
+        help="in an existing --workdir: copy the current tests in and run only the mutants not killed yet",
     )
     args = ap.parse_args(argv)
     if args.rerun_alive and (args.workdir is None or not (args.workdir / "pyproject.toml").exists()):
