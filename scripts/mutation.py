@@ -91,8 +91,10 @@ also_copy = ["clients", "server", "simulations", "docs", "scripts"]
 pytest_add_cli_args = {toml_list(PYTEST_ARGS)}
 pytest_add_cli_args_test_selection = {toml_list(tests)}
 process_isolation = "forkserver"
-timeout_multiplier = 5.0
-timeout_constant = 20.0
+# A mutant that loops (a bisection that never ends) is stopped after (t + 3) x 2 x 2 CPU seconds,
+# t being the selected tests' clean time: seconds, not the minutes mutmut's defaults allow.
+timeout_multiplier = 2.0
+timeout_constant = 3.0
 use_git_change_detection = false
 """
     with (dest / "pyproject.toml").open("a", encoding="utf-8") as f:

@@ -234,16 +234,19 @@ def test_median_of_an_even_count_and_trimmed_mean_caps_the_trim():
     assert trimmed_mean(four, 0.5).tolist() == [2.5]  # 2 of 4 each side would leave none: trim 1
     assert trimmed_mean(four, 0.0).tolist() == [4.0]
     assert trimmed_mean(four[:3], 0.34).tolist() == [2.0]
-    assert trimmed_mean(four[:3], 0.9).tolist() == [2.0]
+    skewed = [torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([10.0])]
+    assert trimmed_mean(skewed, 0.9).tolist() == [2.0]  # floor(2.7) = 2 each side leaves none: trim 1
+    nine = [torch.tensor([v]) for v in (0.0, 1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0)]
+    assert trimmed_mean(nine, 0.34).tolist() == [(3.0 + 4.0 + 10.0) / 3]  # floor(3.06) = 3 each side
     assert trimmed_mean(four[:2], 0.5).tolist() == [1.5]
 
 
 def test_robust_center_trimmed_mean_keeps_unsent_tensors_and_dtypes():
     state = {A: torch.ones(1, 2), B: torch.zeros(1, 1, dtype=torch.float16), H: torch.full((1,), 7.0)}
-    rs = [_result(n, {B: torch.tensor([[v]])}) for n, v in enumerate([1.0, 2.0, 3.0, 100.0, -50.0])]
+    rs = [_result(n, {B: torch.tensor([[v]])}) for n, v in enumerate([1.0, 2.0, 6.0, 100.0, -50.0])]
     center = RobustCenter(create("ffa"), "trimmed-mean", fraction=0.2)
     out = center.aggregate(state, rs)
-    assert out[B].tolist() == [[2.0]] and out[B].dtype == torch.float16
+    assert out[B].tolist() == [[3.0]] and out[B].dtype == torch.float16  # mean of 1, 2, 6 (median: 2)
     assert torch.equal(out[A], state[A]) and out[A] is not state[A] and torch.equal(out[H], state[H])
     assert float(state[B]) == 0.0  # input not mutated
     wide = RobustCenter(create("ffa"), "trimmed-mean", fraction=0.4).aggregate(state, rs)
@@ -273,3 +276,19 @@ def test_aggregate_checked_rolls_back_when_no_subset_is_finite():
     assert none == [] and torch.allclose(ok[B], (_state(1)[B] + _state(2)[B]) / 2)
     ints = {**_state(1), "step": torch.tensor([1])}
     assert aggregate_checked(fedit, state, [_result(1, ints)])[1] == []
+
+
+def test_robust_center_of_one_result_is_that_result():
+    state = {B: torch.zeros(1, 1)}
+    out = RobustCenter(create("fedit"), "median").aggregate(state, [_result(1, {B: torch.tensor([[4.0]])})])
+    assert out[B].tolist() == [[4.0]]
+
+
+def test_robust_center_refuses_an_unnamed_inner_object_with_its_repr():
+    inner = object()
+    with pytest.raises(ValueError) as err:
+        RobustCenter(inner, "median")  # type: ignore[arg-type]
+    assert str(err.value) == (
+        f"robust centre 'median' applies to fedit, ffa, not {inner!r}; "
+        "use norm bounding for the other methods"
+    )

@@ -303,3 +303,9 @@ def test_save_writes_indented_sorted_json_and_load_reads_it(tmp_path):
     assert PrivacyLedger.load(path) == led
     out = write_json_atomic(tmp_path / "n.json", {"b": float("nan"), "a": 1})
     assert out.read_text(encoding="utf-8") == '{\n  "a": 1,\n  "b": NaN\n}\n'
+
+
+def test_epsilon_trajectory_uses_the_requested_accountant():
+    led = ledger(LedgerEntry(1, 1.0, 0.1, 20))
+    assert led.epsilon_trajectory("prv") == [(1, led.epsilon("prv"))]
+    assert led.epsilon_trajectory("prv")[0][1] < led.epsilon_trajectory()[0][1]  # PRV is tighter than RDP
