@@ -292,3 +292,56 @@ def test_robust_center_refuses_an_unnamed_inner_object_with_its_repr():
         f"robust centre 'median' applies to fedit, ffa, not {inner!r}; "
         "use norm bounding for the other methods"
     )
+
+
+def test_update_norm_sums_every_module_and_measures_b_when_the_result_lacks_a():
+    na, nb = "n.lora_A.weight", "n.lora_B.weight"
+    two = {A: torch.zeros(1, 1), B: torch.zeros(1, 1), na: torch.zeros(1, 1), nb: torch.zeros(1, 1)}
+    got = {A: torch.ones(1, 1), B: torch.tensor([[3.0]]), na: torch.ones(1, 1), nb: torch.tensor([[4.0]])}
+    assert update_norm(two, got, 1.0) == pytest.approx(5.0)  # sqrt(3^2 + 4^2): both modules count
+    sent = {A: torch.ones(1, 2), B: torch.zeros(2, 1)}
+    assert update_norm(sent, {B: torch.tensor([[3.0], [4.0]])}, 2.0) == pytest.approx(10.0)
+    zero_change = {A: torch.ones(1, 1), B: torch.ones(1, 1)}
+    assert update_norm(zero_change, dict(zero_change), math.inf) == math.inf  # inf * 0 is reported as inf
+
+
+def test_bound_updates_goes_on_after_a_rejection_and_keeps_norms_on_every_path():
+    sent = {n: {B: torch.zeros(1, 1)} for n in (1, 2, 3)}
+    peak = ClientResult(spec=ClientSpec(1, 1, 1.0), num_examples=1, state={B: torch.tensor([[50.0]])})
+    rs = [peak, _b_result(2, 1.0), _b_result(3, 2.0)]
+    one_left = bound_updates(rs[:2], sent, bound=2.0, max_norm=1e9, max_abs=10.0)
+    assert one_left.norms == {2: 1.0} and [r.spec.node_id for r in one_left.results] == [2]
+    assert one_left.rejected == [{"node": 1, "reason": "a value of magnitude 50 exceeds 10"}]
+    off = bound_updates(rs, sent, bound=0.0, max_norm=1e9, max_abs=10.0)
+    assert off.norms == {2: 1.0, 3: 2.0} and len(off.rejected) == 1 and off.clipped == []
+    zero = bound_updates([_b_result(2, 0.0), _b_result(3, 0.0)], sent, bound=2.0, max_norm=1e9, max_abs=10.0)
+    assert zero.norms == {2: 0.0, 3: 0.0} and zero.rejected == [] and zero.clipped == []
+
+
+def test_bound_one_clips_to_the_median_and_a_norm_at_the_limit_is_kept():
+    sent = {n: {B: torch.zeros(1, 1)} for n in (1, 2, 3)}
+    at_limit = bound_updates(
+        [_b_result(1, 1.0), _b_result(2, 2.0), _b_result(3, 2.0)], sent, bound=1.0, max_norm=1e9, max_abs=1e9
+    )
+    assert at_limit.clipped == []  # lower median 2, limit 2: norms equal to it are not clipped
+    out = bound_updates(
+        [_b_result(1, 1.0), _b_result(2, 2.0), _b_result(3, 3.0)], sent, bound=1.0, max_norm=1e9, max_abs=1e9
+    )
+    assert [c["node"] for c in out.clipped] == [3] and out.clipped[0]["bound"] == 2.0
+
+
+def test_example_counts_of_two_results_are_capped():
+    rs = [_result(n, {}, n=c) for n, c in enumerate([10, 1000])]
+    assert [r.num_examples for r in cap_example_counts(rs, 3.0)] == [10, 30]
+
+
+def test_aggregate_checked_restores_strategy_state_when_rolling_back():
+    flora = create("flora")
+    template = {A: torch.zeros(2, 5), B: torch.zeros(3, 2), H: torch.zeros(2)}
+    state = flora.init_state(template, [ClientSpec(n, 2, 4.0) for n in (1, 2)])
+    before = flora.state_dict()
+    nan = {A: torch.full((2, 5), math.nan), B: torch.zeros(3, 2), H: torch.zeros(2)}
+    new, offenders = aggregate_checked(flora, state, [_result(1, nan), _result(2, nan)])
+    assert new is state and offenders == [1, 2]
+    after = flora.state_dict()
+    assert after["rounds"] == before["rounds"] and after.keys() == before.keys()

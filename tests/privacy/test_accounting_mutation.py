@@ -96,3 +96,13 @@ def test_remaining_epsilon_is_the_exact_difference_floored_at_zero():
     assert remaining_epsilon(led, spent + 2.5) == pytest.approx(2.5, abs=1e-12)
     assert remaining_epsilon(led, spent / 2) == 0.0
     assert remaining_epsilon(led, 100.0, "prv") == pytest.approx(100.0 - led.epsilon("prv"), abs=1e-12)
+
+
+def test_an_unreachable_budget_names_every_way_out():
+    with pytest.raises(CalibrationError) as err:
+        calibrate_noise_multiplier(1e-6, DELTA, 1.0, 1000, "rdp", epsilon_tolerance=1e-8)
+    text = str(err.value)
+    assert text.startswith(
+        "no noise multiplier up to 1e6 reaches epsilon=1e-06 at delta=1e-05 with q=1.0 over 1000 steps ("
+    )
+    assert text.endswith("); raise target_epsilon or delta, or take fewer steps / a smaller sample rate")

@@ -140,3 +140,12 @@ def test_denominators_and_accounted_rates():
     assert expected_clients(3, 0.5, "fixed") == 2.0 and isinstance(expected_clients(3, 0.5, "fixed"), float)
     assert expected_clients(1, 0.1, "fixed") == 1.0
     assert accounted_sample_rate(0.25, "poisson") == 0.25 and accounted_sample_rate(0.25, "fixed") == 1.0
+
+
+def test_a_name_mismatch_lists_at_most_three_names():
+    names = ["a.weight", "b.weight", "c.weight", "d.weight"]
+    with pytest.raises(
+        ClientDPError, match=r"^update 1 names \['a.weight', 'b.weight', 'c.weight'\] that the others do not$"
+    ):
+        noisy_mean([{B: torch.zeros(1)}, {n: torch.zeros(1) for n in [B, *names]}], noise_multiplier=0.0,
+                   clip_norm=1.0, expected_clients=1.0)  # fmt: skip

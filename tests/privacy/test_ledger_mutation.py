@@ -186,7 +186,11 @@ def test_rounds_strictly_increase_within_a_run_but_runs_are_independent():
     a1, a2 = LedgerEntry(1, 1.0, 0.1, 1, run="a"), LedgerEntry(2, 1.0, 0.1, 1, run="a")
     b1 = LedgerEntry(1, 1.0, 0.1, 1, run="b")
     assert ledger(a1, a2, b1).rounds == [1, 2, 1]
-    with pytest.raises(LedgerError, match=r"ledger of 'c0': round 1 follows round 2 in run 'a'; rounds must"):
+    with pytest.raises(
+        LedgerError,
+        match=r"^ledger of 'c0': round 1 follows round 2 in run 'a'; rounds must strictly increase within a "
+        r"run \(record each round once, after its update is released\)$",
+    ):
         ledger(a2, b1, a1)
     with pytest.raises(LedgerError, match="round 2 follows round 2 in run 'a'"):
         ledger(a1, a2).append(a2)

@@ -64,6 +64,8 @@ def test_average_named_casts_to_like_or_to_the_first_state():
     out = average_named(states, torch.tensor([0.5, 0.5]), [H, "x"], {H: torch.zeros(1, dtype=torch.bfloat16)})
     assert out[H].dtype == torch.bfloat16 and out[H].tolist() == [2.0]
     assert out["x"].dtype == torch.float32 and out["x"].tolist() == [3.0]
+    single = average_named([{"y": torch.tensor([2.0], dtype=torch.float16)}], torch.tensor([1.0]), ["y"], {})
+    assert single["y"].dtype == torch.float16 and single["y"].tolist() == [2.0]
     with pytest.raises(StrategyError, match=r"^client results \[1\] lack tensor 'y'$"):
         average_named([{"y": torch.ones(1)}, {}], torch.tensor([0.5, 0.5]), ["y"], {})
 
@@ -207,6 +209,7 @@ def test_ranked_strategy_lifecycle_messages_and_state_dict():
 
 
 def test_wrapper_delegates_every_hook_to_the_inner_method():
+    assert StrategyWrapper(create("fedit")).dp_tensors == "all"
     inner = create("flora")
     w = StrategyWrapper(inner)
     assert w.name == "flora" and w.dp_tensors == inner.dp_tensors
