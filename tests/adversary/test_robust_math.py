@@ -345,3 +345,9 @@ def test_aggregate_checked_restores_strategy_state_when_rolling_back():
     assert new is state and offenders == [1, 2]
     after = flora.state_dict()
     assert after["rounds"] == before["rounds"] and after.keys() == before.keys()
+
+
+def test_a_single_kept_result_is_never_clipped_even_below_bound_one():
+    sent = {1: {B: torch.zeros(1, 1)}}
+    out = bound_updates([_b_result(1, 4.0)], sent, bound=0.5, max_norm=1e9, max_abs=1e9)
+    assert out.clipped == [] and float(out.results[0].state[B]) == 4.0
