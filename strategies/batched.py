@@ -29,7 +29,7 @@ from strategies.common import StrategyError, average_rest, result_pairs
 SMALL_WORK = 1 << 24
 # Upper bound on the bytes of stacked client factors aggregated at once; bounds peak memory
 # (7B shape: 10 clients x 128 modules x 512 KiB = 640 MiB would otherwise be copied in one go).
-MAX_BATCH_BYTES = 64 << 20
+MAX_BATCH_BYTES = 32 << 20
 
 T = TypeVar("T")
 
@@ -65,18 +65,21 @@ def thread_policy(work: int) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def map_chunks(fn: Callable[[int, int], T], total: int, chunk: int, work: int) -> list[T]:
-    """Return ``[fn(lo, hi) for each chunk [lo, hi) of range(total)]``, in order, in parallel when large.
+def map_chunks(fn: Callable[[int, int], T], total: int, chunk: int, workers: int) -> list[T]:
+    """Return ``[fn(lo, hi) for each chunk [lo, hi) of range(total)]``, in order, on ``workers`` threads.
 
-    For work that is a long series of small calls (LoRA-FAIR's Adam steps: elementwise passes
-    over d_out x r), OpenMP threads inside each call cost more in wake-ups than they save, but
-    independent chunks on separate Python threads (one torch thread each; torch releases the GIL
-    inside its kernels) never wait on each other. The worker count is
-    :func:`policy_threads` ``(work)``: one (a plain loop) for small work or a busy machine. The
-    result does not depend on the worker count: each chunk is computed the same way.
+    Modules are independent, so the parallelism that scales here is across them: chunks run on
+    separate Python threads with one torch thread each (torch releases the GIL inside its
+    kernels), and never wait on each other. OpenMP threads inside each call instead meet at a
+    barrier after every call: for LoRA-FAIR's thousands of small elementwise passes that costs
+    more than it saves, and on a busy machine a barrier waits for a descheduled thread (measured:
+    a batched 4096 x 160 QR 5x slower on 2 busy cores than on 1). Pass ``workers =``
+    :func:`policy_threads` ``(work)``; with one worker the chunks run in a plain loop on one
+    thread. Each chunk is computed the same way whatever ``workers`` is, so results do not
+    depend on it.
     """
-    bounds = [(lo, min(lo + chunk, total)) for lo in range(0, total, chunk)]
-    workers = min(policy_threads(work), len(bounds))
+    bounds = [(lo, min(lo + chunk, total)) for lo in range(0, total, max(1, chunk))]
+    workers = min(workers, len(bounds))
     if workers <= 1:
         with thread_policy(0):
             return [fn(lo, hi) for lo, hi in bounds]
@@ -255,11 +258,13 @@ def aggregate_modules(
     out: dict[str, LoraPair] = {}
     for batch in module_batches(global_pairs, client_pairs, dtype, max_bytes):
         new_a, new_b = fn(batch)
-        for i, module in enumerate(batch.modules):
-            g = global_pairs[module]
-            out[module] = LoraPair(
-                a=new_a[i].to(g.a.dtype, copy=True, memory_format=torch.contiguous_format),
-                b=new_b[i].to(g.b.dtype, copy=True, memory_format=torch.contiguous_format),
-            )
-    new = join_state(out, average_rest([r.state for r in results], rest_weights, state))
+        with thread_policy(0):  # copies: memory-bound, extra threads only contend
+            for i, module in enumerate(batch.modules):
+                g = global_pairs[module]
+                out[module] = LoraPair(
+                    a=new_a[i].to(g.a.dtype, copy=True, memory_format=torch.contiguous_format),
+                    b=new_b[i].to(g.b.dtype, copy=True, memory_format=torch.contiguous_format),
+                )
+    with thread_policy(0):
+        new = join_state(out, average_rest([r.state for r in results], rest_weights, state))
     return {k: new[k] for k in state}

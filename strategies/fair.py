@@ -23,7 +23,7 @@ import torch
 
 from fedlora.adapters import AdapterState, LoraPair
 from strategies.base import ClientResult
-from strategies.batched import ModuleBatch, aggregate_modules, map_chunks, thread_policy
+from strategies.batched import ModuleBatch, aggregate_modules, map_chunks, policy_threads
 from strategies.common import check_number, example_weights, require_uniform
 from strategies.fedit import FedIT
 from strategies.registry import register
@@ -126,26 +126,28 @@ def correct_batch(
     tiny = _TINY if dtype == torch.float64 else torch.finfo(dtype).tiny
     n_mod, d_out, r = b_bar.shape
     n = d_out * r
-    z = torch.zeros(4, n_mod, n, dtype=dtype)  # rows m, C, dB gram_a, dB; per module z_rows is 4 x n
-    z[0] = m.reshape(n_mod, n)
-    torch.bmm(b_bar, gram_a, out=z[1].view(n_mod, d_out, r))
-    z_rows = z.permute(1, 0, 2)  # M x 4 x n (a strided view: no copy)
-    d_b, d_b_gram = z[3].view(n_mod, d_out, r), z[2].view(n_mod, d_out, r)
-    d_b_col, d_b_row = z[3].unsqueeze(-1), z[3].unsqueeze(1)  # M x n x 1, M x 1 x n
+    z_rows = torch.zeros(n_mod, 4, n, dtype=dtype)  # per module the rows m, C, dB gram_a, dB
+    z_rows[:, 0] = m.reshape(n_mod, n)
+    c_mat = torch.bmm(b_bar, gram_a)  # C = B_bar gram_a
+    z_rows[:, 1] = c_mat.reshape(n_mod, n)
+    d_b, d_b_gram = z_rows[:, 3].view(n_mod, d_out, r), z_rows[:, 2].view(n_mod, d_out, r)
+    d_b_col, d_b_row = z_rows[:, 3].unsqueeze(-1), z_rows[:, 3].unsqueeze(1)  # M x n x 1, M x 1 x n
     # per-module scalars in float64 Python arithmetic (a step's few dozen of them cost less so
     # than as tensor ops): <B_bar, m>, <B_bar, C>, ||delta_W||^2
-    c_inner, c_q = _vdot(b_bar, m).tolist(), _vdot(b_bar, z[1]).tolist()
+    c_inner, c_q = _vdot(b_bar, m).tolist(), _vdot(b_bar, c_mat).tolist()
     norm_sq = [x * x for x in norm_w.tolist()]
     mom = torch.zeros(n_mod, 1, n, dtype=dtype)
     var = torch.zeros(n_mod, 1, n, dtype=dtype)  # Adam's second moment divided by beta2^t
     buf = torch.empty(n_mod, 1, n, dtype=dtype)  # the gradient, then Adam's denominator
     best, best_loss = torch.zeros_like(b_bar), [math.inf] * n_mod
+    best_views, d_b_views = list(best), list(d_b)  # per-module views, made once
     w = torch.zeros(n_mod, 1, 4, dtype=dtype)  # gradient = w z per module
+    w_np = w.numpy()  # the same memory: per-step coefficients are written without tensor ops
+    w_np[:, 0, 3] = 2.0 * lam
     for t in range(1, steps + 2):  # the last pass only evaluates the final iterate
         torch.bmm(d_b, gram_a, out=d_b_gram)
         # M x 4: <dB, m>, <dB, C>, <dB, dB gram_a>, <dB, dB>
-        red = torch.bmm(z_rows, d_b_col)[..., 0].tolist()
-        coeffs = []
+        red = torch.bmm(z_rows, d_b_col).view(n_mod, 4).tolist()
         for i, (r_m, r_c, r_g, r_d) in enumerate(red):
             inner = c_inner[i] + r_m  # <B, m>
             q = max(c_q[i] + 2.0 * r_c + r_g, 0.0)  # ||B A_bar||^2
@@ -153,13 +155,12 @@ def correct_batch(
             loss = 1.0 - inner / den + lam * r_d
             if loss < best_loss[i]:
                 best_loss[i] = loss
-                best[i].copy_(d_b[i])
+                best_views[i].copy_(d_b_views[i])
             # grad = -m / den + coef (C + dB gram_a) + 2 lam dB, coef = <B, m> / (q den), 0 if q = 0
             coef = inner / (q * den) if q > 0.0 else 0.0
-            coeffs.append([[-1.0 / den, coef, coef, 2.0 * lam]])
+            w_np[i, 0, :3] = (-1.0 / den, coef, coef)
         if t > steps:
             break
-        w.copy_(torch.tensor(coeffs, dtype=dtype))
         torch.bmm(w, z_rows, out=buf)  # the gradient
         mom.lerp_(buf, 1.0 - beta1)
         # Adam's v_t = beta2 v + (1 - beta2) g^2 kept as v_t / beta2^t: one pass instead of two
@@ -193,35 +194,39 @@ def fair_batch(
 
     ``A_bar`` and ``B_bar`` are averaged in float64 exactly as FedIT does (so zero steps give
     FedIT's values); the correction runs in the batch's dtype. Modules whose ideal update is
-    zero keep ``B_bar``.
+    zero keep ``B_bar``. Modules are processed a few at a time (their ~10 working d_out x r
+    tensors stay in cache), on parallel workers when the work is large and the machine has idle
+    cores (:func:`~strategies.batched.map_chunks`).
     """
-    dtype = batch.prev_a.dtype
     d_out, d_in, r = batch.prev_b.shape[-2], batch.prev_a.shape[-1], batch.rank
-    b_cat, a_cat = batch.b_cat, batch.a_cat  # M x d_out x (K r), M x (K r) x d_in: unweighted
-    kr = a_cat.shape[-2]
-    # (K r,): delta_W = B_cat diag(cw) A_cat
-    cw = torch.repeat_interleave(weights.to(dtype), torch.tensor(batch.ranks))
-    a_bar64 = fedit_mean(batch.a, weights)  # M x r x d_in
-    b_bar64 = fedit_mean([batch.bt_cat[:, i * r : (i + 1) * r] for i in range(len(batch.ranks))], weights).mT
+    kr = batch.a_cat.shape[-2]
+    chunk = max(1, ADAM_CACHE_BYTES // (10 * d_out * r * batch.a_cat.element_size()))
+    per_module = max(d_out, d_in) * kr * kr + steps * d_out * r * r  # Gram matrices + Adam steps
+    workers = policy_threads(len(batch.modules) * per_module)
+    pieces = map_chunks(
+        lambda lo, hi: _fair_chunk(batch, lo, hi, weights, lam, steps, lr), len(batch.modules), chunk, workers
+    )
+    return torch.cat([a for a, _ in pieces]), torch.cat([b for _, b in pieces])
+
+
+def _fair_chunk(
+    batch: ModuleBatch, lo: int, hi: int, weights: torch.Tensor, lam: float, steps: int, lr: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return :func:`fair_batch`'s ``(A_bar, B_bar + dB)`` for modules ``lo:hi`` of ``batch``."""
+    dtype, r = batch.prev_a.dtype, batch.rank
+    a_cat, bt_cat = batch.a_cat[lo:hi], batch.bt_cat[lo:hi]  # M x (K r) x d_in, M x (K r) x d_out
+    b_cat = bt_cat.mT  # M x d_out x (K r); delta_W = B_cat diag(cw) A_cat, unweighted factors
+    cw = torch.repeat_interleave(weights.to(dtype), torch.tensor(batch.ranks))  # (K r,)
+    a_bar64 = fedit_mean([a_cat[:, i * r : (i + 1) * r] for i in range(len(batch.ranks))], weights)
+    b_bar64 = fedit_mean([bt_cat[:, i * r : (i + 1) * r] for i in range(len(batch.ranks))], weights).mT
     a_bar, b_bar = a_bar64.to(dtype), b_bar64.to(dtype).contiguous()  # b_bar: M x d_out x r
-    with thread_policy(max(d_out, d_in) * kr * kr):
-        norm_w = weighted_gram_norm(b_cat, a_cat, cw)  # (M,)
-        m = b_cat @ (cw[:, None] * (a_cat @ a_bar.mT))  # M x d_out x r
-        gram_a = a_bar @ a_bar.mT  # M x r x r
+    norm_w = weighted_gram_norm(b_cat, a_cat, cw)  # (M,)
     active = norm_w > 0.0
     if steps == 0 or math.isinf(lam) or not bool(active.any()):
         return a_bar64, b_bar64
-    # The Adam loop is elementwise work on d_out x r: it runs on one thread, a few modules at a
-    # time so its ~10 working tensors stay in cache (measured: 1 module at a time is ~3x faster per
-    # module than 4, and 2 threads are slower than 1).
-    chunk = max(1, ADAM_CACHE_BYTES // (10 * d_out * r * b_bar.element_size()))
-    pieces = map_chunks(
-        lambda lo, hi: correct_batch(m[lo:hi], gram_a[lo:hi], norm_w[lo:hi], b_bar[lo:hi], lam, steps, lr),
-        len(m),
-        chunk,
-        work=steps * len(m) * d_out * r * r,
-    )
-    d_b = torch.cat(pieces)
+    m = b_cat @ (cw[:, None] * (a_cat @ a_bar.mT))  # M x d_out x r
+    gram_a = a_bar @ a_bar.mT  # M x r x r
+    d_b = correct_batch(m, gram_a, norm_w, b_bar, lam, steps, lr)
     d_b[~active] = 0.0
     return a_bar64, b_bar + d_b
 

@@ -32,7 +32,14 @@ import torch
 
 from fedlora.adapters import AdapterState, LoraPair
 from strategies.base import ClientResult
-from strategies.batched import ModuleBatch, aggregate_modules, compute_dtype, thread_policy
+from strategies.batched import (
+    ModuleBatch,
+    aggregate_modules,
+    compute_dtype,
+    map_chunks,
+    policy_threads,
+    thread_policy,
+)
 from strategies.common import example_weights
 from strategies.ranked import RankedStrategy
 from strategies.registry import register
@@ -191,10 +198,18 @@ def flexlora_batch(
     scale = torch.repeat_interleave(coeffs.to(torch.float64), torch.tensor(batch.ranks))  # (m,)
     d_small, m = min(b_cat.shape[-2], a_cat.shape[-1]), b_cat.shape[-1]
     d = max(b_cat.shape[-2], a_cat.shape[-1])
-    with thread_policy(d * m * m):  # Gram products or QRs dominate: ~d m^2 multiply-adds per module
-        if GRAM_RATIO * m <= d_small:
-            u, s, vh = gram_top_svd(b_cat, a_cat, rank, scale)
-        else:
+    if GRAM_RATIO * m <= d_small:
+        # Gram products dominate (~2 d m^2 multiply-adds per module): modules on parallel workers
+        workers = policy_threads(len(batch.modules) * d * m * m)
+        parts = map_chunks(
+            lambda lo, hi: gram_top_svd(b_cat[lo:hi], a_cat[lo:hi], rank, scale),
+            len(batch.modules),
+            -(-len(batch.modules) // workers),
+            workers,
+        )
+        u, s, vh = (torch.cat(x) for x in zip(*parts, strict=True))
+    else:
+        with thread_policy(d * m * m):  # the QRs dominate: ~d m^2 multiply-adds per module
             u, s, vh = factored_svd(b_cat * scale.to(b_cat.dtype), a_cat, top=rank)
     k = s.shape[-1]
     a_g = vh  # M x k x d_in
