@@ -44,6 +44,42 @@ def scenario(num_clients: int, out_dir: Path) -> RunConfig:
     return with_overrides(load_toml(DEFAULT_SCENARIO), overrides)
 
 
+def table(runs: dict[str, dict[str, Any]]) -> str:
+    """Return the Markdown table of measured runs (client count -> ``metering.summarize`` result)."""
+    from benchmarks.harness import markdown_table
+
+    rows = []
+    for n, r in runs.items():
+        gaps = r["round_seconds"]
+        rows.append(
+            [
+                int(n),
+                r["clients_per_round"][-1],
+                r["examples_per_client"],
+                gaps[0],
+                min(gaps[1:]) if len(gaps) > 1 else "-",
+                r["startup_seconds"],
+                round(sum(q["seconds"] for q in r["query_calls"]), 1),
+                r["peak_rss_mib"],
+                " / ".join(str(m) for m in r["rss_after_round_mib"]),
+                " / ".join(str(m) for m in r["driver_rss_after_round_mib"]),
+            ]
+        )
+    header = [
+        "virtual clients",
+        "sampled per round",
+        "examples per client",
+        "round 1 s (loads the base into the worker)",
+        "later rounds s (min)",
+        "start-up s",
+        "of which querying every node s",
+        "peak RSS MiB (driver + Ray)",
+        "RSS after each round MiB",
+        "of which driver MiB",
+    ]
+    return markdown_table(header, rows)
+
+
 def run(quick: bool) -> tuple[dict[str, Any], str]:
     """Harness entry (see the module docstring)."""
     from benchmarks.baselines.metering import run_isolated
@@ -61,19 +97,7 @@ def run(quick: bool) -> tuple[dict[str, Any], str]:
             )
             continue
         r = run_isolated("fedlora", cfg, work / f"n{n}", timeout=900)
-        runs[str(n)] = r
-        rows.append(
-            [
-                n,
-                cfg.federation.clients_per_round,
-                f"{min(sizes)}-{max(sizes)}",
-                r["seconds_per_round_min"],
-                r["seconds_per_round_median"],
-                r["startup_seconds"],
-                r["peak_rss_mib"],
-                r["rss_after_round_mib"][-1],
-            ]
-        )
+        runs[str(n)] = {**r, "examples_per_client": f"{min(sizes)}-{max(sizes)}"}
     if quick:
         header = ["virtual clients", "sampled per round", "examples per client", "result"]
         return {"quick_only": True, "scenario": SCENARIO, "machine": machine()}, markdown_table(header, rows)
@@ -84,14 +108,4 @@ def run(quick: bool) -> tuple[dict[str, Any], str]:
         "peak_rss_ratio_largest_to_smallest": round(peaks[-1] / peaks[0], 3),
         "machine": machine(),
     }
-    header = [
-        "virtual clients",
-        "sampled per round",
-        "examples per client",
-        "s/round (min)",
-        "s/round (median)",
-        "start-up s",
-        "peak RSS MiB (driver + Ray)",
-        "RSS after last round MiB",
-    ]
-    return result, markdown_table(header, rows)
+    return result, table(runs)

@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import psutil
 from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -105,6 +106,7 @@ class MeterGrid(Grid):
                 "bytes_up": sum(message_bytes(m) for m in replies),
                 "metrics": [{"node": m.metadata.src_node_id, **reply_metrics(m)} for m in replies],
                 "rss_after": tree_rss(),
+                "rss_driver_after": psutil.Process().memory_info().rss,
             }
         )
         return replies
@@ -132,6 +134,7 @@ def summarize(calls: list[dict[str, Any]], t_start: float, t_end: float, peak_rs
         "clients_per_round": [c["replies"] for c in rounds],
         "errors": sum(c["errors"] for c in calls),
         "rss_after_round_mib": [round(r / 2**20) for r in rss],
+        "driver_rss_after_round_mib": [round(c.get("rss_driver_after", 0) / 2**20) for c in rounds],
         "rss_growth_per_client_round_mib": round((rss[-1] - rss[0]) / 2**20 / later_client_rounds, 1)
         if later_client_rounds
         else None,
@@ -140,7 +143,7 @@ def summarize(calls: list[dict[str, Any]], t_start: float, t_end: float, peak_rs
         "query_calls": [
             {"messages": c["messages"], "seconds": round(c["end"] - c["start"], 2)}
             for c in calls
-            if not c["type"].startswith("train")
+            if c["messages"] and not c["type"].startswith("train")
         ],
     }
 
