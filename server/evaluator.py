@@ -22,12 +22,12 @@ from fedlora.models import (
     merged_into_base,
 )
 from fedlora.train import EvalResult, evaluate, resolve_device
+from server.outputs import SAMPLES_FILE
 
 #: Held-out causal-LM examples answered by greedy generation at every evaluation (exact-match).
 GENERATE_LIMIT = 64
 #: Of those, how many (instruction, reference, answer) rows go to ``samples.jsonl`` per round.
 SAMPLES_PER_ROUND = 8
-SAMPLES_FILE = "samples.jsonl"
 
 
 class ServerModel:

@@ -17,6 +17,9 @@ from typing import Any
 from fedlora.atomic import FILE_MODE, atomic_write_text, private_dir
 from fedlora.config import RunConfig, to_toml
 
+#: Generation samples per evaluated round (causal LM), written by ``server.evaluator``.
+SAMPLES_FILE = "samples.jsonl"
+
 
 def default_run_dir() -> Path:
     """Return ``runs/<timestamp>`` (local time, seconds resolution)."""
@@ -96,15 +99,16 @@ class RunOutputs:
         return row
 
     def truncate_after(self, last_round: int) -> None:
-        """Drop metric lines of rounds after ``last_round`` (a resumed run redoes them)."""
-        if not self.metrics_path.exists():
-            return
-        keep = [
-            line
-            for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("round", 0) <= last_round
-        ]
-        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in keep))
+        """Drop metric and sample lines of rounds after ``last_round`` (a resumed run redoes them)."""
+        for path in (self.metrics_path, self.dir / SAMPLES_FILE):
+            if not path.exists():
+                continue
+            keep = [
+                line
+                for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("round", 0) <= last_round
+            ]
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
