@@ -389,7 +389,7 @@ class ServerRun:
         row = self.out.log_round(record)
         private_tree(self.run_dir)  # this round's ledger files included
         if evaluate or record.round > 0:
-            print(progress_line(row, self.cfg.federation.num_rounds), flush=True)
+            print(progress_line(row, self.cfg.federation.num_rounds, self.cfg.model.task), flush=True)
         return row
 
     def _finish(self, state: AdapterState) -> None:

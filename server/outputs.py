@@ -116,13 +116,34 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def progress_line(rec: Mapping[str, Any], num_rounds: int) -> str:
-    """Render one global metrics record as a progress line."""
-    loss, acc, test_loss = rec.get("train_loss"), rec.get("test_accuracy"), rec.get("test_loss")
+def _num(value: float | None, width: int = 5) -> str:
+    return "-".center(width) if value is None else f"{value:.3f}"
+
+
+def score_text(rec: Mapping[str, Any], task: str = "classification") -> str:
+    """Return the held-out score of a metrics row, named for what it is.
+
+    Classification: ``test acc`` (label accuracy). Causal LM: ``exact match`` (greedy answers
+    equal to the reference), ``token acc`` (next-token accuracy on the reference responses, what
+    ``test_accuracy`` holds there) and ``ppl`` (response perplexity).
+    """
+    acc = rec.get("test_accuracy")
+    if task != "causal-lm":
+        return f"test acc {_num(acc)}"
+    ppl = rec.get("test_perplexity")
+    return (
+        f"exact match {_num(rec.get('test_exact_match'))}  token acc {_num(acc)}  "
+        f"ppl {'  -  ' if ppl is None else f'{ppl:.2f}'}"
+    )
+
+
+def progress_line(rec: Mapping[str, Any], num_rounds: int, task: str = "classification") -> str:
+    """Render one global metrics record as a progress line (``task``: the run's ``model.task``)."""
+    loss, test_loss = rec.get("train_loss"), rec.get("test_loss")
     return (
         f"round {rec['round']:>3}/{num_rounds}  "
         f"train loss {'   -  ' if loss is None else f'{loss:6.3f}'}  "
-        f"test acc {'  -  ' if acc is None else f'{acc:.3f}'}  "
+        f"{score_text(rec, task)}  "
         f"test loss {'  -  ' if test_loss is None else f'{test_loss:.3f}'}  "
         f"clients {rec.get('clients_ok', 0)}/{rec.get('clients_sampled', 0)}  "
         f"up {rec.get('bytes_up', 0) / 1e6:6.2f} MB  down {rec.get('bytes_down', 0) / 1e6:6.2f} MB  "

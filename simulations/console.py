@@ -246,8 +246,44 @@ def _privacy_line(run_dir: Path) -> str:
     return f"ε ≤ {worst:.2f} at δ = {clients[0]['delta']:g} (largest of {len(clients)}, {acc.upper()})"
 
 
+def _score_rows(scored: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Return the summary's score rows for the evaluated rounds ``scored`` (may be empty).
+
+    Classification runs report label accuracy. Causal-LM runs (rows with ``test_exact_match``)
+    report exact match of the greedy answers, and next-token accuracy and perplexity of the
+    reference responses, each named so: their ``test_accuracy`` is token accuracy, not a task score.
+    """
+    if not scored:
+        return []
+    final, first = scored[-1], scored[0]
+    if "test_exact_match" not in final:
+        best = max(scored, key=lambda r: r["test_accuracy"])
+        out = [
+            ("final test accuracy", f"{final['test_accuracy']:.3f}  (loss {final['test_loss']:.3f})"),
+            ("best test accuracy", f"{best['test_accuracy']:.3f}  (round {best['round']})"),
+        ]
+        if first["round"] == 0:
+            out.append(("round 0 (initial adapter)", f"{first['test_accuracy']:.3f}"))
+        return out
+
+    def causal(row: dict[str, Any]) -> str:
+        return (
+            f"exact match {row['test_exact_match']:.3f}, token accuracy {row['test_accuracy']:.3f}, "
+            f"perplexity {row['test_perplexity']:.2f}"
+        )
+
+    best = max(scored, key=lambda r: r["test_exact_match"])
+    out = [
+        ("final (held-out)", causal(final)),
+        ("best exact match", f"{best['test_exact_match']:.3f}  (round {best['round']})"),
+    ]
+    if first["round"] == 0:
+        out.append(("round 0 (base model)", causal(first)))
+    return out
+
+
 def summary_table(run_dir: Path, seconds: float) -> Table:
-    """Return the end-of-run table: accuracy, bytes, ε and where the results are."""
+    """Return the end-of-run table: held-out scores, bytes, ε and where the results are."""
     rows = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "global"]
     table = Table(title="fedlora simulate: summary", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -255,13 +291,8 @@ def summary_table(run_dir: Path, seconds: float) -> Table:
     scored = [r for r in rows if r.get("test_accuracy") is not None]  # output.eval_every / eval_initial
     if rows:
         table.add_row("rounds", f"{rows[-1]['round']} in {seconds:.0f} s")
-    if scored:
-        final = scored[-1]
-        best = max(scored, key=lambda r: r["test_accuracy"])
-        table.add_row("final test accuracy", f"{final['test_accuracy']:.3f}  (loss {final['test_loss']:.3f})")
-        table.add_row("best test accuracy", f"{best['test_accuracy']:.3f}  (round {best['round']})")
-        if scored[0]["round"] == 0:
-            table.add_row("round 0 (initial adapter)", f"{scored[0]['test_accuracy']:.3f}")
+    for name, row in _score_rows(scored):
+        table.add_row(name, row)
     if rows:
         up = sum(_bytes(r, "bytes_up") for r in rows)
         down = sum(_bytes(r, "bytes_down") for r in rows)
