@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a SuperNode with a warm worker that keeps the base model loaded across rounds.",
     )
     p.add_argument("--superlink", required=True, help="host:port of the SuperLink")
-    p.add_argument("--state-dir", type=Path, required=True, help="node's directory: ledger, worker socket")
+    p.add_argument("--state-dir", type=Path, required=True, help="node's directory: ledger, SuperExec secret")
     p.add_argument("--root-certificates", type=Path, help="CA certificate of the SuperLink (TLS)")
     p.add_argument("--auth-supernode-private-key", type=Path, help="node authentication key (OpenSSH)")
     p.add_argument("--insecure", action="store_true", help="plain HTTP (local experiments only)")
@@ -207,6 +207,14 @@ def write_secret(path: Path) -> Path:
 def node_main(argv: list[str] | None = None) -> int:
     """Run ``fedlora node``; return the SuperNode's exit code (2 for a usage error)."""
     args, passthrough = build_parser().parse_known_args(argv)
+    own = [a for a in passthrough if a.split("=")[0] in ("--isolation", "--superexec-auth-secret-file")]
+    if own:
+        print(
+            f"fedlora node: error: {own[0].split('=')[0]} is set by fedlora node itself (process isolation "
+            "with its worker); drop it, or pass --no-worker for Flower's subprocess isolation",
+            file=sys.stderr,
+        )
+        return 2
     state_dir = args.state_dir.resolve()
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

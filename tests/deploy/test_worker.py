@@ -232,3 +232,11 @@ def test_a_worker_that_ran_for_a_while_is_restarted_not_replaced(tmp_path, monke
     runner = NodeRunner(supernode, worker_cmd, fallback, backoff=(0.01, 0.02))
     assert runner.run() == 0
     assert "F" not in starts.read_text() and runner.restarts >= 4
+
+
+def test_fedlora_node_refuses_flags_it_sets_itself(tmp_path, capsys):
+    from fedlora.deploy.node import node_main
+
+    argv = ["--superlink", "127.0.0.1:1", "--state-dir", str(tmp_path / "s"), "--isolation", "subprocess"]
+    assert node_main(argv) == 2
+    assert "--isolation is set by fedlora node itself" in capsys.readouterr().err
