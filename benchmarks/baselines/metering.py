@@ -8,7 +8,9 @@ the replies are in. From those records :func:`summarize` derives what the benchm
 
 * **seconds per round**: the time between the starts of consecutive train rounds (client
   training, aggregation, central evaluation and checkpointing of one round), so the start-up
-  (Ray, imports, querying the nodes) is left out and reported separately;
+  (Ray, imports, querying the nodes) is left out and reported separately; also the **CPU
+  seconds** the process tree (driver + Ray workers) spent in that interval, which other jobs on a
+  shared machine hardly disturb;
 * **bytes per round**: down + up of one round's train messages;
 * **memory**: peak tree RSS over the run (sampled every 0.25 s) and its growth per client-round
   between the end of the first and of the last round.
@@ -60,6 +62,23 @@ def reply_metrics(msg: Message) -> dict[str, float]:
     }
 
 
+def tree_cpu_seconds() -> float:
+    """Return the CPU time (user + system, seconds) of this process and its live descendants.
+
+    Unlike wall time it hardly changes when other jobs share the cores, so it measures the work a
+    round costs on a busy machine (Ray's workers are descendants of the driver).
+    """
+    total = 0.0
+    proc = psutil.Process()
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 class MeterGrid(Grid):
     """A ``Grid`` that records every ``send_and_receive`` (see the module docstring) in ``calls``."""
 
@@ -91,6 +110,7 @@ class MeterGrid(Grid):
     ) -> Iterable[Message]:
         """Send through the wrapped grid and record the call."""
         msgs = list(messages)
+        cpu0 = tree_cpu_seconds()
         t0 = time.perf_counter()
         replies = list(self.inner.send_and_receive(msgs, timeout=timeout))
         t1 = time.perf_counter()
@@ -98,6 +118,7 @@ class MeterGrid(Grid):
             {
                 "type": msgs[0].metadata.message_type if msgs else "",
                 "start": t0,
+                "cpu_start": cpu0,
                 "end": t1,
                 "messages": len(msgs),
                 "replies": len(replies),
@@ -119,6 +140,8 @@ def summarize(calls: list[dict[str, Any]], t_start: float, t_end: float, peak_rs
         raise RuntimeError("the run sent no train messages; see its log")
     starts = [c["start"] for c in rounds]
     gaps = [b - a for a, b in itertools.pairwise(starts)]
+    cpu = [c.get("cpu_start", 0.0) for c in rounds]
+    cpu_gaps = [b - a for a, b in itertools.pairwise(cpu)]
     rss = [c["rss_after"] for c in rounds]
     later_client_rounds = sum(c["replies"] for c in rounds[1:])
     return {
@@ -126,6 +149,8 @@ def summarize(calls: list[dict[str, Any]], t_start: float, t_end: float, peak_rs
         "round_seconds": [round(g, 2) for g in gaps],
         "seconds_per_round_min": round(min(gaps), 2) if gaps else None,
         "seconds_per_round_median": round(statistics.median(gaps), 2) if gaps else None,
+        "round_cpu_seconds": [round(g, 2) for g in cpu_gaps],
+        "cpu_seconds_per_round_min": round(min(cpu_gaps), 2) if cpu_gaps else None,
         "startup_seconds": round(starts[0] - t_start, 1),
         "wall_seconds": round(t_end - t_start, 1),
         "bytes_per_round": [c["bytes_down"] + c["bytes_up"] for c in rounds],

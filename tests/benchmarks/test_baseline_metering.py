@@ -14,6 +14,7 @@ def _call(kind: str, start: float, replies: int, down: int, up: int, rss_mib: in
     return {
         "type": kind,
         "start": start,
+        "cpu_start": 1.5 * start,  # the tree spends 1.5 CPU seconds per wall second
         "end": start + 1.0,
         "messages": replies,
         "replies": replies,
@@ -36,6 +37,7 @@ def test_summarize_rounds_bytes_and_memory_growth():
     assert out["rounds"] == 3
     assert out["round_seconds"] == [3.0, 4.0]  # between the starts of consecutive rounds
     assert out["seconds_per_round_min"] == 3.0 and out["seconds_per_round_median"] == 3.5
+    assert out["round_cpu_seconds"] == [4.5, 6.0] and out["cpu_seconds_per_round_min"] == 4.5
     assert out["startup_seconds"] == 5.0  # up to the first train round; queries included
     assert out["bytes_per_round"] == [440, 440, 220]
     # 100 MiB more after round 3 than after round 1, over the 4 + 2 client-rounds in between
