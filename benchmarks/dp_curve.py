@@ -1,52 +1,59 @@
 """Epsilon vs accuracy of ``simulations/dp.toml``: record-level DP that learns.
 
-Runs ``fedlora simulate --config simulations/dp.toml`` without DP and at each target epsilon
-(whole run, delta 1e-5, PRV accountant; the clients calibrate the noise once per run) and reports
-the final held-out accuracy next to the frozen-base linear probe (``benchmarks/results/
-linear_probe.json``). Targets (issue 10): epsilon 8 within 15 points of the non-DP run, epsilon 3
-clearly above the probe. ``--quick`` only loads the scenario and prints the calibrated noise
-multipliers (no simulation).
+Runs the scenario without DP and at each target epsilon (whole run, delta 1e-5, PRV accountant;
+the clients calibrate the noise once per run) with the in-process driver
+(:mod:`benchmarks.quality_driver`: the server loop, ClientApp, Opacus DP-SGD and ledgers of
+``fedlora simulate``, without Ray's start-up), and reports the held-out accuracy per round next
+to the frozen-base linear probe (``benchmarks/results/linear_probe.json``). Targets (issue 10):
+epsilon 8 within 15 points of the non-DP run, epsilon 3 clearly above the probe.
+``--quick`` runs a two-client, one-round, one-step DP federation on 8 test examples (seconds):
+a smoke test of the path, its numbers mean nothing.
 
-    flock /tmp/fedlora-heavy.lock python -m benchmarks dp_curve     # 4 simulations
+    flock /tmp/fedlora-heavy.lock python -m benchmarks dp_curve     # 3 federated runs
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import RESULTS_DIR, machine, markdown_table
+from benchmarks.quality_driver import run_federated
 from fedlora.config import RunConfig, load_toml, with_overrides
 from fedlora.privacy.calibrate import calibrate_noise_multiplier
 
 SCENARIO = Path(__file__).resolve().parent.parent / "simulations" / "dp.toml"
-EPSILONS = (None, 8.0, 3.0, 1.0)  # None: the same scenario without DP
+EPSILONS: tuple[float | None, ...] = (None, 8.0, 3.0)  # None: the same scenario without DP
+QUICK = {
+    "data.num_train": 40,
+    "data.num_test": 8,
+    "model.max_length": 16,
+    "train.batch_size": 4,
+    "train.local_steps": 1,
+    "federation.num_clients": 2,
+    "federation.num_rounds": 1,
+    "data.local_val_fraction": 0.1,  # an empty local validation set breaks the client round
+    "privacy.accountant": "rdp",
+}
 
 
 def planned_sigma(cfg: RunConfig, epsilon: float) -> float:
-    """Return the noise multiplier one client calibrates for ``epsilon`` (IID equal shares)."""
+    """Return the noise multiplier one IID client calibrates for ``epsilon`` over the whole run."""
     per_client = cfg.data.num_train // cfg.federation.num_clients
-    q = min(1.0, cfg.train.batch_size / per_client)
+    local = per_client - int(per_client * cfg.data.local_val_fraction)
+    q = min(1.0, cfg.train.batch_size / local)
     steps = cfg.federation.num_rounds * cfg.train.local_steps
     return calibrate_noise_multiplier(epsilon, cfg.privacy.delta, q, steps, cfg.privacy.accountant)
 
 
-def final_accuracy(cfg: RunConfig) -> float:
-    """Run one simulation and return its last round's held-out accuracy."""
-    from server.outputs import read_metrics
-    from simulations.runner import simulate
-
-    out = Path(tempfile.mkdtemp(prefix="fedlora-dpcurve-"))
-    simulate(with_overrides(cfg, {"output.out_dir": str(out)}))
-    rows = [m for m in read_metrics(out / "metrics.jsonl") if m.get("kind") == "global"]
-    return float(rows[-1]["test_accuracy"])
-
-
 def run(quick: bool) -> tuple[dict[str, Any], str]:
-    """Simulate every arm (``quick``: calibrate only)."""
+    """Run every arm (``quick``: the smoke-sized federation, DP arm only)."""
     cfg = load_toml(SCENARIO)
+    if quick:
+        cfg = with_overrides(cfg, QUICK)
     probe_file = RESULTS_DIR / "linear_probe.json"
     probe = (
         json.loads(probe_file.read_text())["linear_probe"]["best_test_accuracy"]
@@ -54,20 +61,42 @@ def run(quick: bool) -> tuple[dict[str, Any], str]:
         else None
     )
     arms, rows = [], []
-    for eps in EPSILONS:
+    for eps in EPSILONS[1:2] if quick else EPSILONS:
         arm_cfg = with_overrides(cfg, {"privacy.mode": "none"} if eps is None else {"privacy.epsilon": eps})
         sigma = None if eps is None else planned_sigma(arm_cfg, eps)
-        acc = None if quick else final_accuracy(arm_cfg)
-        arms.append({"epsilon": eps, "noise_multiplier": sigma, "final_accuracy": acc})
+        t0 = time.perf_counter()
+        out = run_federated(arm_cfg)
+        seconds = time.perf_counter() - t0
+        acc = out["accuracy"]
+        arms.append(
+            {
+                "epsilon": eps,
+                "noise_multiplier": sigma,
+                "accuracy_per_round": acc,
+                "loss_per_round": out["loss"],
+                "epsilon_spent": out["epsilon"],
+                "seconds": seconds,
+            }
+        )
         rows.append(
             [
                 "no DP" if eps is None else f"{eps:g}",
                 "-" if sigma is None else f"{sigma:.3f}",
-                "not run (--quick)" if acc is None else f"{acc:.3f}",
+                "-" if out["epsilon"] is None else f"{out['epsilon']:.2f}",
+                " / ".join(f"{a:.3f}" for a in acc),
+                f"{acc[-1]:.3f}",
             ]
         )
-    rows.append(["frozen-base linear probe", "-", "-" if probe is None else f"{probe:.3f}"])
-    result = {"scenario": str(SCENARIO.name), "arms": arms, "linear_probe": probe}
+        print(f"  epsilon {eps}: accuracy per round {acc} ({seconds:.0f} s)", flush=True)
+    rows.append(["frozen-base linear probe", "-", "-", "-", "-" if probe is None else f"{probe:.3f}"])
+    result = {
+        "scenario": SCENARIO.name,
+        "driver": "in-process (benchmarks.quality_driver)",
+        "arms": arms,
+        "linear_probe": probe,
+        "load_average_end": os.getloadavg(),
+    }
     return {**result, "machine": machine()}, markdown_table(
-        ["epsilon", "noise multiplier", "final accuracy"], rows
+        ["target epsilon", "noise multiplier", "epsilon spent (max client)", "accuracy per round", "final"],
+        rows,
     )

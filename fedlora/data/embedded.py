@@ -43,6 +43,34 @@ import random
 #: Class names, indexed by label. The label is the category of the acting entity.
 EMBEDDED_LABELS: tuple[str, ...] = ("person", "animal", "vehicle", "robot")
 
+#: Difficulty knob (benchmarks only; ``fedlora simulate``'s embedded source keeps the default).
+#: ``"agent"``: the label is the agent's category (4 classes, the default task).
+#: ``"agent-patient"``: the label is the ordered pair (agent's category, patient's category),
+#: 12 classes: a model must bind *both* roles, and a bag of words that sees three categories
+#: can only guess among the 6 ordered pairs of them (ceiling 1/6, chance 1/12).
+ROLES: tuple[str, ...] = ("agent", "agent-patient")
+
+# The 12 ordered (agent, patient) category pairs of the "agent-patient" variant, by label.
+_PAIRS: tuple[tuple[int, int], ...] = tuple(
+    (a, p) for a in range(len(EMBEDDED_LABELS)) for p in range(len(EMBEDDED_LABELS)) if a != p
+)
+
+
+def embedded_labels(roles: str = "agent") -> tuple[str, ...]:
+    """Return the class names of the task variant ``roles`` (see :data:`ROLES`).
+
+    Raises
+    ------
+    ValueError
+        If ``roles`` is not one of :data:`ROLES`.
+    """
+    if roles == "agent":
+        return EMBEDDED_LABELS
+    if roles == "agent-patient":
+        return tuple(f"{EMBEDDED_LABELS[a]}>{EMBEDDED_LABELS[p]}" for a, p in _PAIRS)
+    raise ValueError(f"roles must be one of {', '.join(ROLES)}; got {roles!r}")
+
+
 # Entities per category. With 4 * 3 * 2 category triples times 12**3 noun triples, times
 # adjectives, verbs and clauses, a few thousand examples cannot be memorised; test accuracy
 # on fresh sentences measures the rule, not recall.
@@ -212,15 +240,18 @@ def _sentence(rng: random.Random, agent: int, patient: int) -> str:
     return " ".join(w for w in (prefix, core, suffix) if w)
 
 
-def _example(rng: random.Random, label: int) -> dict[str, str | int]:
-    """Draw one record whose agent belongs to category ``label``."""
+def _example(rng: random.Random, label: int, roles: str = "agent") -> dict[str, str | int]:
+    """Draw one record of class ``label`` (the agent's category, or an (agent, patient) pair)."""
+    if roles == "agent-patient":
+        agent, patient = _PAIRS[label]
+        return {"text": _sentence(rng, agent, patient), "label": label}
     # The patient comes uniformly from the remaining categories, so the *set* of categories
     # present is independent of which one of them acts.
     patient = rng.choice([c for c in range(len(EMBEDDED_LABELS)) if c != label])
     return {"text": _sentence(rng, label, patient), "label": label}
 
 
-def generate_embedded(num_examples: int, seed: int) -> list[dict[str, str | int]]:
+def generate_embedded(num_examples: int, seed: int, roles: str = "agent") -> list[dict[str, str | int]]:
     """Generate ``num_examples`` labelled sentences of the embedded task.
 
     Parameters
@@ -229,31 +260,33 @@ def generate_embedded(num_examples: int, seed: int) -> list[dict[str, str | int]
         Number of records, at least 0.
     seed : int
         Seed of a private :class:`random.Random`; the global RNG is never touched.
+    roles : str
+        Task variant (:data:`ROLES`); the default ``"agent"`` is the embedded default task.
 
     Returns
     -------
     list of dict
         Records ``{"text": str, "label": int}`` with labels indexing
-        :data:`EMBEDDED_LABELS`. Classes are balanced to within one example and appear
+        ``embedded_labels(roles)``. Classes are balanced to within one example and appear
         in shuffled order.
 
     Raises
     ------
     ValueError
-        If ``num_examples`` is negative.
+        If ``num_examples`` is negative or ``roles`` unknown.
     """
     if num_examples < 0:
         raise ValueError(f"num_examples must be >= 0, got {num_examples}")
     rng = random.Random(seed)
-    k = len(EMBEDDED_LABELS)
+    k = len(embedded_labels(roles))
     # Round-robin labels then shuffle: exact balance keeps small client shards usable.
     labels = [i % k for i in range(num_examples)]
     rng.shuffle(labels)
-    return [_example(rng, label) for label in labels]
+    return [_example(rng, label, roles) for label in labels]
 
 
 def embedded_splits(
-    num_train: int, num_test: int, seed: int
+    num_train: int, num_test: int, seed: int, roles: str = "agent"
 ) -> tuple[list[dict[str, str | int]], list[dict[str, str | int]]]:
     """Generate a train split and a disjoint test split of the embedded task.
 
@@ -266,6 +299,8 @@ def embedded_splits(
     seed : int
         Run seed. The test split is drawn from a separate stream derived from it, so
         changing ``num_train`` does not change the test set.
+    roles : str
+        Task variant (:data:`ROLES`); the default ``"agent"`` is the embedded default task.
 
     Returns
     -------
@@ -280,16 +315,16 @@ def embedded_splits(
     """
     if num_test < 0:
         raise ValueError(f"num_test must be >= 0, got {num_test}")
-    train = generate_embedded(num_train, seed)
+    train = generate_embedded(num_train, seed, roles)
     seen = {str(r["text"]) for r in train}
     # A string seed is hashed with SHA-512 by random.Random, so the stream is stable across
     # processes (unlike hash()) and unrelated to the integer stream of the training split.
     rng = random.Random(f"fedlora-embedded-test-{seed}")
-    k = len(EMBEDDED_LABELS)
+    k = len(embedded_labels(roles))
     test: list[dict[str, str | int]] = []
     i = 0
     while len(test) < num_test:
-        record = _example(rng, i % k)
+        record = _example(rng, i % k, roles)
         # Rejecting duplicates keeps balance: the label is retried until a fresh text comes.
         if record["text"] not in seen:
             seen.add(str(record["text"]))
