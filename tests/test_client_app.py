@@ -241,3 +241,27 @@ def test_dp_ledger_survives_a_node_restart_through_its_state_dir(tmp_path):
     reply = app(_train_msg(cfg, _template(), round=2), _context(**{"state-dir": str(tmp_path)}))
     ledger = json.loads(str(reply.content["privacy"]["ledger"]))
     assert [e["round"] for e in ledger["entries"]] == [1, 2]
+
+
+def test_train_seconds_time_the_optimiser_steps_and_val_seconds_the_local_validation(monkeypatch):
+    import time
+
+    import clients.round
+
+    results, real_train, real_eval = [], clients.round.train_local, clients.round.evaluate
+
+    def train_local(*args, **kwargs):
+        results.append(real_train(*args, **kwargs))
+        return results[-1]
+
+    def slow_validation(*args, **kwargs):
+        time.sleep(0.2)  # a validation that takes measurably long
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(clients.round, "train_local", train_local)
+    monkeypatch.setattr(clients.round, "evaluate", slow_validation)
+    reply = app(_train_msg(_cfg(), _template()), _context())
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    m = reply.content["metrics"]
+    assert m["train-seconds"] == pytest.approx(results[0].seconds, abs=1e-9)  # the steps, nothing else
+    assert m["val-seconds"] >= 0.2
