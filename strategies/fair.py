@@ -23,7 +23,7 @@ import torch
 
 from fedlora.adapters import AdapterState, LoraPair
 from strategies.base import ClientResult
-from strategies.batched import ModuleBatch, aggregate_modules, map_chunks, policy_threads
+from strategies.batched import ModuleBatch, aggregate_modules, map_chunks, policy_threads, thread_policy
 from strategies.common import check_number, example_weights, require_uniform
 from strategies.fedit import FedIT
 from strategies.registry import register
@@ -206,7 +206,8 @@ def fair_batch(
     pieces = map_chunks(
         lambda lo, hi: _fair_chunk(batch, lo, hi, weights, lam, steps, lr), len(batch.modules), chunk, workers
     )
-    return torch.cat([a for a, _ in pieces]), torch.cat([b for _, b in pieces])
+    with thread_policy(0):  # copies: memory-bound, extra threads only contend
+        return torch.cat([a for a, _ in pieces]), torch.cat([b for _, b in pieces])
 
 
 def _fair_chunk(

@@ -212,16 +212,17 @@ def flexlora_batch(
         with thread_policy(d * m * m):  # the QRs dominate: ~d m^2 multiply-adds per module
             u, s, vh = factored_svd(b_cat * scale.to(b_cat.dtype), a_cat, top=rank)
     k = s.shape[-1]
-    a_g = vh  # M x k x d_in
-    b_g = u * (s / global_scale).unsqueeze(-2)  # M x d_out x k
-    if k < rank:
-        a_g = torch.stack(
-            [
-                torch.cat([a, orthonormal_completion(a, p, rank)])
-                for a, p in zip(a_g, batch.prev_a, strict=True)
-            ]
-        )
-        b_g = torch.cat([b_g, b_g.new_zeros(*b_g.shape[:-1], rank - k)], dim=-1)
+    with thread_policy(0):  # elementwise and small: extra threads only contend
+        a_g = vh  # M x k x d_in
+        b_g = u * (s / global_scale).unsqueeze(-2)  # M x d_out x k
+        if k < rank:
+            a_g = torch.stack(
+                [
+                    torch.cat([a, orthonormal_completion(a, p, rank)])
+                    for a, p in zip(a_g, batch.prev_a, strict=True)
+                ]
+            )
+            b_g = torch.cat([b_g, b_g.new_zeros(*b_g.shape[:-1], rank - k)], dim=-1)
     return a_g, b_g
 
 

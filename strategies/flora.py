@@ -126,12 +126,12 @@ class FLoRA(RankedStrategy):
     def aggregate(self, state: AdapterState, results: Sequence[ClientResult]) -> AdapterState:
         """Append this round's stack to the merge; keep the template; FedAvg the head."""
         global_pairs, _ = split_state(state)
-        with thread_policy(0):  # concatenation and scaling: copies, no matrix products
+        with thread_policy(0):  # concatenation, scaling and copies: memory-bound, no matrix products
             stacks = flora_round(results, list(global_pairs), state)
             self._merge = extend_merge(self._merge, stacks, state)
+            new = {k: v.detach().clone() for k, v in state.items()}
+            new.update(average_rest([r.state for r in results], example_weights(results), state))
         self._rounds += 1
-        new = {k: v.detach().clone() for k, v in state.items()}
-        new.update(average_rest([r.state for r in results], example_weights(results), state))
         return new
 
     def final_merge(self, state: AdapterState) -> AdapterState | None:
