@@ -76,7 +76,9 @@ def overheads(metrics_path: Path) -> list[dict[str, float]]:
     return out
 
 
-def measure(worker: bool, rounds: int, overrides: str, workdir: Path) -> list[dict[str, float]]:
+def measure(
+    worker: bool, rounds: int, overrides: str, workdir: Path, scenario: str = "simulations/default.toml"
+) -> list[dict[str, float]]:
     """Run one deployment in ``workdir`` and return its per-round overheads."""
     out = workdir / "run"
     with Fleet(workdir / "fleet", extra_env=ENV) as fleet:
@@ -84,7 +86,12 @@ def measure(worker: bool, rounds: int, overrides: str, workdir: Path) -> list[di
         node_config = {"partition-id": 0, "num-partitions": 1, "state-dir": str(workdir / "state")}
         fleet.add_nodes({"edge": node_config}, worker=worker)
         fleet.wait_for_nodes(timeout=600)
-        config = {"num-server-rounds": rounds, "out-dir": str(out), "overrides": f"{SMALL} {overrides}"}
+        config = {
+            "num-server-rounds": rounds,
+            "out-dir": str(out),
+            "scenario": scenario,
+            "overrides": f"{SMALL} {overrides}",
+        }
         result = fleet.run_app(ROOT, config, timeout=1800)
         if not result.ok:
             raise SystemExit(f"run failed: {result.status}\n{result.logs[-3000:]}\n{fleet.log_tails()}")
@@ -98,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=4, help="rounds per mode (>= 2)")
     parser.add_argument("--overrides", default="", help="extra section.key=value overrides (e.g. the model)")
+    parser.add_argument(
+        "--scenario",
+        default="simulations/default.toml",
+        help="scenario TOML inside the app (e.g. instruct.toml)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument(
         "--workdir", type=Path, default=None, help="keep the fleets' logs here (default: a temp dir)"
@@ -118,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown --modes {sorted(unknown)}; choose from in-process, worker")
         for mode in modes:
             worker = mode == "worker"
-            per_round = measure(worker, args.rounds, args.overrides, Path(tmp) / mode)
+            per_round = measure(worker, args.rounds, args.overrides, Path(tmp) / mode, args.scenario)
             steady = [r for r in per_round if r["round"] >= 2]
             results[mode] = {
                 "rounds": per_round,
