@@ -1,0 +1,217 @@
+"""Spot-check named mutants without a full mutmut run (not part of CI).
+
+Each case is one source edit that a mutation run left alive and the test written to kill it.
+The edited module is re-executed in-process (every loaded module is pointed at the new
+objects), the test runs, and the original source is restored; the whole list takes seconds
+because torch is imported once. A case whose text no longer matches the source is reported as
+NOT-APPLIED (the code moved on: rerun ``scripts/mutation.py`` instead).
+
+Usage (from the repository root)::
+
+    python scripts/mutation_spotcheck.py      # prints KILLED / SURVIVED / NOT-APPLIED per case
+"""
+
+import importlib
+import sys
+import types
+
+import pytest
+
+ARGS = ["-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-p", "no:unraisableexception"]
+
+R = "tests/adversary/test_robust_math.py::"
+L = "tests/privacy/test_ledger_mutation.py::"
+C = "tests/privacy/test_client_dp_mutation.py::"
+K = "tests/strategies/test_common_ranked_mutation.py::"
+AC = "tests/privacy/test_accounting_mutation.py::"
+CASES = [
+    (
+        "strategies.robust",
+        "        total += scale**2 * _module_sq(",
+        "        total = scale**2 * _module_sq(",
+        R + "test_update_norm_sums_every_module_and_measures_b_when_the_result_lacks_a",
+    ),
+    (
+        "strategies.robust",
+        "    if a0 is None or a1 is None:",
+        "    if a0 is None and a1 is None:",
+        R + "test_update_norm_sums_every_module_and_measures_b_when_the_result_lacks_a",
+    ),
+    (
+        "strategies.robust",
+        "return math.sqrt(total) if math.isfinite(total) else math.inf",
+        "return math.sqrt(total) if math.isfinite(total) or True else math.inf",
+        R + "test_update_norm_sums_every_module_and_measures_b_when_the_result_lacks_a",
+    ),
+    (
+        "strategies.robust",
+        "    if factor <= 0 or len(results) < 2:",
+        "    if factor <= 0 or len(results) < 3:",
+        R + "test_example_counts_of_two_results_are_capped",
+    ),
+    (
+        "strategies.robust",
+        "        if norms[node] <= limit:",
+        "        if norms[node] < limit:",
+        R + "test_bound_one_clips_to_the_median_and_a_norm_at_the_limit_is_kept",
+    ),
+    (
+        "strategies.robust",
+        "    if bound <= 0 or len(kept) < 2:",
+        "    if bound <= 1 or len(kept) < 2:",
+        R + "test_bound_one_clips_to_the_median_and_a_norm_at_the_limit_is_kept",
+    ),
+    (
+        "strategies.robust",
+        "    if bound <= 0 or len(kept) < 2:",
+        "    if bound <= 0 and len(kept) < 2:",
+        R + "test_a_single_kept_result_is_never_clipped_even_below_bound_one",
+    ),
+    (
+        "strategies.robust",
+        "    strategy.load_state_dict(saved)\n    return state,",
+        "    strategy.load_state_dict(None)\n    return state,",
+        R + "test_aggregate_checked_restores_strategy_state_when_rolling_back",
+    ),
+    (
+        "strategies.robust",
+        'exceeds {max_abs:g}"})\n            continue',
+        'exceeds {max_abs:g}"})\n            break',
+        R + "test_bound_updates_goes_on_after_a_rejection_and_keeps_norms_on_every_path",
+    ),
+    (
+        "strategies.robust",
+        "        return Bounded(kept, rejected, clipped, norms)\n    limit",
+        "        return Bounded(kept, rejected, clipped, None)\n    limit",
+        R + "test_bound_updates_goes_on_after_a_rejection_and_keeps_norms_on_every_path",
+    ),
+    (
+        "strategies.robust",
+        "    if 2 * k >= len(tensors):",
+        "    if 3 * k >= len(tensors):",
+        R + "test_median_of_an_even_count_and_trimmed_mean_caps_the_trim",
+    ),
+    (
+        "strategies.robust",
+        "        k = (len(tensors) - 1) // 2",
+        "        k = (len(tensors) - 2) // 2",
+        R + "test_median_of_an_even_count_and_trimmed_mean_caps_the_trim",
+    ),
+    (
+        "strategies.robust",
+        "    for name in results[0].state:",
+        "    for name in results[1].state:",
+        R + "test_robust_center_of_one_result_is_that_result",
+    ),
+    (
+        "strategies.robust",
+        'c = coordinate_median(values) if self.center == "median" else',
+        'c = coordinate_median(values) if self.center == "median" or True else',
+        R + "test_robust_center_trimmed_mean_keeps_unsent_tensors_and_dtypes",
+    ),
+    (
+        "strategies.robust",
+        '    if getattr(inner, "name", "") not in CENTER_STRATEGIES:',
+        '    if getattr(inner, "name") not in CENTER_STRATEGIES:',
+        R + "test_robust_center_refuses_an_unnamed_inner_object_with_its_repr",
+    ),
+    (
+        "strategies.robust",
+        "not {getattr(inner, 'name', inner)!r}",
+        "not {getattr(inner, 'name', None)!r}",
+        R + "test_robust_center_refuses_an_unnamed_inner_object_with_its_repr",
+    ),
+    (
+        "fedlora.privacy.ledger",
+        '"update is released)"',
+        '"XXupdate is released)XX"',
+        L + "test_rounds_strictly_increase_within_a_run_but_runs_are_independent",
+    ),
+    (
+        "fedlora.privacy.ledger",
+        "(e.round, compute_epsilon(hist[: i + 1], self.delta, accountant))",
+        "(e.round, compute_epsilon(hist[: i + 1], self.delta))",
+        L + "test_epsilon_trajectory_uses_the_requested_accountant",
+    ),
+    (
+        "fedlora.privacy.client_dp",
+        "sorted(set(upd) ^ set(ref))[:3]",
+        "sorted(set(upd) ^ set(ref))[:4]",
+        C + "test_a_name_mismatch_lists_at_most_three_names",
+    ),
+    (
+        "fedlora.privacy.calibrate",
+        '"fewer steps / a smaller sample rate"',
+        '"FEWER STEPS / A SMALLER SAMPLE RATE"',
+        AC + "test_an_unreachable_budget_names_every_way_out",
+    ),
+    (
+        "strategies.base",
+        "        self.dp_tensors = inner.dp_tensors",
+        "        self.dp_tensors = None",
+        K + "test_wrapper_delegates_every_hook_to_the_inner_method",
+    ),
+    (
+        "strategies.common",
+        "like[name].dtype if name in like else states[0][name].dtype",
+        "like[name].dtype if name in like else states[1][name].dtype",
+        K + "test_average_named_casts_to_like_or_to_the_first_state",
+    ),
+]
+
+
+def swap(modname: str, source: str) -> None:
+    """Re-execute ``source`` as module ``modname`` and point every loaded module at the new objects."""
+    mod = sys.modules[modname]
+    old = dict(vars(mod))
+    exec(compile(source, mod.__file__, "exec"), vars(mod))
+    new = vars(mod)
+    by_id = {id(v): new[k] for k, v in old.items() if k in new and new[k] is not v}
+    for m in list(sys.modules.values()):
+        if not isinstance(m, types.ModuleType) or m is mod:
+            continue
+        d = getattr(m, "__dict__", None)
+        if not d:
+            continue
+        for k, v in list(d.items()):
+            if id(v) in by_id:
+                d[k] = by_id[id(v)]
+
+
+def main() -> int:
+    """Run every case; return 1 if a test fails on the unmutated source, else 0."""
+    # Import everything once (collection), then mutate and run.
+    pytest.main(["--collect-only", "-q", *ARGS, *sorted({c[3].split("::")[0] for c in CASES if c[3]})])
+    # Clean run of each test first: every test must pass unmutated.
+    tests = sorted({c[3] for c in CASES if c[3]})
+    if pytest.main([*ARGS, *tests]) != 0:
+        print("a test fails on the unmutated source: fix that first")
+        return 1
+    results = []
+    for modname, old, new, test in CASES:
+        if test is None:
+            continue
+        mod = importlib.import_module(modname)
+        src = open(mod.__file__, encoding="utf-8").read()
+        if src.count(old) != 1:
+            results.append(("NOT-APPLIED", modname, old))
+            continue
+        swap(modname, src.replace(old, new))
+        try:
+            rc = pytest.main([*ARGS, test])
+        finally:
+            swap(modname, src)
+        results.append(
+            ("KILLED" if rc != 0 else "SURVIVED", modname, f"{old.strip()[:60]} -> {new.strip()[:60]}")
+        )
+    if pytest.main([*ARGS, *tests]) != 0:
+        print("a test fails after restoring the source")
+        return 1
+    print("\n=== verification ===")
+    for r in results:
+        print(*r, sep=" | ")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
