@@ -102,8 +102,11 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
             )
     merge = req.merge
     expected_base = req.extras.get(BASE_FINGERPRINT)
-    if expected_base is not None and merge is not None and fingerprint(merge) != str(expected_base):
-        raise PayloadError("base update fingerprint mismatch: the merged base would differ from the server's")
+    if expected_base is not None and fingerprint(merge or {}) != str(expected_base):
+        raise PayloadError(
+            "base update fingerprint mismatch: the merged base would differ from the server's "
+            "(a missing or altered merge record); check that the message reached the node whole"
+        )
     load_adapter_state(loaded, rank, start)
     set_trainable(loaded, rank, train_a)
 
@@ -146,12 +149,16 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
         finally:
             privacy.close()
         t_val = time.perf_counter()
-        val = evaluate(
-            model,
-            encode(val_records, loaded.tokenizer, cfg.model.max_length, cfg.model.task),
-            cfg.model.task,
-            device,
-            cfg.train.eval_batch_size,
+        val = (  # a small client may hold no validation records (local_val_fraction rounds down)
+            evaluate(
+                model,
+                encode(val_records, loaded.tokenizer, cfg.model.max_length, cfg.model.task),
+                cfg.model.task,
+                device,
+                cfg.train.eval_batch_size,
+            )
+            if val_records
+            else None
         )
         val_seconds = time.perf_counter() - t_val
     new = adapter_state(loaded, rank)
@@ -164,11 +171,11 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
             "steps": result.steps,
             "train-seconds": result.seconds,  # the optimiser steps only
             "val-seconds": val_seconds,  # local validation (encoding included)
-            "local-val-loss": val.loss,
-            "local-val-accuracy": val.accuracy,
             "bytes-up": record_bytes(record),
         }
     )
+    if val is not None:
+        metrics.update({"local-val-loss": val.loss, "local-val-accuracy": val.accuracy})
     metrics.update(privacy.metrics())
     metrics = covered_metrics(cfg, metrics)  # under DP: no un-noised loss or accuracy leaves the node
     ledger = privacy.ledger_json() if privacy.enabled else ""

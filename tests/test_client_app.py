@@ -224,6 +224,33 @@ def test_flora_client_refuses_a_merge_that_does_not_match_the_fingerprint():
     assert not reply.has_error() and "update" in reply.content.array_records
 
 
+def test_flora_client_refuses_a_fingerprint_whose_merge_record_was_dropped():
+    # A relay that strips the merge record must not make the node train on the wrong base.
+    cfg = _cfg(**{"train.local_steps": 1})
+    module = "base_model.model.bert.encoder.layer.0.attention.self.query"
+    gen = torch.Generator().manual_seed(1)
+    merge = {
+        f"{module}.lora_A.weight": torch.randn(2, 384, generator=gen),
+        f"{module}.lora_B.weight": torch.randn(384, 2, generator=gen),
+    }
+    stripped = _train_msg(cfg, _template(), **{"fresh-adapter": True, "base-fingerprint": fingerprint(merge)})
+    with pytest.raises(PayloadError, match="missing or altered merge record"):
+        app(stripped, _context())
+    # Round 1 of FLoRA: an empty merge is announced as fingerprint({}) and needs no record.
+    first = _train_msg(cfg, _template(), **{"fresh-adapter": True, "base-fingerprint": fingerprint({})})
+    assert not app(first, _context()).has_error()
+
+
+def test_client_without_local_validation_records_trains_and_reports_no_validation_scores():
+    # 40 records at local_val_fraction 0.01 leave int(0.4) = 0 validation records.
+    cfg = _cfg(**{"train.local_steps": 1, "data.local_val_fraction": 0.01})
+    reply = app(_train_msg(cfg, _template()), _context())
+    metrics = reply.content["metrics"]
+    assert "update" in reply.content.array_records
+    assert "local-val-accuracy" not in metrics and "local-val-loss" not in metrics
+    assert metrics["steps"] == 1
+
+
 def test_client_declines_a_round_that_would_exceed_its_budget(tmp_path):
     # sigma 0.6 spends far more than epsilon 0.5 in one round: the client must sit it out.
     cfg = _cfg(**{"privacy.mode": "record", "privacy.noise_multiplier": 0.6, "privacy.epsilon": 0.5})
