@@ -109,6 +109,22 @@ def gram_factor(gram: torch.Tensor) -> torch.Tensor:
     return chol
 
 
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """Return ``x^T x`` (... x m x m) in float64 for ``x`` (... x d x m), in range for any finite ``x``.
+
+    The product runs in ``x``'s dtype (BLAS-3 speed). Where it overflows (float32 entries beyond
+    ~1e19, e.g. a hostile update with the server's caps turned off) it is redone on ``x`` divided
+    by its largest magnitude per matrix and scaled back in float64, so the result is never ``inf``
+    for finite input.
+    """
+    g = x.mT @ x
+    if bool(torch.isfinite(g).all()):
+        return g.double()
+    top = x.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    y = x / top
+    return (y.mT @ y).double() * top.double().square()
+
+
 def gram_top_svd(
     b_cat: torch.Tensor, a_cat: torch.Tensor, top: int, scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -156,8 +172,8 @@ def gram_top_svd(
     d_out, m, d_in = b.shape[-2], b.shape[-1], a.shape[-1]
     k = min(top, m, d_out, d_in)
     c = torch.ones(m, dtype=torch.float64) if scale is None else scale.to(torch.float64)
-    g_b = (b.mT @ b).double() * (c[:, None] * c[None, :])  # m x m, (B D)^T (B D)
-    l_a = gram_factor((a @ a.mT).double())  # m x m, L L^T = G_A
+    g_b = gram(b) * (c[:, None] * c[None, :])  # m x m, (B D)^T (B D)
+    l_a = gram_factor(gram(a.mT))  # m x m, L L^T = G_A
     _, w = torch.linalg.eigh(l_a.mT @ g_b @ l_a)  # ascending eigenvalues sigma_i^2
     u_q, _ = torch.linalg.qr(b @ (c[:, None] * (l_a @ w[..., -k:].flip(-1))).to(dtype))  # d_out x k
     z = a.mT @ (c.to(dtype)[:, None] * (b.mT @ u_q))  # d_in x k: (B D A)^T U_q

@@ -15,7 +15,7 @@ from strategies import batched, fair
 from strategies.batched import ModuleBatch, map_chunks, module_batches
 from strategies.common import weighted_sum
 from strategies.fair import LoraFAIR, correct_batch, fair_objective, fedit_mean
-from strategies.flexlora import FlexLoRA, factored_svd, gram_factor, gram_top_svd
+from strategies.flexlora import FlexLoRA, factored_svd, gram, gram_factor, gram_top_svd
 from strategies.flora import FLoRA, flora_module
 
 F64 = torch.float64
@@ -77,6 +77,26 @@ def test_gram_top_svd_float32_agrees_with_householder_at_a_tall_shape():
         assert u.dtype == torch.float32
         err = float(((u.double() * s.double()) @ vh.double() - truth).norm() / truth.norm())
         assert err < 1e-5
+
+
+def test_gram_hand_values_and_no_overflow_for_huge_finite_factors():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [0.0, 1.0]])
+    assert torch.equal(gram(x), torch.tensor([[10.0, 14.0], [14.0, 21.0]], dtype=torch.float64))
+    # float32 x^T x overflows at 1e30 (1e60 > 3.4e38); the float64 result must not.
+    huge = gram(x * 1e30)
+    assert torch.isfinite(huge).all()
+    torch.testing.assert_close(huge / 1e60, gram(x), rtol=1e-6, atol=0.0)
+
+
+def test_gram_top_svd_of_huge_finite_factors_is_the_scaled_svd():
+    gen = torch.Generator().manual_seed(3)
+    b, a = torch.randn(64, 6, generator=gen), torch.randn(6, 48, generator=gen)
+    u, s, vh = gram_top_svd(b, a, 3)
+    u_h, s_h, vh_h = gram_top_svd(b * 1e30, a, 3)
+    assert torch.isfinite(s_h).all() and torch.isfinite(u_h).all()
+    torch.testing.assert_close(s_h / 1e30, s, rtol=1e-4, atol=0.0)
+    rebuilt = u_h @ torch.diag(s_h / 1e30) @ vh_h
+    torch.testing.assert_close(rebuilt, u @ torch.diag(s) @ vh, rtol=1e-4, atol=1e-4)
 
 
 def test_gram_factor_hand_values_and_semidefinite_fallback():
