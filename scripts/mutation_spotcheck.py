@@ -188,7 +188,9 @@ def main() -> int:
         print("a test fails on the unmutated source: fix that first")
         return 1
     results = []
-    for modname, old, new, test in CASES:
+    # Controls: re-executing each module unchanged must leave its tests passing (no false kills).
+    controls = [(m, o, o, t) for m, o, _, t in {c[0]: c for c in CASES}.values()]
+    for modname, old, new, test in [*controls, *CASES]:
         if test is None:
             continue
         mod = importlib.import_module(modname)
@@ -201,9 +203,9 @@ def main() -> int:
             rc = pytest.main([*ARGS, test])
         finally:
             swap(modname, src)
-        results.append(
-            ("KILLED" if rc != 0 else "SURVIVED", modname, f"{old.strip()[:60]} -> {new.strip()[:60]}")
-        )
+        verdict = "KILLED" if rc != 0 else "SURVIVED"
+        label = verdict if old != new else f"CONTROL (unchanged source) {verdict}"
+        results.append((label, modname, f"{old.strip()[:60]} -> {new.strip()[:60]}"))
     if pytest.main([*ARGS, *tests]) != 0:
         print("a test fails after restoring the source")
         return 1
