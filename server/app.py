@@ -17,6 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import ConfigError, RunConfig, from_json, load_toml, with_overrides
+from server.grid import PollingGrid
 from server.loop import ServerRun
 from server.outputs import default_run_dir
 
@@ -61,5 +62,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run a federated LoRA fine-tuning."""
     cfg = resolve_config(context)
     run_dir = Path(cfg.output.out_dir) if cfg.output.out_dir else default_run_dir()
+    if not isinstance(grid, PollingGrid):  # Flower's own grid pulls replies every 3 s
+        grid = PollingGrid(grid)
     ServerRun(grid, cfg, run_dir).run()
     print(f"results in {run_dir.resolve()}", flush=True)

@@ -2,8 +2,8 @@
 
 The server's round loop prints one result line per round and knows nothing about the
 console. Progress is observed from outside: :class:`ProgressGrid` wraps Flower's ``Grid``
-and reports every reply as it arrives (it implements ``send_and_receive`` with the same
-push-then-poll semantics as Flower's own), and :class:`LiveProgress` draws it with rich.
+(a :class:`server.grid.PollingGrid`: Flower's push-then-poll semantics at 0.1 s)
+and reports every reply as it arrives, and :class:`LiveProgress` draws it with rich.
 On a terminal the progress line is redrawn in place and removed when the run ends; in a
 log file (no terminal) nothing but the result lines is written.
 
@@ -18,15 +18,13 @@ import json
 import logging
 import os
 import sys
-import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -38,6 +36,7 @@ from rich.progress import (
 from rich.table import Table
 
 from fedlora.logs import LOG_LEVEL_ENV, configure
+from server.grid import PollingGrid
 
 # Loggers of this project (module ``__name__`` prefixes).
 PROJECT_LOGGERS = ("fedlora", "clients", "server", "strategies", "simulations")
@@ -146,33 +145,12 @@ class LiveProgress:
             self._task = None
 
 
-class ProgressGrid(Grid):
-    """A ``Grid`` that reports each reply of ``send_and_receive`` to a :class:`LiveProgress`.
-
-    Every other call goes to the wrapped grid unchanged.
-    """
+class ProgressGrid(PollingGrid):
+    """A :class:`~server.grid.PollingGrid` that reports each reply to a :class:`LiveProgress`."""
 
     def __init__(self, inner: Grid, progress: LiveProgress, num_rounds: int, poll: float = 0.1) -> None:
-        self.inner, self.progress, self.num_rounds, self.poll = inner, progress, num_rounds, poll
-
-    def set_run(self, run: Run) -> None:  # noqa: D102 - Grid API
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:  # noqa: D102 - Grid API
-        return self.inner.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # noqa: D102 - Grid API
-        return self.inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102 - Grid API
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102 - Grid API
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102 - Grid API
-        return self.inner.pull_messages(message_ids)
+        super().__init__(inner, poll)
+        self.progress, self.num_rounds, self._label = progress, num_rounds, ""
 
     def _describe(self, messages: list[Message]) -> str:
         first = messages[0]
@@ -184,33 +162,20 @@ class ProgressGrid(Grid):
             return f"round {rnd}/{self.num_rounds}"
         return "clients loading the model and their data"
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """Push ``messages``, then pull replies until all arrived or ``timeout`` seconds passed."""
-        msgs = list(messages)
-        if not msgs:
-            return []
-        label = self._describe(msgs)
-        self.progress.phase(label, total=len(msgs), unit="clients")
-        pending = set(self.inner.push_messages(msgs))
-        end = time.monotonic() + (timeout if timeout is not None else 0.0)
-        replies: list[Message] = []
-        while pending and (timeout is None or time.monotonic() < end):
-            got = list(self.inner.pull_messages(pending))
-            if got:
-                replies.extend(got)
-                pending.difference_update(m.metadata.reply_to_message_id for m in got)
-                self.progress.advance(len(replies))
-            if pending:
-                time.sleep(self.poll)
+    def on_push(self, messages: list[Message]) -> None:  # noqa: D102 - PollingGrid hook
+        self._label = self._describe(messages)
+        self.progress.phase(self._label, total=len(messages), unit="clients")
+
+    def on_reply(self, received: int) -> None:  # noqa: D102 - PollingGrid hook
+        self.progress.advance(received)
+
+    def on_done(self, received: int) -> None:  # noqa: D102 - PollingGrid hook
         after = (
-            f"{label}: aggregating, evaluating"
-            if label.startswith("round")
+            f"{self._label}: aggregating, evaluating"
+            if self._label.startswith("round")
             else "evaluating the initial adapter"
         )
-        self.progress.advance(len(replies), after)
-        return replies
+        self.progress.advance(received, after)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
