@@ -173,20 +173,6 @@ def correct_batch(
     return best
 
 
-def _correct(
-    m: torch.Tensor,
-    gram_a: torch.Tensor,
-    norm_w: float,
-    b_bar: torch.Tensor,
-    lam: float,
-    steps: int,
-    lr: float,
-) -> torch.Tensor:
-    """Return the best ``dB`` seen by Adam (``dB = 0`` included) on :func:`fair_objective` (one module)."""
-    norm = torch.tensor([norm_w], dtype=b_bar.dtype)
-    return correct_batch(m[None], gram_a[None], norm, b_bar[None], lam, steps, lr)[0]
-
-
 def fair_batch(
     batch: ModuleBatch, weights: torch.Tensor, lam: float, steps: int, lr: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -149,3 +149,13 @@ def test_a_name_mismatch_lists_at_most_three_names():
     ):
         noisy_mean([{B: torch.zeros(1)}, {n: torch.zeros(1) for n in [B, *names]}], noise_multiplier=0.0,
                    clip_norm=1.0, expected_clients=1.0)  # fmt: skip
+
+
+def test_noisy_mean_draws_its_noise_on_the_updates_device():
+    # On a GPU server the noise must be drawn where the sum lives. The "meta" device stands in for
+    # any non-CPU device here: CPU noise added to a meta sum raises, so the draw's device is checked.
+    upd = {"w": torch.zeros(3, 2, device="meta")}
+    out = noisy_mean([upd], noise_multiplier=1.0, clip_norm=1.0, expected_clients=1.0)
+    assert out["w"].device.type == "meta" and out["w"].shape == (3, 2) and out["w"].dtype == torch.float32
+    empty = noisy_mean([], noise_multiplier=1.0, clip_norm=1.0, expected_clients=2.0, template=upd)
+    assert empty["w"].device.type == "meta"
