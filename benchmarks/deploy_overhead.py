@@ -10,16 +10,17 @@ ClientApp process per message, which imports torch and loads the model every rou
 ``fedlora node`` ("worker": the round runs in the node's long-lived worker) — and runs the
 fedlora app for ``--rounds`` rounds with DP off and a tiny configuration.
 
-Two overheads per round, both beyond the client's ``train-seconds`` (local training plus
-local validation):
+Two overheads per round, both beyond the client's own work (``train-seconds``, the optimiser
+steps, plus ``val-seconds``, its local validation):
 
-* node overhead = ``clientapp-seconds`` (from the start of the round's ``flwr-clientapp``
-  process to its reply) minus ``train-seconds``: process start, imports, model load, data —
+* node overhead = ``clientapp-seconds`` (from the start of the round's ClientApp task to its
+  reply) minus that work: process start, imports, model load, data, message transfer —
   what the worker removes;
 * round overhead = the server's round time (``seconds`` of the global metrics row: from
-  sending the messages to aggregating the replies) minus ``train-seconds``: the node overhead
-  plus Flower's own polling (the SuperNode polls the SuperLink every 3 s when idle, the
-  ServerApp's Grid polls for replies every 3 s) and transfer, the same in both modes.
+  sending the messages to the end of the server's evaluation) minus the server evaluation
+  (``eval_seconds``) and the client's work: the node overhead plus Flower's polling (the
+  SuperNode polls the SuperLink every 3 s when idle; the ServerApp pulls replies every 0.1 s,
+  ``server/grid.py``) and transfer, the same in both modes.
 
 Round 1 of the worker includes its one-time model load; the steady state is the median of
 rounds 2..R.
@@ -52,7 +53,7 @@ SMALL = (
 
 
 def overheads(metrics_path: Path) -> list[dict[str, float]]:
-    """Return per round: round seconds, client train seconds, their difference, worker flag."""
+    """Return per round: round seconds, client work (train + validation) seconds, overheads, worker flag."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     rows = [{**row.pop("client", {}), **row} for row in rows]  # a client's metrics may be nested
     rows = [{k.replace("-", "_"): v for k, v in row.items()} for row in rows]
@@ -62,14 +63,15 @@ def overheads(metrics_path: Path) -> list[dict[str, float]]:
         if row["kind"] != "global" or row["round"] < 1 or row["round"] not in clients:
             continue
         client = clients[row["round"]]
+        work = client["train_seconds"] + client.get("val_seconds", 0.0)  # the client's own work
         out.append(
             {
                 "round": row["round"],
                 "round_s": row["seconds"],
-                "train_s": client["train_seconds"],
-                "overhead_s": row["seconds"] - client["train_seconds"],
+                "train_s": work,
+                "overhead_s": row["seconds"] - (row.get("eval_seconds") or 0.0) - work,
                 "clientapp_s": client.get("clientapp_seconds", float("nan")),
-                "node_overhead_s": client.get("clientapp_seconds", float("nan")) - client["train_seconds"],
+                "node_overhead_s": client.get("clientapp_seconds", float("nan")) - work,
                 "worker": int(client.get("worker", 0)),
             }
         )
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 "median_round_overhead_s": statistics.median(r["overhead_s"] for r in steady),
             }
     print(
-        f"{'mode':<11} {'round':>5} {'round s':>8} {'train s':>8} {'clientapp s':>11} "
+        f"{'mode':<11} {'round':>5} {'round s':>8} {'work s':>8} {'clientapp s':>11} "
         f"{'node ovh s':>10} {'round ovh s':>11} {'worker':>6}"
     )
     for mode, res in results.items():
