@@ -39,11 +39,11 @@ from typing import Any
 import psutil
 from flwr.app import Message
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from benchmarks.harness import PeakRss, tree_rss
 from fedlora.config import RunConfig, from_json
 from fedlora.protocol_arrays import record_bytes
+from server.grid import PollingGrid
 
 
 def message_bytes(msg: Message) -> int:
@@ -79,31 +79,17 @@ def tree_cpu_seconds() -> float:
     return total
 
 
-class MeterGrid(Grid):
-    """A ``Grid`` that records every ``send_and_receive`` (see the module docstring) in ``calls``."""
+class MeterGrid(PollingGrid):
+    """A ``Grid`` that records every ``send_and_receive`` (see the module docstring) in ``calls``.
+
+    A :class:`~server.grid.PollingGrid`, so fedlora's ServerApp uses it as it is; its
+    ``send_and_receive`` still goes through the wrapped grid's own (Flower's simulation grid
+    pulls every 0.1 s), so both systems are metered with the same polling.
+    """
 
     def __init__(self, inner: Grid) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.calls: list[dict[str, Any]] = []
-
-    def set_run(self, run: Run) -> None:  # noqa: D102 - Grid API
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:  # noqa: D102 - Grid API
-        return self.inner.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # noqa: D102 - Grid API
-        return self.inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102 - Grid API
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102 - Grid API
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102 - Grid API
-        return self.inner.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
