@@ -7,7 +7,9 @@ arrives just after a pull waits up to 3 s more, about 1.5 s on average, for noth
 push-then-pull semantics at a short interval (default :data:`DEFAULT_POLL_SECONDS`). Every
 other call goes to the wrapped grid unchanged. Subclasses observe the replies through
 :meth:`PollingGrid.on_push`, :meth:`PollingGrid.on_reply` and :meth:`PollingGrid.on_done`
-(the simulation console's progress line does).
+(the simulation console's progress line does). fedlora's ServerApp wraps every grid that
+is not already a ``PollingGrid``, so a wrapper that overrides ``send_and_receive`` itself
+(to meter or log it) must subclass ``PollingGrid``, or its override is bypassed.
 """
 
 from __future__ import annotations
