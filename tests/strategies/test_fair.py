@@ -155,3 +155,21 @@ def test_aggregation_restores_the_thread_count():
     state, results = make(1, 2, 1, 3, 3)
     LoraFAIR(steps=3).aggregate(state, results)
     assert torch.get_num_threads() == before
+
+
+def test_fair_objective_by_hand_at_a_zero_product_and_a_small_q():
+    # B = 0: q = 0, the cosine is 0 and its gradient is m / sqrt(_TINY) (den = 1e-150).
+    m = torch.tensor([[3.0, -1.0]], dtype=torch.float64)
+    zero = torch.zeros(1, 2, dtype=torch.float64)
+    gram = torch.eye(2, dtype=torch.float64)
+    loss, grad = fair_objective(zero, zero, m, gram, 2.0, 0.5)
+    assert loss == 1.0
+    torch.testing.assert_close(grad, -m * 1e150, rtol=1e-12, atol=0.0)
+    # 0 < q <= 1: B = [[1]], gram_a = [[0.25]], m = [[2]], ||dW|| = 1, lambda = 0.
+    # inner = 2, q = 0.25, den = 0.5, cos = 4, d cos / dB = (2 - (2 / 0.25) * 0.25) / 0.5 = 0.
+    one = torch.tensor([[1.0]], dtype=torch.float64)
+    loss, grad = fair_objective(
+        torch.zeros(1, 1, dtype=torch.float64), one, 2.0 * one, 0.25 * one, 1.0, 0.0
+    )
+    assert loss == pytest.approx(1.0 - 4.0, abs=1e-12)
+    assert float(grad) == pytest.approx(0.0, abs=1e-12)
