@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from fedlora.adapters import AdapterState, LoraPair
+from strategies import fair_kernel
 from strategies.base import ClientResult
 from strategies.batched import ModuleBatch, aggregate_modules, map_chunks, policy_threads, thread_policy
 from strategies.common import check_number, example_weights, require_uniform
@@ -106,12 +107,18 @@ def correct_batch(
     lam: float,
     steps: int,
     lr: float,
+    native: bool = True,
 ) -> torch.Tensor:
     """Return, per module, the best ``dB`` seen by Adam (``dB = 0`` included) on :func:`fair_objective`.
 
     The same iteration as running :func:`fair_objective` and Adam module by module, vectorised
     over the leading module axis (shapes: ``m``, ``b_bar`` M x d_out x r; ``gram_a`` M x r x r;
     ``norm_w`` (M,)); each module keeps its own best iterate.
+
+    With ``native`` (default) and a working C compiler the loop runs as the compiled kernel of
+    :mod:`strategies.fair_kernel` (one pass over the data per step instead of ~9 torch calls;
+    measured ~5x faster at 4096 x 16); otherwise, or for other dtypes, as the torch loop below.
+    The two agree to rounding (float32: the reductions are summed in another order).
 
     Every step is a handful of passes over d_out x r: with ``C = B_bar gram_a`` (constant) the four
     rows ``z = [m, C, dB gram_a, dB]`` (flattened, stored together) give every reduction of a step
@@ -126,9 +133,15 @@ def correct_batch(
     tiny = _TINY if dtype == torch.float64 else torch.finfo(dtype).tiny
     n_mod, d_out, r = b_bar.shape
     n = d_out * r
+    c_mat = torch.bmm(b_bar, gram_a)  # C = B_bar gram_a
+    lib = fair_kernel.load() if native and dtype in (torch.float32, torch.float64) else None
+    if lib is not None:
+        c_in, c_q = _vdot(b_bar, m).to(torch.float64), _vdot(b_bar, c_mat).to(torch.float64)
+        norm_sq64 = norm_w.to(torch.float64) ** 2
+        args = (c_in, c_q, norm_sq64, lam, steps, lr, tiny)
+        return fair_kernel.correct_batch_native(lib, m, c_mat, gram_a, *args)
     z_rows = torch.zeros(n_mod, 4, n, dtype=dtype)  # per module the rows m, C, dB gram_a, dB
     z_rows[:, 0] = m.reshape(n_mod, n)
-    c_mat = torch.bmm(b_bar, gram_a)  # C = B_bar gram_a
     z_rows[:, 1] = c_mat.reshape(n_mod, n)
     d_b, d_b_gram = z_rows[:, 3].view(n_mod, d_out, r), z_rows[:, 2].view(n_mod, d_out, r)
     d_b_col, d_b_row = z_rows[:, 3].unsqueeze(-1), z_rows[:, 3].unsqueeze(1)  # M x n x 1, M x 1 x n

@@ -146,8 +146,9 @@ def _textbook_fair(m, gram_a, norm_w, b_bar, lam, steps, lr):
     return best
 
 
+@pytest.mark.parametrize("native", [True, False])  # the compiled kernel and the torch loop
 @pytest.mark.parametrize("lr", [1e-3, 5e-2])
-def test_fused_adam_loop_equals_textbook_adam(lr):
+def test_fused_adam_loop_equals_textbook_adam(lr, native):
     gen = torch.Generator().manual_seed(7)
     d_out, r, d_in, kr = 7, 2, 5, 6
     b_cat = torch.randn(3, d_out, kr, generator=gen, dtype=F64)
@@ -157,7 +158,7 @@ def test_fused_adam_loop_equals_textbook_adam(lr):
     m = b_cat @ (a_cat @ a_bar.mT)
     gram_a = a_bar @ a_bar.mT
     norm_w = (b_cat @ a_cat).flatten(1).norm(dim=1)
-    got = correct_batch(m, gram_a, norm_w, b_bar, 0.05, 30, lr)
+    got = correct_batch(m, gram_a, norm_w, b_bar, 0.05, 30, lr, native=native)
     for i in range(3):
         want = _textbook_fair(m[i], gram_a[i], float(norm_w[i]), b_bar[i], 0.05, 30, lr)
         torch.testing.assert_close(got[i], want, rtol=1e-9, atol=1e-12)
