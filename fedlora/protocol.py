@@ -9,17 +9,21 @@ Messages (record names and keys are the constants below):
     "config" {``run-config``, ``labels``} -> "info" {``rank``, ``alpha``, ``num-examples``,
     ``partition-id``}.
 ``train`` (server -> client, every round): :class:`TrainRequest` -> :class:`TrainReply`
-    "adapter" (ArrayRecord, the tensors the client starts from, PEFT names), optional
+    "adapter" (packed ArrayRecord, the tensors the client starts from, PEFT names), optional
     "merge" (factored base update, FLoRA), "config" {``run-config``, ``labels``, ``round``,
     ``rank``, ``alpha``, ``train-a``, ``seed``, ``privacy-ledger``, fingerprints} ->
-    "update" (ArrayRecord of deltas, trained minus received, of the tensors the client
+    "update" (packed ArrayRecord of deltas, trained minus received, of the tensors the client
     trains), "metrics" (``num-examples`` and the client's own metrics), optional "privacy"
     {``ledger``, ``declined-reason``}.
 
+Every array record ("adapter", "merge", "update") is in packed form: one flat float32 buffer
+and the manifest of its tensors' names, shapes and offsets (:mod:`fedlora.protocol_arrays`,
+re-exported here), so a message is a few Flower objects whatever the adapter's size.
+
 Decoding never trusts the other side: :func:`decode_setup_reply` and
 :func:`decode_train_reply` raise :class:`ProtocolError` (one line naming the field and the
-value) for anything malformed, and array records are sized and their ``.npy`` headers
-checked *before* any array is allocated (:mod:`fedlora.protocol_arrays`, re-exported here).
+value) for anything malformed, and array records are sized, their manifests checked and
+their ``.npy`` headers read *before* any array is allocated or split.
 Only adapter tensors travel; base weights never do.
 """
 
@@ -42,12 +46,21 @@ from fedlora.protocol_arrays import (
     ProtocolError,
     decode_arrays,
     encode_arrays,
+    manifest_text,
     record_bytes,
     size_cap,
 )
 
 # Array codec names, re-exported: server and clients import the whole protocol from here.
-__all__ = ["WIRE_DTYPE", "ProtocolError", "decode_arrays", "encode_arrays", "record_bytes", "size_cap"]
+__all__ = [
+    "WIRE_DTYPE",
+    "ProtocolError",
+    "decode_arrays",
+    "encode_arrays",
+    "manifest_text",
+    "record_bytes",
+    "size_cap",
+]
 
 # Message types.
 QUERY = "query"

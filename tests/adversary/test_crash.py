@@ -8,16 +8,15 @@ traceback (OverflowError, MemoryError, TypeError, json.JSONDecodeError) or slipp
 
 from __future__ import annotations
 
-import io
-import json
-
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from fedlora.protocol import INFO, METRICS, PRIVACY, UPDATE
+from fedlora.protocol import INFO, METRICS, PRIVACY, UPDATE, encode_arrays
+from fedlora.protocol_arrays import manifest_entries
 from tests.adversary.fakegrid import grid_of
+from tests.adversary.packing import forged, header_only, unpacked
 
 EVIL = 14
 
@@ -55,33 +54,37 @@ def test_bad_example_counts_are_rejected(run_fed, value, reason):
     _check_continues(run, reason)
 
 
-def _huge_header_array() -> Array:
-    # A valid .npy header claiming 2^40 float32s (4 TiB), with 16 bytes of data.
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buf, {"descr": "<f4", "fortran_order": False, "shape": (2**20, 2**20)}
-    )
-    data = buf.getvalue() + b"\0" * 16
-    return Array(dtype="float32", shape=(2**20, 2**20), stype="numpy.ndarray", data=data)
-
-
-def test_gigantic_array_header_is_refused_before_allocation(run_fed):
+def test_gigantic_manifest_shape_is_refused_before_allocation(run_fed):
+    # The manifest claims 2^40 float32s (4 TiB) for one tensor; the buffer is the honest one.
     def craft(msg, content):
-        arrays = dict(content[UPDATE].items())
-        name = sorted(arrays)[0]
-        arrays[name] = _huge_header_array()
-        content[UPDATE] = ArrayRecord(arrays)
+        arrays = unpacked(content[UPDATE])
+        entries = manifest_entries(arrays)
+        entries[0][1] = [2**20, 2**20]
+        for e in entries[1:]:  # offsets consistent with the claim: only the shape is a lie
+            e[2] += 2**40 - arrays[entries[0][0]].numel()
+        content[UPDATE] = forged(entries, np.concatenate([v.numpy().ravel() for v in arrays.values()]))
         return content
 
     run = run_fed(grid_of(4, {EVIL: craft}))
     _check_continues(run, "has shape (1048576, 1048576)")
 
 
+def test_gigantic_values_header_is_refused_before_allocation(run_fed):
+    # An honest manifest, but the values' .npy header claims 2^40 float32s and carries 16 bytes.
+    def craft(msg, content):
+        arrays = unpacked(content[UPDATE])
+        content[UPDATE] = forged(manifest_entries(arrays), header_only("<f4", (2**40,), b"\0" * 16))
+        return content
+
+    run = run_fed(grid_of(4, {EVIL: craft}))
+    _check_continues(run, "claims shape (1099511627776,)")
+
+
 def test_oversized_update_record_is_refused_unread(run_fed):
     def craft(msg, content):
-        arrays = dict(content[UPDATE].items())
-        arrays["padding.weight"] = Array(np.zeros(4_000_000, dtype=np.float32))
-        content[UPDATE] = ArrayRecord(arrays)
+        arrays = unpacked(content[UPDATE])
+        arrays["padding.weight"] = torch.zeros(4_000_000)
+        content[UPDATE] = encode_arrays(arrays)
         return content
 
     run = run_fed(grid_of(4, {EVIL: craft}))
@@ -149,11 +152,12 @@ def test_malformed_setup_reply_leaves_the_node_out(run_fed, info, reason):
     assert run.glob(1)["clients_sampled"] == 3 and run.glob(2)["clients_ok"] == 3 and run.finite()
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.float16, torch.float64])
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_, np.float16, np.float64, ">f4"])
 def test_deltas_of_another_dtype_are_refused(run_fed, dtype):
     def craft(msg, content):
-        arrays = {k: Array(torch.zeros(a.shape, dtype=dtype).numpy()) for k, a in content[UPDATE].items()}
-        content[UPDATE] = ArrayRecord(arrays)
+        arrays = unpacked(content[UPDATE])
+        count = sum(v.numel() for v in arrays.values()) * 4 // np.dtype(dtype).itemsize  # same bytes
+        content[UPDATE] = forged(manifest_entries(arrays), np.zeros(count, dtype=dtype))
         return content
 
     run = run_fed(grid_of(4, {EVIL: craft}))
@@ -162,34 +166,9 @@ def test_deltas_of_another_dtype_are_refused(run_fed, dtype):
 
 def test_update_that_omits_tensors_is_rejected(run_fed):
     def craft(msg, content):
-        arrays = dict(content[UPDATE].items())
-        content[UPDATE] = ArrayRecord({k: arrays[k] for k in sorted(arrays)[:1]})
+        arrays = unpacked(content[UPDATE])
+        content[UPDATE] = encode_arrays({k: arrays[k] for k in sorted(arrays)[:1]})
         return content
 
     run = run_fed(grid_of(4, {EVIL: craft}))
     _check_continues(run, "omits")
-
-
-def test_client_error_reply_is_rejected(run_fed):
-    from flwr.app import Error, Message
-
-    def craft(msg, content):
-        return Message(Error(code=0, reason="boom"), reply_to=msg)
-
-    run = run_fed(grid_of(4, {EVIL: craft}))
-    _check_continues(run, "client error: boom")
-
-
-
-def test_ledger_of_the_wrong_kind_is_rejected_under_record_dp(run_fed):
-    # Valid JSON, but the client-level ledger of another client: the server's ledger code
-    # (server/privacy.py) refuses it with a ValueError, which must become a rejection.
-    ledger = {"client_id": "client-0", "unit": "client", "delta": 1e-5, "max_grad_norm": 1.0, "entries": []}
-
-    def craft(msg, content):
-        content[PRIVACY] = ConfigRecord({"ledger": json.dumps(ledger)})
-        return content
-
-    dp = {"privacy.mode": "record", "privacy.noise_multiplier": 1.0}
-    run = run_fed(grid_of(4, {EVIL: craft}), **dp)
-    _check_continues(run, "malformed privacy ledger")

@@ -10,16 +10,16 @@ import stat
 
 import pytest
 import torch
-from flwr.app import ArrayRecord
 
 from fedlora.config import ConfigError, RunConfig, load_toml, with_overrides
 from fedlora.data.sources import DataError, load_task_data
-from fedlora.protocol import UPDATE
+from fedlora.protocol import UPDATE, encode_arrays
 from server.loop import FederationError, ServerRun
 from server.outputs import OutputError
 from server.resume import ResumeError
 from strategies.registry import RegistryError
 from tests.adversary.fakegrid import grid_of, small_config
+from tests.adversary.packing import unpacked
 
 
 @pytest.mark.parametrize(
@@ -120,7 +120,7 @@ def test_out_dir_holding_a_run_is_refused_without_resume(run_fed):
 
 def test_round_with_every_update_rejected_ends_the_run_with_reasons(run_fed):
     def bad(msg, content):
-        content[UPDATE] = ArrayRecord({k: torch.zeros(1) for k in list(content[UPDATE].keys())[:1]})
+        content[UPDATE] = encode_arrays({k: torch.zeros(1) for k in list(unpacked(content[UPDATE]))[:1]})
         return content
 
     run = run_fed(grid_of(4, {n: bad for n in (11, 12, 13, 14)}), expect_error=True)

@@ -22,9 +22,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
-from fedlora.protocol import INFO, METRICS, NUM_EXAMPLES, UPDATE, TrainRequest
+from fedlora.protocol import INFO, METRICS, NUM_EXAMPLES, UPDATE, TrainRequest, encode_arrays
 from tests.adversary.conftest import distance
 from tests.adversary.fakegrid import grid_of
+from tests.adversary.packing import unpacked
 
 EVIL = 14
 LIMIT = 4.0  # with the defaults: at most this many honest influences away (5 for the weight attack)
@@ -42,8 +43,8 @@ def scaled(factor: float):
     """Attacker: the honest update times ``factor`` (sign flip when negative)."""
 
     def craft(msg, content):
-        arrays = {k: torch.from_numpy(a.numpy()) * factor for k, a in content[UPDATE].items()}
-        content[UPDATE] = ArrayRecord(arrays)
+        arrays = {k: v * factor for k, v in unpacked(content[UPDATE]).items()}
+        content[UPDATE] = encode_arrays(arrays)
         return content
 
     return craft
@@ -113,10 +114,10 @@ def test_a_billion_examples_do_not_buy_the_weight(run_fed):
 def test_huge_finite_values_are_rejected(run_fed, strategy):
     def craft(msg, content):
         req = TrainRequest.from_message(msg)
-        arrays = {k: torch.from_numpy(a.numpy()) for k, a in content[UPDATE].items()}
+        arrays = unpacked(content[UPDATE])
         b = next(k for k in sorted(arrays) if ".lora_B." in k)
         arrays[b] = torch.full_like(arrays[b], 1e30) - req.adapter[b]  # B = 1e30, NaN-free
-        content[UPDATE] = ArrayRecord(arrays)
+        content[UPDATE] = encode_arrays(arrays)
         return content
 
     without, with_ = _attack(run_fed, strategy, craft)
@@ -148,8 +149,9 @@ def test_non_finite_aggregate_is_rolled_back_and_the_offender_named(run_fed):
     # passes the dtype/finiteness checks, but FlexLoRA's product B A (1e50) overflows float32.
     def craft(msg, content):
         req = TrainRequest.from_message(msg)
-        arrays = {k: torch.full_like(req.adapter[k], 1e25) - req.adapter[k] for k in content[UPDATE]}
-        content[UPDATE] = ArrayRecord(arrays)
+        sent = unpacked(content[UPDATE])
+        arrays = {k: torch.full_like(req.adapter[k], 1e25) - req.adapter[k] for k in sent}
+        content[UPDATE] = encode_arrays(arrays)
         return content
 
     off = {**OFF, "robust.max_abs_value": 1e300, "robust.max_update_norm": 1e300}
