@@ -10,9 +10,13 @@ rounds, as a simulated SuperNode's does. Server loop, strategies, validation, cl
 record-level DP (Opacus, calibration, ledgers) and evaluation are therefore exactly the code
 ``fedlora simulate`` runs; only Ray's scheduling and process isolation are left out.
 
-:class:`CrossTermProbe` wraps a run's strategy and measures, every round, FedIT's aggregation
-error ``||sum_k p_k s B_k A_k - s B_bar A_bar||_F / ||sum_k p_k s B_k A_k||_F`` on the updates the
-clients really sent (see :func:`cross_term_error`).
+:class:`AggregationProbe` wraps a run's strategy and measures, every round, how far the new
+global adapter is from the exact average of what the clients sent (:func:`aggregation_error`, on
+the effective weights ``merge + s B A`` of :func:`effective_weights`): for FedIT this is its
+cross-term error ``||sum_k p_k B_k A_k - B_bar A_bar|| / ||sum_k p_k B_k A_k||``
+(:func:`cross_term_error`), for FLoRA the error of its stacking, measured rather than assumed.
+:class:`ZeroPadding` is the plain zero-padding baseline for heterogeneous ranks (pad, then
+example-weighted FedIT average), which fedlora's strategy registry does not offer.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +33,10 @@ from flwr.app import Context, Message, RecordDict
 
 from fedlora.adapters import AdapterState, is_lora_a, split_state
 from fedlora.config import RunConfig, with_overrides
-from strategies.base import ClientResult, StrategyWrapper
+from strategies.base import ClientResult, LoraStrategy, StrategyWrapper
+from strategies.batched import ModuleBatch, aggregate_modules
 from strategies.common import example_weights
+from strategies.ranked import RankedStrategy
 
 
 def cross_term_error(results: Sequence[ClientResult]) -> float:
@@ -67,24 +73,104 @@ def cross_term_error(results: Sequence[ClientResult]) -> float:
     return (num**0.5) / (den**0.5) if den > 0 else float("nan")
 
 
-class CrossTermProbe(StrategyWrapper):
-    """Delegates everything; records :func:`cross_term_error` of every round's client results.
+def effective_weights(
+    state: Mapping[str, torch.Tensor], scale: float, merge: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Return, per adapted module, the weight change the adapter applies: ``merge_B merge_A + s B A``.
 
-    One value per call of :meth:`aggregate`, i.e. per round unless the server loop retried a
-    round without a non-finite update (it never does in these benchmarks' runs).
+    ``merge`` is FLoRA's cumulative merge (scale already folded into its A; None for the other
+    methods). Results are float64, d_out x d_in.
+    """
+    pairs, _ = split_state(state)
+    merged = split_state(merge)[0] if merge else {}
+    out = {}
+    for module, pair in pairs.items():
+        w = scale * (pair.b.to(torch.float64) @ pair.a.to(torch.float64))
+        if module in merged:
+            w = w + merged[module].b.to(torch.float64) @ merged[module].a.to(torch.float64)
+        out[module] = w
+    return out
+
+
+def aggregation_error(
+    clients: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], new: Mapping[str, torch.Tensor]
+) -> float:
+    """Return ``sqrt(sum_m ||sum_k p_k W_km - G_m||^2) / sqrt(sum_m ||sum_k p_k W_km||^2)``.
+
+    ``clients[k][m]`` is client ``k``'s effective weight ``W_km`` of module ``m``, ``new[m]`` the
+    aggregated global one ``G_m`` and ``weights`` the ``p_k``. NaN when every exact average is zero.
+    """
+    num = den = 0.0
+    for module, g in new.items():
+        exact = sum(float(p) * w[module] for p, w in zip(weights, clients, strict=True))
+        num += float(torch.linalg.matrix_norm(exact - g) ** 2)
+        den += float(torch.linalg.matrix_norm(exact) ** 2)
+    return (num**0.5) / (den**0.5) if den > 0 else float("nan")
+
+
+class AggregationProbe(StrategyWrapper):
+    """Delegates everything; records :func:`aggregation_error` of every round's aggregation.
+
+    Measured when the clients share one rank and scale and send both factors (FedIT, FLoRA,
+    LoRA-FAIR, FFA-LoRA whose A comes back unchanged); one value per call of :meth:`aggregate`,
+    i.e. per round (the server loop retries a round only after a non-finite update, which these
+    benchmarks' runs never send). FLoRA's update lives in its merge, read with ``final_merge``
+    before and after the round.
     """
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: LoraStrategy) -> None:
         super().__init__(inner)
         self.errors: list[float] = []
 
     def aggregate(self, state: AdapterState, results: Sequence[ClientResult]) -> AdapterState:
-        """Measure the round's cross-term error, then aggregate with the wrapped method."""
-        # FFA-LoRA's clients send no A (it is shared and frozen): nothing to measure, error 0.
-        has_a = all(any(is_lora_a(k) for k in r.state) for r in results)
-        if results and has_a and len({r.spec.rank for r in results}) == 1:
-            self.errors.append(cross_term_error(results))
-        return self.inner.aggregate(state, results)
+        """Aggregate with the wrapped method, then measure the round's aggregation error."""
+        measurable = (
+            bool(results)
+            and all(any(is_lora_a(k) for k in r.state) for r in results)
+            and len({(r.spec.rank, r.spec.scale) for r in results}) == 1
+        )
+        merge_before = self.inner.final_merge(state) if measurable else None
+        new = self.inner.aggregate(state, results)
+        if measurable:
+            scale = results[0].spec.scale
+            clients = [effective_weights(r.state, scale, merge_before) for r in results]
+            glob = effective_weights(new, scale, self.inner.final_merge(new))
+            p = [float(w) for w in example_weights(results)]
+            self.errors.append(aggregation_error(clients, p, glob))
+        return new
+
+
+def zero_pad_batch(
+    batch: ModuleBatch, weights: torch.Tensor, scales: Sequence[float], global_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``A_g = sum_k p_k pad(A_k)``, ``B_g = sum_k p_k pad((s_k / s_g) B_k)`` per module.
+
+    Shapes: ``A_g`` M x R x d_in, ``B_g`` M x d_out x R; ``weights`` (K,) are the ``p_k``.
+    """
+    a_g, b_g = torch.zeros_like(batch.prev_a), torch.zeros_like(batch.prev_b)
+    for p, s, a, b in zip(weights.tolist(), scales, batch.a, batch.b, strict=True):
+        a_g[:, : a.shape[1]].add_(a, alpha=p)
+        b_g[..., : b.shape[2]].add_(b, alpha=p * s / global_scale)
+    return a_g, b_g
+
+
+class ZeroPadding(RankedStrategy):
+    """Plain zero-padding for heterogeneous ranks: pad to ``R``, average with example weights.
+
+    The baseline FlexLoRA (Bai et al., NeurIPS 2024) and HetLoRA (Cho et al., EMNLP 2024)
+    compare against: HetLoRA without its norm weights, i.e. FedIT on zero-padded factors (so
+    with FedIT's cross-term error). Benchmark-only: not in the strategy registry.
+    """
+
+    name = "zeropad"
+
+    def aggregate(self, state: AdapterState, results: Sequence[ClientResult]) -> AdapterState:
+        """Zero-pad every client to ``R`` (scales folded into B) and average by example counts."""
+        p = example_weights(results)
+        scales = [r.spec.scale for r in results]
+        return aggregate_modules(
+            state, results, lambda batch: zero_pad_batch(batch, p, scales, self.global_scale), p
+        )
 
 
 class InProcessGrid:
@@ -141,7 +227,8 @@ def run_federated(
     cfg: RunConfig,
     node_ranks: Sequence[int] | None = None,
     *,
-    probe_cross_terms: bool = False,
+    probe: bool = False,
+    strategy: Callable[[], LoraStrategy] | None = None,
     out_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` in-process (see module docstring); return per-round global metrics.
@@ -152,8 +239,11 @@ def run_federated(
         The run configuration, as ``fedlora simulate`` would take it.
     node_ranks
         Optional LoRA rank of each node (``lora-rank`` node-config), for heterogeneous ranks.
-    probe_cross_terms
-        Wrap the strategy in :class:`CrossTermProbe` and return its per-round errors.
+    probe
+        Wrap the strategy in :class:`AggregationProbe` and return its per-round errors.
+    strategy
+        Builds the strategy to run instead of ``cfg.federation.strategy`` (e.g.
+        :class:`ZeroPadding`); ``cfg`` should then name a method with the same client contract.
     out_dir
         Run directory (default: a fresh temporary one).
 
@@ -161,8 +251,8 @@ def run_federated(
     -------
     dict
         ``accuracy`` and ``loss`` per round (round 0 = the untrained adapter), ``epsilon`` (the
-        largest client epsilon after the last round, None without DP), ``cross_term`` (per round,
-        when probed) and ``run_dir``.
+        largest client epsilon after the last round, None without DP), ``aggregation_error`` (per
+        round, when probed; empty when not measurable) and ``run_dir``.
     """
     from clients.privacy import STATE_ROOT_ENV
     from server.loop import ServerRun
@@ -177,9 +267,11 @@ def run_federated(
     os.environ[STATE_ROOT_ENV] = str(run_dir / "nodes")
     try:
         server = ServerRun(grid, cfg, run_dir)  # type: ignore[arg-type]  # duck-typed Grid
-        probe = CrossTermProbe(server.strategy) if probe_cross_terms else None
-        if probe is not None:
-            server.strategy = probe
+        if strategy is not None:
+            server.strategy = server.privacy.wrap(strategy())
+        probed = AggregationProbe(server.strategy) if probe else None
+        if probed is not None:
+            server.strategy = probed
         server.run()
     finally:
         from flwr.supercore.task_identity import TaskIdentity
@@ -195,6 +287,6 @@ def run_federated(
         "accuracy": [float(r["test_accuracy"]) for r in rows],
         "loss": [float(r["test_loss"]) for r in rows],
         "epsilon": float(eps) if eps is not None else None,
-        "cross_term": list(probe.errors) if probe is not None else None,
+        "aggregation_error": list(probed.errors) if probed is not None else None,
         "run_dir": str(run_dir),
     }
