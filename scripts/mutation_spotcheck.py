@@ -24,6 +24,9 @@ L = "tests/privacy/test_ledger_mutation.py::"
 C = "tests/privacy/test_client_dp_mutation.py::"
 K = "tests/strategies/test_common_ranked_mutation.py::"
 AC = "tests/privacy/test_accounting_mutation.py::"
+HF = "tests/strategies/test_mutation_kills_hetlora_flexlora.py::"
+FA = "tests/strategies/test_mutation_kills_fair.py::"
+CA = "tests/privacy/test_mutation_kills_calibrate.py::"
 CASES = [
     (
         "strategies.robust",
@@ -157,6 +160,89 @@ CASES = [
         "like[name].dtype if name in like else states[1][name].dtype",
         K + "test_average_named_casts_to_like_or_to_the_first_state",
     ),
+    # Survivors of passes 1 and 3 (hetlora, flexlora, fair, calibrate), killed by new tests.
+    (
+        "strategies.hetlora",
+        "a64, b64 = a.to(torch.float64), b.to(torch.float64)",
+        "a64, b64 = a.to(None), b.to(torch.float64)",
+        HF + "test_product_norm_is_exact_where_float32_gram_entries_cancel",
+    ),
+    (
+        "strategies.hetlora",
+        "a64, b64 = a.to(torch.float64), b.to(torch.float64)",
+        "a64, b64 = a.to(torch.float64), b.to(None)",
+        HF + "test_product_norm_is_exact_where_float32_gram_entries_cancel",
+    ),
+    *[
+        (
+            "strategies.hetlora",
+            "for p, s in zip(pairs, scales, strict=True)]",
+            f"for p, s in zip(pairs, scales{tail})]",
+            HF + "test_norm_weights_refuses_scales_that_do_not_match_the_clients",
+        )
+        for tail in (", strict=None", ", strict=False", ", ")
+    ],
+    (
+        "strategies.flexlora",
+        "[p.b.to(f64)[None] for p in pairs],",
+        "[p.b.to(None)[None] for p in pairs],",
+        HF + "test_flexlora_module_computes_float32_factors_in_float64",
+    ),
+    *[
+        (
+            "strategies.flexlora",
+            old,
+            new,
+            HF + "test_orthonormal_completion_keeps_the_rows_dtype_whatever_the_defaults",
+        )
+        for old, new in (
+            ("hint.to(rows.dtype)", "hint.to(None)"),
+            ("torch.eye(d, dtype=rows.dtype)", "torch.eye(d, dtype=None)"),
+            ("torch.eye(d, dtype=rows.dtype)", "torch.eye(d, )"),
+            ("d, dtype=rows.dtype)\n    return", "d, dtype=None)\n    return"),
+            ("d, dtype=rows.dtype)\n    return", "d, )\n    return"),
+        )
+    ],
+    (
+        "strategies.fair",
+        "        pairs[0].a.to(f64)[None],",
+        "        pairs[1].a.to(f64)[None],",
+        FA + "test_fair_module_of_one_client_returns_its_factors",
+    ),
+    (
+        "strategies.fair",
+        "        pairs[0].b.to(f64)[None],",
+        "        pairs[1].b.to(f64)[None],",
+        FA + "test_fair_module_of_one_client_returns_its_factors",
+    ),
+    (
+        "strategies.fair",
+        "torch.sqrt(den_sq.clamp_min(0.0) + _TINY)",
+        "torch.sqrt(den_sq.clamp_min(1.0) + _TINY)",
+        FA + "test_factored_cosine_of_products_smaller_than_one",
+    ),
+    (
+        "fedlora.privacy.calibrate",
+        "    if spent > target_epsilon:",
+        "    if spent >= target_epsilon:",
+        CA + "test_a_sigma_that_spends_exactly_the_target_is_accepted",
+    ),
+    *[
+        (
+            "fedlora.privacy.calibrate",
+            '            "lower epsilon_tolerance"\n',
+            new,
+            CA + "test_a_sigma_from_the_search_that_overspends_is_refused",
+        )
+        for new in ('            "XXlower epsilon_toleranceXX"\n', '            "LOWER EPSILON_TOLERANCE"\n')
+    ],
+    (
+        "fedlora.privacy.calibrate",
+        'f"calibrated sigma={sigma} spends epsilon={spent} > target {target_epsilon}; "\n'
+        '            "lower epsilon_tolerance"\n',
+        "None\n",
+        CA + "test_a_sigma_from_the_search_that_overspends_is_refused",
+    ),
 ]
 
 
@@ -164,6 +250,10 @@ def swap(modname: str, source: str) -> None:
     """Re-execute ``source`` as module ``modname`` and point every loaded module at the new objects."""
     mod = sys.modules[modname]
     old = dict(vars(mod))
+    # A strategy module registers its classes on import: free their names for the re-execution.
+    registry = getattr(sys.modules.get("strategies.registry"), "_REGISTRY", {})
+    for name in [n for n, cls in registry.items() if cls.__module__ == modname]:
+        del registry[name]
     exec(compile(source, mod.__file__, "exec"), vars(mod))
     new = vars(mod)
     by_id = {id(v): new[k] for k, v in old.items() if k in new and new[k] is not v}
