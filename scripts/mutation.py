@@ -12,6 +12,8 @@ Usage::
     python scripts/mutation.py --only strategies/ffa.py --max-children 2
     python scripts/mutation.py --workdir /tmp/mut --keep   # reuse/keep the scratch copy
     python scripts/mutation.py --workdir /tmp/mut --rerun-alive  # after adding tests: rerun survivors
+    python scripts/mutation.py --only "strategies/*.py" --carry-from /tmp/mut  # changed files in full,
+                                    # unchanged ones: only their survivors, against the current tests
 
 Needs the ``test`` extra (``pip install -e '.[test]'``), which pins mutmut.
 """
@@ -121,6 +123,60 @@ def alive_mutants(work: Path) -> list[str]:
     return names
 
 
+def module_of(rel: str) -> str:
+    """Return the dotted module of a source path (``strategies/fair.py`` -> ``strategies.fair``)."""
+    return rel[: -len(".py")].replace("/", ".")
+
+
+def carried_results(work: Path, only: list[str], earlier: list[Path]) -> tuple[list[str], dict[str, Path]]:
+    """Plan a rerun that reuses earlier results where the source has not changed.
+
+    For every file of ``work`` matched by ``only``, the first workdir of ``earlier`` that holds
+    byte-identical source and its mutmut results is its origin: only the mutants not killed there
+    are run again (against the current tests), the others keep their earlier result. A file with
+    no such origin is mutated in full. Returns the mutant names or patterns to run and the
+    origin of each carried file.
+    """
+    names: list[str] = []
+    origins: dict[str, Path] = {}
+    files = sorted({str(p.relative_to(work)) for pat in only for p in work.glob(pat) if p.is_file()})
+    for rel in files:
+        if any(rel == d or rel.endswith("/" + d) for d in DO_NOT_MUTATE):
+            continue
+        src = (work / rel).read_bytes()
+        origin = next(
+            (
+                old
+                for old in earlier
+                if (old / rel).is_file()
+                and (old / rel).read_bytes() == src
+                and (old / "mutants" / f"{rel}.meta").is_file()
+            ),
+            None,
+        )
+        if origin is None:
+            names.append(module_of(rel) + ".*")
+            continue
+        origins[rel] = origin
+        names += [n for n in alive_mutants(origin) if n.startswith(module_of(rel) + ".")]
+    return names, origins
+
+
+def merge_carried(work: Path, origins: dict[str, Path]) -> None:
+    """Give every mutant of a carried file that this run did not check its earlier result."""
+    for rel, origin in origins.items():
+        new_path = work / "mutants" / f"{rel}.meta"
+        if not new_path.is_file():
+            continue
+        new = json.loads(new_path.read_text())
+        old = json.loads((origin / "mutants" / f"{rel}.meta").read_text()).get("exit_code_by_key", {})
+        codes = new.setdefault("exit_code_by_key", {})
+        for name, code in codes.items():
+            if code is None and name in old:
+                codes[name] = old[name]
+        new_path.write_text(json.dumps(new))
+
+
 def refresh_tests(work: Path) -> None:
     """Copy the checkout's ``tests/`` over the scratch copy's (new tests for a rerun)."""
     shutil.copytree(ROOT / "tests", work / "tests", dirs_exist_ok=True)
@@ -184,6 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a new temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument(
+        "--carry-from",
+        nargs="*",
+        type=Path,
+        default=[],
+        help="earlier workdirs: for each file whose source is unchanged there, run only the mutants "
+        "not killed there (with the current tests) and keep its other results",
+    )
+    ap.add_argument(
         "--rerun-alive",
         action="store_true",
         help="in an existing --workdir: copy the current tests in and run only the mutants not killed yet",
@@ -191,9 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rerun_alive and (args.workdir is None or not (args.workdir / "pyproject.toml").exists()):
         ap.error("--rerun-alive needs the --workdir of an earlier run")
+    if args.carry_from and args.rerun_alive:
+        ap.error("--carry-from starts a fresh scratch copy; it cannot be combined with --rerun-alive")
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fedlora-mutation-"))
     fresh = not (work / "pyproject.toml").exists()
+    if args.carry_from and not fresh:
+        ap.error(f"--carry-from needs a fresh --workdir; {work} already holds a run")
+    origins: dict[str, Path] = {}
     if fresh:
         work.mkdir(parents=True, exist_ok=True)
         copy_tree(work)
@@ -214,6 +283,14 @@ def main(argv: list[str] | None = None) -> int:
             print(summarize(work))
             return 0
         cmd += names
+    elif args.carry_from:
+        names, origins = carried_results(work, args.only, args.carry_from)
+        for rel, origin in sorted(origins.items()):
+            print(f"{rel}: unchanged since {origin}; rerunning its mutants not killed there")
+        if not names:
+            print("nothing to run: every mutant of the carried files was killed already")
+            return 0
+        cmd += names
     # Own process group: on timeout mutmut and its fork server / workers are stopped together.
     proc = subprocess.Popen(cmd, cwd=work, env=env, start_new_session=True)
     try:
@@ -227,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait()
         print(f"mutmut stopped after {args.timeout:.0f} s; the summary covers the mutants run so far")
         rc = 124
-    summary = summarize(work) + f"\n\nwall time: {time.monotonic() - t0:.0f} s\n"
+    merge_carried(work, origins)
+    carried = "".join(f"carried from {o}: {r}\n" for r, o in sorted(origins.items()))
+    summary = summarize(work) + f"\n\n{carried}wall time: {time.monotonic() - t0:.0f} s\n"
     (work / "mutation-summary.txt").write_text(summary, encoding="utf-8")
     print(summary)
     print(f"summary: {work / 'mutation-summary.txt'}")
