@@ -324,6 +324,7 @@ def cell_rows(runs: list[dict[str, Any]], cells: Sequence[Cell]) -> list[list[An
             [
                 "/".join(cell),
                 fmt([r["accuracy"][-1] for r in mine]),
+                fmt([r["loss"][-1] for r in mine]),
                 " / ".join(f"{a:.3f}" for a in per_round),
                 fmt([largest_drop(r["accuracy"][1:]) for r in mine]),
                 err or "-",
@@ -334,7 +335,11 @@ def cell_rows(runs: list[dict[str, Any]], cells: Sequence[Cell]) -> list[list[An
 
 
 def claim_rows(runs: list[dict[str, Any]]) -> tuple[list[list[Any]], dict[str, Any]]:
-    """Return the claims' Markdown rows and JSON: final accuracy of both sides and paired differences."""
+    """Return the claims' Markdown rows and JSON: final accuracy and test loss, paired differences.
+
+    A difference is the favoured cell's value minus the compared cell's, seed by seed (the two
+    runs of a seed share data, partition, initial adapter and batch order).
+    """
     rows, data = [], {}
     for claim, (favoured, other) in CLAIMS.items():
         by_seed = {
@@ -347,11 +352,13 @@ def claim_rows(runs: list[dict[str, Any]]) -> tuple[list[list[Any]], dict[str, A
         fav = [by_seed["favoured"][s]["accuracy"][-1] for s in seeds]
         oth = [by_seed["other"][s]["accuracy"][-1] for s in seeds]
         diffs = [a - b for a, b in zip(fav, oth, strict=True)]
+        loss_diffs = [by_seed["favoured"][s]["loss"][-1] - by_seed["other"][s]["loss"][-1] for s in seeds]
         data[claim] = {
             "favoured": "/".join(favoured),
             "other": "/".join(other),
             "seeds": seeds,
             "diffs": diffs,
+            "loss_diffs": loss_diffs,
         }
         rows.append(
             [
@@ -359,6 +366,7 @@ def claim_rows(runs: list[dict[str, Any]]) -> tuple[list[list[Any]], dict[str, A
                 f"{'/'.join(favoured)}: {fmt(fav)}",
                 f"{'/'.join(other)}: {fmt(oth)}",
                 f"{fmt(diffs)}; per seed " + ", ".join(f"{d:+.3f}" for d in diffs),
+                f"{fmt(loss_diffs)}; per seed " + ", ".join(f"{d:+.3f}" for d in loss_diffs),
             ]
         )
     return rows, data
@@ -466,11 +474,12 @@ def run(
     probe_acc = [p["test_accuracy"] for p in probe]
     cells_md = cell_rows(runs, cells)
     if probe_acc:
-        cells_md.append(["frozen-base linear probe", fmt(probe_acc), "-", "-", "-", "-"])
+        cells_md.append(["frozen-base linear probe", fmt(probe_acc), "-", "-", "-", "-", "-"])
     table = markdown_table(
         [
             "cell (strategy/split/privacy/ranks)",
             "final accuracy, mean ± std (seeds)",
+            "final test loss",
             "accuracy per round, mean over seeds (0 = untrained)",
             "largest round-to-round drop",
             "aggregation error per round, mean over seeds",
@@ -479,7 +488,13 @@ def run(
         cells_md,
     )
     table += "\n\n" + markdown_table(
-        ["claim", "favoured cell: final accuracy", "compared cell: final accuracy", "paired difference"],
+        [
+            "claim",
+            "favoured cell: final accuracy",
+            "compared cell: final accuracy",
+            "paired accuracy difference",
+            "paired test-loss difference",
+        ],
         claims_md,
     )
     result = {

@@ -111,29 +111,35 @@ def aggregation_error(
 class AggregationProbe(StrategyWrapper):
     """Delegates everything; records :func:`aggregation_error` of every round's aggregation.
 
-    Measured when the clients share one rank and scale and send both factors (FedIT, FLoRA,
-    LoRA-FAIR, FFA-LoRA whose A comes back unchanged); one value per call of :meth:`aggregate`,
-    i.e. per round (the server loop retries a round only after a non-finite update, which these
+    The exact average is ``sum_k p_k W_k`` of the clients' effective weights (each at its own
+    scale ``s_k``, example weights ``p_k``); the global one is read at the strategy's global scale
+    (a rank-heterogeneous method's ``global_scale``, else the clients' common scale). Measured
+    when every client sends both factors (FedIT, FLoRA, LoRA-FAIR, FFA-LoRA whose A comes back
+    unchanged, FlexLoRA, HetLoRA, zero-padding); one value per call of :meth:`aggregate`, i.e.
+    per round (the server loop retries a round only after a non-finite update, which these
     benchmarks' runs never send). FLoRA's update lives in its merge, read with ``final_merge``
-    before and after the round.
+    before and after the round. HetLoRA weights clients by update norm on purpose, so its value
+    includes that reweighting as well as the cross terms.
     """
 
     def __init__(self, inner: LoraStrategy) -> None:
         super().__init__(inner)
         self.errors: list[float] = []
 
+    def _global_scale(self, results: Sequence[ClientResult]) -> float | None:
+        if isinstance(self.inner, RankedStrategy):
+            return self.inner.global_scale
+        scales = {r.spec.scale for r in results}
+        return scales.pop() if len(scales) == 1 else None
+
     def aggregate(self, state: AdapterState, results: Sequence[ClientResult]) -> AdapterState:
         """Aggregate with the wrapped method, then measure the round's aggregation error."""
-        measurable = (
-            bool(results)
-            and all(any(is_lora_a(k) for k in r.state) for r in results)
-            and len({(r.spec.rank, r.spec.scale) for r in results}) == 1
-        )
+        scale = self._global_scale(results) if results else None
+        measurable = scale is not None and all(any(is_lora_a(k) for k in r.state) for r in results)
         merge_before = self.inner.final_merge(state) if measurable else None
         new = self.inner.aggregate(state, results)
-        if measurable:
-            scale = results[0].spec.scale
-            clients = [effective_weights(r.state, scale, merge_before) for r in results]
+        if measurable and scale is not None:
+            clients = [effective_weights(r.state, r.spec.scale, merge_before) for r in results]
             glob = effective_weights(new, scale, self.inner.final_merge(new))
             p = [float(w) for w in example_weights(results)]
             self.errors.append(aggregation_error(clients, p, glob))

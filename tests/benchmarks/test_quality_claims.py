@@ -97,14 +97,21 @@ def test_probe_on_flora_measures_exact_aggregation() -> None:
     assert max(flora.errors) < 1e-6
 
 
-def test_probe_skips_unequal_ranks() -> None:
-    results = _random_results(torch.Generator().manual_seed(2), (1, 2, 2), alpha=2.0)
-    probe = AggregationProbe(ZeroPadding())
-    template = {k: torch.zeros(2, 5) if k == a_name(M) else torch.zeros(3, 2) for k in (a_name(M), b_name(M))}
-    template[HEAD] = torch.zeros(1, 2)
-    state = probe.init_state(template, [r.spec for r in results])
-    probe.aggregate(state, results)
-    assert probe.errors == []
+def test_probe_on_unequal_ranks() -> None:
+    # Zero-padding keeps FedIT's cross terms: clearly off. FlexLoRA's truncated SVD at the global
+    # rank 2 of three rank-1/2/2 updates (sum of ranks 5 > 2) loses only the tail: less off.
+    gen = torch.Generator().manual_seed(2)
+    errors = {}
+    for name, strategy in (("zeropad", ZeroPadding()), ("flexlora", create("flexlora"))):
+        results = _random_results(torch.Generator().manual_seed(3), (1, 2, 2), alpha=2.0)
+        probe = AggregationProbe(strategy)
+        template = {a_name(M): torch.randn(2, 5, generator=gen), b_name(M): torch.zeros(3, 2)}
+        template[HEAD] = torch.zeros(1, 2)
+        state = probe.init_state(template, [r.spec for r in results])
+        probe.aggregate(state, results)
+        (errors[name],) = probe.errors
+    assert errors["zeropad"] > 0.1
+    assert errors["flexlora"] < errors["zeropad"]
 
 
 def test_zero_padding_by_hand() -> None:
@@ -135,7 +142,7 @@ def test_summaries_by_hand() -> None:
 
 def test_claim_rows_pair_seeds() -> None:
     def run(cell: str, seed: int, final: float) -> dict:
-        return {"cell": cell, "seed": seed, "accuracy": [0.1, final]}
+        return {"cell": cell, "seed": seed, "accuracy": [0.1, final], "loss": [2.5, 2.0 - final]}
 
     runs = [
         run("fair/dirichlet/none/r8", 0, 0.5),
@@ -149,6 +156,7 @@ def test_claim_rows_pair_seeds() -> None:
     assert claim.startswith("LoRA-FAIR") and data[claim]["seeds"] == [0, 1]
     assert data[claim]["diffs"] == pytest.approx([0.1, -0.1])
     assert rows[0][3].endswith("per seed +0.100, -0.100")
+    assert data[claim]["loss_diffs"] == pytest.approx([-0.1, 0.1])
 
 
 def test_cell_configs() -> None:
