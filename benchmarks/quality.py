@@ -327,7 +327,7 @@ def cell_rows(runs: list[dict[str, Any]], cells: Sequence[Cell]) -> list[list[An
                 fmt([r["loss"][-1] for r in mine]),
                 " / ".join(f"{a:.3f}" for a in per_round),
                 fmt([largest_drop(r["accuracy"][1:]) for r in mine]),
-                err or "-",
+                f"{err} ({len(errors)})" if err else "-",
                 f"{max(eps):.2f} (σ {mine[0]['noise_multiplier']:.3f})" if eps else "-",
             ]
         )
@@ -482,7 +482,7 @@ def run(
             "final test loss",
             "accuracy per round, mean over seeds (0 = untrained)",
             "largest round-to-round drop",
-            "aggregation error per round, mean over seeds",
+            "aggregation error per round, mean over seeds (seeds)",
             "ε spent (max client)",
         ],
         cells_md,
