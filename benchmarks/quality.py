@@ -400,6 +400,7 @@ def plot(runs: list[dict[str, Any]], probe: list[dict[str, Any]], path: Path) ->
             ax.axhline(
                 statistics.mean(p["test_accuracy"] for p in probe), color="grey", linestyle=":", label="probe"
             )
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(claim, fontsize=8)
         ax.set_xlabel("round")
         ax.legend(fontsize=6)
