@@ -23,13 +23,16 @@ steps, plus ``val-seconds``, its local validation):
   ``server/grid.py``) and transfer, the same in both modes.
 
 Round 1 of the worker includes its one-time model load; the steady state is the median of
-rounds 2..R.
+rounds 2..R. In worker mode the worker's own per-task log (``task phases (s): pull ... load ...
+run ... push ...``, :mod:`clients.worker`) is collected too: ``pull`` is the wait for the
+round's message to reach the node, ``push`` the reply's way back to the SuperNode.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -78,10 +81,25 @@ def overheads(metrics_path: Path) -> list[dict[str, float]]:
     return out
 
 
+PHASES = re.compile(r"task phases \(s\): (.*)")
+
+
+def task_phases(log: str) -> list[dict[str, float]]:
+    """Return the worker's per-task phase seconds from its log, in task order.
+
+    ``task_phases("... task phases (s): pull 0.250 run 1.000")`` is ``[{"pull": 0.25, "run": 1.0}]``.
+    """
+    out = []
+    for match in PHASES.finditer(log):
+        words = match.group(1).split()
+        out.append({name: float(sec) for name, sec in zip(words[::2], words[1::2], strict=True)})
+    return out
+
+
 def measure(
     worker: bool, rounds: int, overrides: str, workdir: Path, scenario: str = "simulations/default.toml"
-) -> list[dict[str, float]]:
-    """Run one deployment in ``workdir`` and return its per-round overheads."""
+) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """Run one deployment in ``workdir``; return its per-round overheads and the worker's task phases."""
     out = workdir / "run"
     with Fleet(workdir / "fleet", extra_env=ENV) as fleet:
         fleet.start_superlink()
@@ -97,7 +115,8 @@ def measure(
         result = fleet.run_app(ROOT, config, timeout=1800)
         if not result.ok:
             raise SystemExit(f"run failed: {result.status}\n{result.logs[-3000:]}\n{fleet.log_tails()}")
-    return overheads(out / "metrics.jsonl")
+        phases = task_phases("\n".join(fleet.collect_logs().values()))
+    return overheads(out / "metrics.jsonl"), phases
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,10 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown --modes {sorted(unknown)}; choose from in-process, worker")
         for mode in modes:
             worker = mode == "worker"
-            per_round = measure(worker, args.rounds, args.overrides, Path(tmp) / mode, args.scenario)
+            per_round, phases = measure(worker, args.rounds, args.overrides, Path(tmp) / mode, args.scenario)
             steady = [r for r in per_round if r["round"] >= 2]
             results[mode] = {
                 "rounds": per_round,
+                "worker_task_phases": phases,
                 "median_node_overhead_s": statistics.median(r["node_overhead_s"] for r in steady),
                 "median_round_overhead_s": statistics.median(r["overhead_s"] for r in steady),
             }
@@ -149,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{mode:<11} {r['round']:>5} {r['round_s']:>8.2f} {r['train_s']:>8.2f} "
                 f"{r['clientapp_s']:>11.2f} {r['node_overhead_s']:>10.2f} {r['overhead_s']:>11.2f} "
                 f"{r['worker']:>6}"
+            )
+    for mode, res in results.items():
+        for i, phases in enumerate(res["worker_task_phases"]):
+            print(
+                f"{mode} worker task {i + 1} phases (s): "
+                + " ".join(f"{k} {v:.3f}" for k, v in phases.items())
             )
     for mode, res in results.items():
         print(
