@@ -56,6 +56,7 @@ TESTS = [
     "tests/privacy/test_ledger_mutation.py",
     "tests/privacy/test_client_dp_mutation.py",
     "tests/privacy/test_accounting_mutation.py",
+    "tests/privacy/test_mutation_kills_calibrate.py",
 ]
 # pytest's unraisableexception plugin runs gc.collect() several times per session: with torch
 # loaded that is ~0.4 s of every mutant's ~0.45 s of pytest overhead (measured), so it is off.

@@ -203,6 +203,62 @@ CASES = [
             ("d, dtype=rows.dtype)\n    return", "d, )\n    return"),
         )
     ],
+    *[
+        (
+            "strategies.flexlora",
+            old,
+            new,
+            HF + "test_svds_of_mixed_dtype_factors_compute_in_float64",
+        )
+        for old, new in (
+            ("= compute_dtype(b_cat, a_cat)\n    b, a_t", "= None\n    b, a_t"),
+            ("compute_dtype(b_cat, a_cat)\n    b, a_t", "compute_dtype(a_cat)\n    b, a_t"),
+            ("compute_dtype(b_cat, a_cat)\n    b, a_t", "compute_dtype(b_cat, )\n    b, a_t"),
+            ("b, a_t = b_cat.to(dtype), a_cat.to(dtype)", "b, a_t = b_cat.to(None), a_cat.to(dtype)"),
+            ("b, a_t = b_cat.to(dtype), a_cat.to(dtype)", "b, a_t = b_cat.to(dtype), a_cat.to(None)"),
+            ("compute_dtype(b_cat, a_cat)\n    b, a = ", "compute_dtype(a_cat)\n    b, a = "),
+            ("compute_dtype(b_cat, a_cat)\n    b, a = ", "compute_dtype(b_cat, )\n    b, a = "),
+            ("b, a = b_cat.to(dtype), a_cat.to(dtype)", "b, a = b_cat.to(None), a_cat.to(dtype)"),
+            ("b, a = b_cat.to(dtype), a_cat.to(dtype)", "b, a = b_cat.to(dtype), a_cat.to(None)"),
+        )
+    ],
+    *[
+        (
+            "strategies.flexlora",
+            "amax(dim=(-2, -1), keepdim=True)",
+            new,
+            HF + "test_gram_rescales_each_matrix_by_its_own_largest_entry",
+        )
+        for new in (
+            "amax(dim=None, keepdim=True)",
+            "amax(keepdim=True)",
+            "amax(dim=(-2, -1), )",
+            "amax(dim=(-2, +1), keepdim=True)",
+            "amax(dim=(-2, -1), keepdim=False)",
+        )
+    ],
+    (
+        "strategies.flexlora",
+        "vals.clamp_min(0.0).sqrt().unsqueeze(-2)",
+        "vals.clamp_min(0.0).sqrt().unsqueeze(-3)",
+        HF + "test_gram_factor_falls_back_per_matrix_for_several_singular_grams",
+    ),
+    (
+        "strategies.flexlora",
+        "w[..., -k:].flip(-1)",
+        "w[..., -k:].flip(+1)",
+        HF + "test_gram_top_svd_keeps_the_leading_subspace_when_top_is_below_m",
+    ),
+    *[
+        (
+            "strategies.flora",
+            "for c, p in zip(coeffs, pairs, strict=True):",
+            f"for c, p in zip(coeffs, pairs{tail}):",
+            "tests/strategies/test_mutation_kills_flora.py::"
+            "test_flora_module_refuses_coefficients_that_do_not_match_the_clients",
+        )
+        for tail in (", strict=None", ", strict=False", ", ")
+    ],
     (
         "strategies.fair",
         "        pairs[0].a.to(f64)[None],",

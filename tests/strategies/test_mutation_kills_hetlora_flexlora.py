@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from fedlora.adapters import LoraPair
-from strategies.flexlora import flexlora_module, orthonormal_completion
+from strategies.flexlora import (
+    factored_svd,
+    flexlora_module,
+    gram,
+    gram_factor,
+    gram_top_svd,
+    orthonormal_completion,
+)
 from strategies.hetlora import norm_weights, product_norm
 
 F32, F64 = torch.float32, torch.float64
@@ -82,3 +89,58 @@ def test_orthonormal_completion_keeps_the_rows_dtype_whatever_the_defaults():
     assert torch.equal(extra[0].abs(), torch.tensor([0.0, 0.0, 1.0]))
     assert torch.equal(extra[1].abs(), torch.tensor([0.0, 1.0, 0.0]))
     assert not extra[2].any()
+
+
+@pytest.mark.parametrize("svd", [factored_svd, gram_top_svd])
+@pytest.mark.parametrize("low", ["a", "b"])
+def test_svds_of_mixed_dtype_factors_compute_in_float64(svd, low):
+    # One factor float32, the other float64: both SVDs promise the compute dtype of their inputs
+    # (float64), so the leading singular values and the rank-2 truncation match the dense float64
+    # SVD of the exact product to 1e-12 (a float32 step anywhere leaves errors near 1e-7).
+    gen = torch.Generator().manual_seed(5)
+    b = torch.randn(2, 9, 3, generator=gen, dtype=F64)  # M x d_out x m: the Gram path's shape
+    a = torch.randn(2, 3, 8, generator=gen, dtype=F64)
+    b, a = (b.float(), a) if low == "b" else (b, a.float())
+    dense = b.double() @ a.double()
+    u, s, vh = svd(b, a, 2)
+    assert u.dtype == F64 and s.dtype == F64 and vh.dtype == F64
+    u_d, s_d, vh_d = torch.linalg.svd(dense, full_matrices=False)
+    assert float((s - s_d[:, :2]).abs().max()) < 1e-12
+    want = (u_d[..., :2] * s_d[:, None, :2]) @ vh_d[:, :2]
+    assert float(((u * s[:, None, :]) @ vh - want).abs().max()) < 1e-12
+
+
+def test_gram_top_svd_keeps_the_leading_subspace_when_top_is_below_m():
+    # Two modules of m = 4 (two rank-2 clients), top = 2 < m: the two eigenvectors of the largest
+    # eigenvalues must span U's subspace; the product's known singular values are 8, 4, 2, 1.
+    gen = torch.Generator().manual_seed(3)
+    q_l = torch.linalg.qr(torch.randn(2, 10, 4, generator=gen, dtype=F64)).Q  # M x d_out x 4
+    q_r = torch.linalg.qr(torch.randn(2, 9, 4, generator=gen, dtype=F64)).Q  # M x d_in x 4
+    sig = torch.tensor([1.0, 8.0, 2.0, 4.0], dtype=F64)  # unsorted on purpose
+    b, a = q_l * sig, q_r.mT  # B A = Q_l diag(sig) Q_r^T
+    u, s, vh = gram_top_svd(b, a, 2)
+    assert torch.allclose(s, torch.tensor([[8.0, 4.0], [8.0, 4.0]], dtype=F64), rtol=0, atol=1e-12)
+    want = (q_l[..., [1, 3]] * torch.tensor([8.0, 4.0], dtype=F64)) @ q_r[..., [1, 3]].mT
+    assert float(((u * s[:, None, :]) @ vh - want).abs().max()) < 1e-12
+
+
+def test_gram_rescales_each_matrix_by_its_own_largest_entry():
+    # Matrix 0 overflows float32 (2^83 squared = 2^166 > 2^128) and is rescaled; matrix 1 is small
+    # and exact in float32. Rescaling both by the batch's largest entry would flush matrix 1 to 0
+    # (2^-93 squared underflows float32), and a shared scale of the wrong shape mixes columns.
+    x = torch.zeros(2, 2, 2)
+    x[0, 0, 0], x[0, 1, 1] = 2.0**83, 2.0**60
+    x[1, 0, 0], x[1, 1, 1] = 2.0**-10, 2.0**-11
+    g = gram(x)
+    assert g.dtype == F64 and bool(torch.isfinite(g).all())
+    assert torch.equal(g[0], torch.tensor([[2.0**166, 0.0], [0.0, 2.0**120]], dtype=F64))
+    assert torch.equal(g[1], torch.tensor([[2.0**-20, 0.0], [0.0, 2.0**-22]], dtype=F64))
+
+
+def test_gram_factor_falls_back_per_matrix_for_several_singular_grams():
+    # Three rank-1 Gram matrices (Cholesky fails on each): each gets its own V sqrt(Lambda).
+    grams = torch.tensor(
+        [[[1.0, 1.0], [1.0, 1.0]], [[4.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 9.0]]], dtype=F64
+    )
+    low = gram_factor(grams)
+    assert float((low @ low.mT - grams).abs().max()) < 1e-12
