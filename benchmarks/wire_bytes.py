@@ -4,6 +4,8 @@ For each method the strategy builds the real payload for one client; the downloa
 the ``adapter`` (and FLoRA's ``merge``) Flower ``ArrayRecord`` the server sends
 (:func:`fedlora.protocol.encode_arrays` / :func:`~fedlora.protocol.record_bytes`), the upload the
 ``update`` record of the deltas the client must return (:func:`fedlora.protocol.expected_update`).
+Each record is in packed form: the float32 values, the manifest of names, shapes and offsets
+(compact JSON) and the two arrays' ``.npy`` headers, all counted.
 Rounds are driven by real ``aggregate`` calls on random client results, so methods whose payload
 grows (FLoRA's cumulative merge) show it. The column "paper" states what each method's paper says
 it communicates, in units of one client's LoRA adapter (A and B at its rank).
