@@ -108,6 +108,18 @@ def test_a_message_is_the_same_few_objects_whatever_the_number_of_tensors():
     assert len(get_all_nested_objects(per_tensor)) > 400
 
 
+def test_a_packed_request_survives_flowers_object_transport_in_chunks():
+    # What a SuperNode does: deflate every object, pull the contents, inflate the message.
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    big = {"l.lora_A.weight": torch.randn(1_500_000, generator=torch.Generator().manual_seed(0)), **STATE}
+    msg = TrainRequest("{}", (), 1, 2, 4.0, 0, big).to_message(5)
+    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()}
+    assert len(contents) == 9  # 6 MB of values: two chunks of at most 5 MiB
+    back = TrainRequest.from_message(inflate_object_from_contents(msg.object_id, contents))
+    assert list(back.adapter) == list(big) and all(torch.equal(back.adapter[k], big[k]) for k in big)
+
+
 def test_train_reply_round_trip_through_the_packed_update():
     from flwr.app import Message
 
