@@ -157,7 +157,9 @@ def arrays(draw):
 @SETTINGS
 @given(
     metric_records,
-    st.dictionaries(st.sampled_from(["m.lora_A.weight", "m.lora_B.weight", "x"]), arrays(), max_size=3),
+    # Packed records hold "manifest" and "values" (fedlora/protocol_arrays.py); forged
+    # manifests and buffers are generated in tests/adversary/test_packed.py.
+    st.dictionaries(st.sampled_from(["manifest", "values", "m.lora_A.weight"]), arrays(), max_size=3),
     st.one_of(st.none(), st.text(max_size=20), st.just('{"a": 1}'), st.just("[" * 5000)),
 )
 def test_train_replies_give_protocol_errors_only(_identity, metrics, update, ledger):
