@@ -51,51 +51,60 @@ def planned_sigma(cfg: RunConfig, epsilon: float) -> float:
     return calibrate_noise_multiplier(epsilon, cfg.privacy.delta, q, steps, cfg.privacy.accountant)
 
 
-def run(quick: bool) -> tuple[dict[str, Any], str]:
-    """Run every arm (``quick``: the smoke-sized federation, DP arm only)."""
-    cfg = load_toml(SCENARIO)
-    if quick:
-        cfg = with_overrides(cfg, QUICK)
+def linear_probe_accuracy() -> float | None:
+    """Return the frozen-base linear probe's best test accuracy (``linear_probe.json``), if measured."""
     probe_file = RESULTS_DIR / "linear_probe.json"
-    probe = (
-        json.loads(probe_file.read_text())["linear_probe"]["best_test_accuracy"]
-        if probe_file.exists()
-        else None
-    )
-    arms, rows = [], []
-    for eps in EPSILONS[1:2] if quick else EPSILONS:
-        if quick:
-            arm_cfg, sigma = with_overrides(cfg, {"privacy.epsilon": 0.0}), cfg.privacy.noise_multiplier
-        else:
-            over = {"privacy.mode": "none"} if eps is None else {"privacy.epsilon": eps}
-            arm_cfg = with_overrides(cfg, over)
-            sigma = None if eps is None else planned_sigma(arm_cfg, eps)
-        t0 = time.perf_counter()
-        out = run_federated(arm_cfg)
-        seconds = time.perf_counter() - t0
-        shutil.rmtree(out["run_dir"], ignore_errors=True)  # what the table needs is in ``out``
-        acc = out["accuracy"]
-        arms.append(
-            {
-                "epsilon": eps,
-                "noise_multiplier": sigma,
-                "accuracy_per_round": acc,
-                "loss_per_round": out["loss"],
-                "epsilon_spent": out["epsilon"],
-                "seconds": seconds,
-            }
+    if not probe_file.exists():
+        return None
+    return json.loads(probe_file.read_text())["linear_probe"]["best_test_accuracy"]
+
+
+def run_arm(cfg: RunConfig, eps: float | None, quick: bool = False) -> dict[str, Any]:
+    """Run one federated arm of ``cfg``: no DP (``eps`` None) or record DP at target ``eps``."""
+    if quick:
+        arm_cfg, sigma = with_overrides(cfg, {"privacy.epsilon": 0.0}), cfg.privacy.noise_multiplier
+    else:
+        over = {"privacy.mode": "none"} if eps is None else {"privacy.epsilon": eps}
+        arm_cfg = with_overrides(cfg, over)
+        sigma = None if eps is None else planned_sigma(arm_cfg, eps)
+    t0 = time.perf_counter()
+    out = run_federated(arm_cfg)
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(out["run_dir"], ignore_errors=True)  # what the table needs is in ``out``
+    print(f"  epsilon {eps}: accuracy per round {out['accuracy']} ({seconds:.0f} s)", flush=True)
+    return {
+        "epsilon": eps,
+        "noise_multiplier": sigma,
+        "accuracy_per_round": out["accuracy"],
+        "loss_per_round": out["loss"],
+        "epsilon_spent": out["epsilon"],
+        "seconds": seconds,
+    }
+
+
+def tabulate(arms: list[dict[str, Any]], probe: float | None) -> tuple[dict[str, Any], str]:
+    """Return the benchmark's result and Markdown table for the measured ``arms``."""
+    rows = []
+    for arm in arms:
+        eps, sigma, spent, acc = (
+            arm["epsilon"],
+            arm["noise_multiplier"],
+            arm["epsilon_spent"],
+            arm["accuracy_per_round"],
         )
         rows.append(
             [
                 "no DP" if eps is None else f"{eps:g}",
                 "-" if sigma is None else f"{sigma:.3f}",
-                "-" if out["epsilon"] is None else f"{out['epsilon']:.2f}",
+                "-" if spent is None else f"{spent:.2f}",
                 " / ".join(f"{a:.3f}" for a in acc),
                 f"{acc[-1]:.3f}",
+                f"{arm['loss_per_round'][-1]:.3f}",
+                f"{arm['seconds']:.0f}",
             ]
         )
-        print(f"  epsilon {eps}: accuracy per round {acc} ({seconds:.0f} s)", flush=True)
-    rows.append(["frozen-base linear probe", "-", "-", "-", "-" if probe is None else f"{probe:.3f}"])
+    probe_cell = "-" if probe is None else f"{probe:.3f}"
+    rows.append(["frozen-base linear probe", "-", "-", "-", probe_cell, "-", "-"])
     result = {
         "scenario": SCENARIO.name,
         "driver": "in-process (benchmarks.quality_driver)",
@@ -104,6 +113,23 @@ def run(quick: bool) -> tuple[dict[str, Any], str]:
         "load_average_end": os.getloadavg(),
     }
     return {**result, "machine": machine()}, markdown_table(
-        ["target epsilon", "noise multiplier", "epsilon spent (max client)", "accuracy per round", "final"],
+        [
+            "target epsilon",
+            "noise multiplier",
+            "epsilon spent (max client)",
+            "accuracy per round",
+            "final",
+            "test loss, last round",
+            "seconds",
+        ],
         rows,
     )
+
+
+def run(quick: bool) -> tuple[dict[str, Any], str]:
+    """Run every arm (``quick``: the smoke-sized federation, DP arm only)."""
+    cfg = load_toml(SCENARIO)
+    if quick:
+        cfg = with_overrides(cfg, QUICK)
+    arms = [run_arm(cfg, eps, quick) for eps in (EPSILONS[1:2] if quick else EPSILONS)]
+    return tabulate(arms, linear_probe_accuracy())
