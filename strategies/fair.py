@@ -120,9 +120,9 @@ def correct_batch(
     measured ~5x faster at 4096 x 16); otherwise, or for other dtypes, as the torch loop below.
     The two agree to rounding (float32: the reductions are summed in another order).
 
-    Every step is a handful of passes over d_out x r: with ``C = B_bar gram_a`` (constant) the four
-    rows ``z = [m, C, dB gram_a, dB]`` (flattened, stored together) give every reduction of a step
-    as one batched matrix-vector product ``z dB`` (``<B, m> = <B_bar, m> + <dB, m>`` and
+    The torch loop makes a handful of passes over d_out x r a step: with ``C = B_bar gram_a``
+    (constant) the four rows ``z = [m, C, dB gram_a, dB]`` (flattened, stored together) give every
+    reduction of a step as one batched matrix-vector product ``z dB`` (``<B, m> = <B_bar, m> + <dB, m>`` and
     ``||B A_bar||^2 = <B_bar, C> + 2 <dB, C> + <dB, dB gram_a>`` since ``gram_a`` is symmetric), and
     the gradient ``-(m - (<B, m> / q) B gram_a) / den + 2 lam dB`` as one combination ``w z`` of
     the same rows. Adam is applied in place (torch's formulation: ``lerp``, ``addcmul``, one

@@ -31,8 +31,7 @@ import torch
 
 from fedlora.modelstore import cache_root
 
-# One module per call of fair_adam_<type>: m, c = B_bar gram_a, gram_a (r x r), scratch d_b, g, mom,
-# var (d_out x r each) and the output best (d_out x r). REAL is float or double.
+# REAL (float or double), RANK and SQRT are filled in by _source(). g = d gram, any rank:
 _GENERIC = r"""
 static inline void rows_times_gram_REAL(
     long long rows, long long r, const REAL *restrict d, const REAL *restrict gram, REAL *restrict g)
@@ -69,6 +68,8 @@ static inline void rows_times_gram_REAL_RANK(
 """
 _CASE = "                case RANK: rows_times_gram_REAL_RANK(hi - lo, d_b + e0, gram, g + e0); break;\n"
 RANKS = {"float": (8, 16, 32, 64), "double": (4, 8, 16, 32, 64)}  # with a vectorised dB gram_a
+# One module: m, c = B_bar gram_a (d_out x r), gram_a (r x r), scratch d_b, g, mom, var (d_out x r
+# each) and the output best (d_out x r); fair_adam_REAL runs n_mod modules stored one after another.
 _TEMPLATE = r"""
 static void fair_module_REAL(
     long long rows, long long r, const REAL *restrict m, const REAL *restrict c, const REAL *restrict gram,
@@ -244,13 +245,30 @@ def correct_batch_native(
     ``m``, ``c_mat = B_bar gram_a`` (M x d_out x r) and ``gram_a`` (M x r x r) are float32 or
     float64; ``c_inner = <B_bar, m>``, ``c_q = <B_bar, C>`` and ``norm_sq = ||delta_W||^2`` are
     float64 (M,). The call releases the GIL (ctypes), so worker threads run modules in parallel.
+
+    Raises
+    ------
+    TypeError
+        If the tensors are not float32/float64 or do not share one dtype.
+    ValueError
+        If the shapes do not match (the C code would read out of bounds).
     """
+    scalars = (c_inner, c_q, norm_sq)
     dtype = m.dtype
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"the FAIR kernel runs float32 or float64, got {dtype}; cast the factors first")
+    if c_mat.dtype != dtype or gram_a.dtype != dtype:
+        raise TypeError(
+            f"m, c_mat and gram_a must share one dtype, got {dtype}, {c_mat.dtype}, {gram_a.dtype}"
+        )
     n_mod, d_out, r = m.shape
+    if c_mat.shape != m.shape or gram_a.shape != (n_mod, r, r) or any(x.shape != (n_mod,) for x in scalars):
+        raise ValueError(
+            f"shapes do not match M x d_out x r = {tuple(m.shape)}: c_mat {tuple(c_mat.shape)}, gram_a "
+            f"{tuple(gram_a.shape)} (want M x r x r), scalars {[tuple(x.shape) for x in scalars]} (want (M,))"
+        )
     m, c_mat, gram_a = (x.contiguous() for x in (m, c_mat, gram_a))
-    c_inner, c_q, norm_sq = (x.to(torch.float64).contiguous() for x in (c_inner, c_q, norm_sq))
+    c_inner, c_q, norm_sq = (x.to(torch.float64).contiguous() for x in scalars)
     scratch = torch.empty(4, d_out, r, dtype=dtype)
     best = torch.empty(n_mod, d_out, r, dtype=dtype)
     fn = lib.fair_adam_float if dtype == torch.float32 else lib.fair_adam_double

@@ -122,11 +122,22 @@ def test_build_is_cached_by_content(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
 
 
-def test_kernel_refuses_half_precision():
-    m, gram_a, _, _ = problem(0, 1, 4, 2, torch.float16)
+def test_kernel_refuses_half_precision_mixed_dtypes_and_bad_shapes():
     lib = fair_kernel.load()
     if lib is None:
         pytest.skip("no C compiler for the LoRA-FAIR kernel")
     ones = torch.ones(1, dtype=F64)
+    m, gram_a, _, _ = problem(0, 1, 4, 2, torch.float16)
     with pytest.raises(TypeError, match="float32 or float64"):
         fair_kernel.correct_batch_native(lib, m, m, gram_a, ones, ones, ones, 0.1, 3, 1e-3, 1e-30)
+    m, gram_a, _, _ = problem(0, 1, 4, 2)
+    with pytest.raises(TypeError, match="share one dtype"):
+        fair_kernel.correct_batch_native(lib, m, m, gram_a.float(), ones, ones, ones, 0.1, 3, 1e-3, 1e-30)
+    with pytest.raises(ValueError, match="want M x r x r"):  # a 3 x 3 gram_a would be read past its end
+        fair_kernel.correct_batch_native(
+            lib, m, m, torch.ones(1, 3, 3, dtype=F64), ones, ones, ones, 0.1, 3, 1e-3, 1.0
+        )
+    with pytest.raises(ValueError, match=r"want \(M,\)"):
+        fair_kernel.correct_batch_native(
+            lib, m, m, gram_a, ones, ones, torch.ones(2, dtype=F64), 0.1, 3, 1e-3, 1.0
+        )
