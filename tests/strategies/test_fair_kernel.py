@@ -141,3 +141,17 @@ def test_kernel_refuses_half_precision_mixed_dtypes_and_bad_shapes():
         fair_kernel.correct_batch_native(
             lib, m, m, gram_a, ones, ones, torch.ones(2, dtype=F64), 0.1, 3, 1e-3, 1.0
         )
+
+
+@pytest.mark.parametrize(
+    ("native", "dtype", "calls"), [(True, F64, 1), (False, F64, 0), (True, torch.float16, 0)]
+)
+def test_native_switch_picks_the_path(monkeypatch, native, dtype, calls):
+    if fair_kernel.load() is None:
+        pytest.skip("no C compiler for the LoRA-FAIR kernel")
+    seen = []
+    real = fair_kernel.correct_batch_native
+    monkeypatch.setattr(fair_kernel, "correct_batch_native", lambda *a: seen.append(1) or real(*a))
+    m, gram_a, norm_w, b_bar = problem(4, 1, 6, 2, dtype)
+    got = correct_batch(m, gram_a, norm_w, b_bar, 0.05, 3, 1e-2, native=native)
+    assert len(seen) == calls and got.dtype == dtype  # half precision takes the torch loop
