@@ -124,10 +124,10 @@ def test_resumed_run_ends_with_the_rows_of_an_uninterrupted_run(strategy_run, tm
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _npy_header_bytes(shape) -> int:
+def _npy_header_bytes(shape, dtype="<f4") -> int:
     buf = io.BytesIO()
-    np.save(buf, np.zeros(shape, dtype="<f4"))
-    return len(buf.getvalue()) - int(np.prod(shape)) * 4
+    np.save(buf, np.zeros(shape, dtype=dtype))
+    return len(buf.getvalue()) - int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
 def test_ffa_under_record_level_dp_sends_only_b_and_meets_target(strategy_run):
@@ -155,13 +155,18 @@ def test_ffa_upload_is_exactly_the_documented_bytes_and_a_stays_frozen(strategy_
     clients = [m for m in metrics if m["kind"] == "client"]
     # FFA-LoRA sends B and the head only. docs/strategies.md: at rank r, 12 modules' B of
     # 384 x r float32 plus the 4 x 384 + 4 head (6,160 B); at r = 4 that is 79,888 B of values.
-    # On the wire each array also carries its .npy header (metrics count values plus headers).
+    # On the wire the update is one packed record (fedlora/protocol_arrays.py): the values as one
+    # flat float32 array, plus the manifest (compact JSON [[name, shape, offset], ...] in the
+    # client's adapter order), each array with its .npy header; metrics count all of it.
     from fedlora.models import adapter_state, get_lora_model
 
     full = adapter_state(get_lora_model("minilm", "classification", 4, 4, 8.0), 4)
     sent = {k: v for k, v in full.items() if not is_lora_a(k)}
     assert sum(v.numel() * 4 for v in sent.values()) == 12 * 384 * 4 * 4 + 6_160 == 79_888
-    framing = sum(_npy_header_bytes(tuple(v.shape)) for v in sent.values())
+    offsets = np.cumsum([0] + [v.numel() for v in sent.values()])
+    entries = [[k, list(v.shape), int(o)] for (k, v), o in zip(sent.items(), offsets, strict=False)]
+    manifest = len(json.dumps(entries, separators=(",", ":")))
+    framing = _npy_header_bytes((79_888 // 4,)) + manifest + _npy_header_bytes((manifest,), "|u1")
     assert all(m["client"]["bytes_up"] == 79_888 + framing for m in clients)
     # The shared frozen A never changes; the global B does, every round.
     assert_adapter_moves(run_dir, "ffa")
