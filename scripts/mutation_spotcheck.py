@@ -259,6 +259,33 @@ CASES = [
         )
         for tail in (", strict=None", ", strict=False", ", ")
     ],
+    *[
+        (
+            "strategies.flora",
+            old,
+            new,
+            "tests/strategies/test_mutation_kills_flora.py::"
+            "test_flora_module_scales_half_precision_stacks_in_float32_and_rounds_once",
+        )
+        for old, new in (
+            ("work = dtype if dtype in (", "work = dtype if True or dtype in ("),
+            ("return LoraPair(a=a.to(dtype), b=b)", "return LoraPair(a=a.to(None), b=b)"),
+        )
+    ],
+    *[
+        (
+            "strategies.flora",
+            old,
+            new,
+            "tests/strategies/test_mutation_kills_flora.py::"
+            "test_extend_merge_and_compact_keep_the_templates_float32",
+        )
+        for old, new in (
+            ("b=u.to(pair.b.dtype))", "b=u.to(None))"),
+            ("a, b = pair.a.to(like[a_name(module)].dtype), pair.b", "a, b = pair.a.to(None), pair.b"),
+            ("pair.b.to(like[b_name(module)].dtype)", "pair.b.to(None)"),
+        )
+    ],
     (
         "strategies.fair",
         "        pairs[0].a.to(f64)[None],",
