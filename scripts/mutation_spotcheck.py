@@ -286,6 +286,36 @@ CASES = [
             ("pair.b.to(like[b_name(module)].dtype)", "pair.b.to(None)"),
         )
     ],
+    *[
+        ("strategies.fair", old, new, FA + test)
+        for old, new, test in (
+            (
+                "g_b = (b_cat.mT @ b_cat) * (cw",
+                "g_b = (b_cat.mT @ b_cat) / (cw",
+                "test_weighted_gram_norm_by_hand",
+            ),
+            (
+                ".sum((-2, -1)).clamp_min(0.0)",
+                ".sum((-2, -1)).clamp_min(1.0)",
+                "test_weighted_gram_norm_by_hand",
+            ),
+            (
+                "if steps == 0 or math.isinf(lam)",
+                "if steps == 1 or math.isinf(lam)",
+                "test_one_adam_step_already_corrects_b",
+            ),
+            (
+                "d_b[~active] = 0.0",
+                "d_b[~active] = 1.0",
+                "test_a_module_without_update_keeps_fedits_b_next_to_a_corrected_one",
+            ),
+            (
+                "_fair_chunk(batch, lo, hi, weights",
+                "_fair_chunk(batch, lo, None, weights",
+                "test_fair_in_chunks_of_one_module_equals_one_chunk",
+            ),
+        )
+    ],
     (
         "strategies.fair",
         "        pairs[0].a.to(f64)[None],",
