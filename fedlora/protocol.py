@@ -353,7 +353,7 @@ def decode_train_reply(msg: Message, expect: UpdateExpectation) -> TrainReply:
         Client error; missing/wrongly typed/non-integer/negative/infinite ``num-examples``
         or one differing from the setup reply; metrics that are not bounded numbers; a
         ledger that is not a JSON object; an update record that is oversized, omits or adds
-        tensors, or has tensors of the wrong dtype or shape.
+        tensors, has tensors of the wrong dtype or shape, or a malformed manifest.
     """
     metrics_record = _content(msg, METRICS, "metrics")
     num = _int("num-examples", _get(metrics_record, NUM_EXAMPLES, "train reply metrics"), 0, MAX_EXAMPLES)
