@@ -46,7 +46,7 @@ def planned_sigma(cfg: RunConfig, epsilon: float) -> float:
     """Return the noise multiplier one IID client calibrates for ``epsilon`` over the whole run."""
     per_client = cfg.data.num_train // cfg.federation.num_clients
     local = per_client - int(per_client * cfg.data.local_val_fraction)
-    q = min(1.0, cfg.train.batch_size / local)
+    q = 1.0 / max(1, -(-local // cfg.train.batch_size))  # Opacus' q = 1 / batches, as clients.privacy
     steps = cfg.federation.num_rounds * cfg.train.local_steps
     return calibrate_noise_multiplier(epsilon, cfg.privacy.delta, q, steps, cfg.privacy.accountant)
 
