@@ -316,6 +316,22 @@ CASES = [
             ),
         )
     ],
+    *[
+        (
+            "strategies.batched",
+            old,
+            new,
+            "tests/strategies/test_mutation_kills_batched.py::"
+            "test_module_batches_names_the_clients_that_lack_a_module",
+        )
+        for old, new in (
+            ("missing = [i for i, cp in enumerate(client_pairs) if module not in cp]", "missing = None"),
+            (
+                'StrategyError(f"client results {missing} lack',
+                'StrategyError(None and f"client results {missing} lack',
+            ),
+        )
+    ],
     (
         "strategies.fair",
         "        pairs[0].a.to(f64)[None],",
