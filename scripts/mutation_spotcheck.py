@@ -332,6 +332,21 @@ CASES = [
             ),
         )
     ],
+    *[
+        (
+            "strategies.fair",
+            old,
+            new,
+            FA + "test_torch_loop_matches_the_kernel_at_a_zero_and_a_small_product",
+        )
+        for old, new in (
+            ("q = max(c_q[i] + 2.0 * r_c + r_g, 0.0)", "q = max(c_q[i] + 2.0 * r_c + r_g, 1.0)"),
+            ("den = math.sqrt(norm_sq[i] * q + tiny)", "den = math.sqrt(norm_sq[i] * q - tiny)"),
+            ("coef = inner / (q * den) if q > 0.0 else", "coef = inner / (q * den) if True else"),
+            ("coef = inner / (q * den) if q > 0.0 else", "coef = inner / (q * den) if q >= 0.0 else"),
+            ("coef = inner / (q * den) if q > 0.0 else", "coef = inner / (q * den) if q > 1.0 else"),
+        )
+    ],
     (
         "strategies.fair",
         "        pairs[0].a.to(f64)[None],",

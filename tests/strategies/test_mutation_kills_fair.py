@@ -2,12 +2,14 @@
 
 import math
 
+import pytest
 import torch
 from strategy_testkit import lora_state, result
 
 import strategies.fair as fair
 from fedlora.adapters import LoraPair
-from strategies.fair import LoraFAIR, factored_cosine, fair_module, weighted_gram_norm
+from strategies import fair_kernel
+from strategies.fair import LoraFAIR, correct_batch, factored_cosine, fair_module, weighted_gram_norm
 from strategies.fedit import FedIT
 
 F64 = torch.float64
@@ -81,3 +83,23 @@ def test_fair_in_chunks_of_one_module_equals_one_chunk(monkeypatch):
     assert whole.keys() == chunked.keys()
     for name in whole:
         torch.testing.assert_close(chunked[name], whole[name], rtol=0.0, atol=1e-15)
+
+
+def test_torch_loop_matches_the_kernel_at_a_zero_and_a_small_product():
+    # The two loops are independent code for one iteration; compared on module 0 with B_bar = 0
+    # (q = 0 at the first step: the gradient's coefficient must be 0, den must stay real) and on
+    # module 1 with a product far below 1 (q ~ 1e-6: no floor at 1 may enter q or the coefficient).
+    if fair_kernel.load() is None:
+        pytest.skip("no C compiler: the kernel path is not available")
+    gen = torch.Generator().manual_seed(12)
+    a = 1e-2 * torch.randn(2, 3, 4, generator=gen, dtype=F64)
+    gram_a = a @ a.mT
+    m = 1e-2 * torch.randn(2, 5, 3, generator=gen, dtype=F64)
+    b_bar = 1e-2 * torch.randn(2, 5, 3, generator=gen, dtype=F64)
+    b_bar[0] = 0.0
+    norm_w = torch.tensor([2e-3, 5e-3], dtype=F64)
+    args = (m, gram_a, norm_w, b_bar, 0.01, 20, 1e-3)
+    torch_loop = correct_batch(*args, native=False)
+    kernel = correct_batch(*args, native=True)
+    assert bool(torch_loop[0].any()) and bool(torch_loop[1].any())
+    torch.testing.assert_close(torch_loop, kernel, rtol=1e-9, atol=1e-15)
