@@ -309,11 +309,6 @@ CASES = [
                 "d_b[~active] = 1.0",
                 "test_a_module_without_update_keeps_fedits_b_next_to_a_corrected_one",
             ),
-            (
-                "_fair_chunk(batch, lo, hi, weights",
-                "_fair_chunk(batch, lo, None, weights",
-                "test_fair_in_chunks_of_one_module_equals_one_chunk",
-            ),
         )
     ],
     *[
