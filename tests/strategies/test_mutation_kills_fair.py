@@ -103,3 +103,9 @@ def test_torch_loop_matches_the_kernel_at_a_zero_and_a_small_product():
     kernel = correct_batch(*args, native=True)
     assert bool(torch_loop[0].any()) and bool(torch_loop[1].any())
     torch.testing.assert_close(torch_loop, kernel, rtol=1e-9, atol=1e-15)
+
+
+def test_defaults_are_the_documented_ones():
+    # docs/strategies.md: `lam=0.01`, `steps=100`, `lr=1e-3`
+    s = LoraFAIR()
+    assert (s.lam, s.steps, s.lr) == (0.01, 100, 1e-3)
