@@ -147,6 +147,7 @@ void fair_adam_REAL(
 
 
 def _source() -> str:
+    """Return the kernel's C source: both element types, a vectorised ``dB gram_a`` per rank in ``RANKS``."""
     parts = ["#include <math.h>\n#include <string.h>\n#define BLOCK 1024\n#define LANES 16\n"]
     for real, sqrt in (("float", "sqrtf"), ("double", "sqrt")):
         vec = "typedef REAL vec_REAL __attribute__((vector_size(32), aligned(sizeof(REAL))));\n"
@@ -157,7 +158,6 @@ def _source() -> str:
     return "".join(parts)
 
 
-SOURCE = _source()
 # -fno-math-errno lets sqrt vectorise; nothing that changes IEEE results (no -ffast-math).
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared")
 _log = logging.getLogger(__name__)
@@ -187,13 +187,14 @@ def build(directory: Path) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler found for the LoRA-FAIR kernel: install gcc or set CC")
-    key = hashlib.sha256("\0".join((SOURCE, *FLAGS, compiler, _cpu_key())).encode()).hexdigest()[:16]
+    source = _source()  # built per call (microseconds), so the cache key always follows the code
+    key = hashlib.sha256("\0".join((source, *FLAGS, compiler, _cpu_key())).encode()).hexdigest()[:16]
     target = Path(directory) / f"fair_adam_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             src, out = Path(tmp) / "fair_adam.c", Path(tmp) / "fair_adam.so"
-            src.write_text(SOURCE)
+            src.write_text(source)
             cmd = [compiler, *FLAGS, str(src), "-o", str(out), "-lm"]
             subprocess.run(cmd, check=True, capture_output=True, timeout=120)
             os.replace(out, target)  # atomic: concurrent builders each install a complete file
@@ -215,10 +216,23 @@ def _load_once() -> ctypes.CDLL | None:
     if os.environ.get("FEDLORA_NO_NATIVE"):
         return None
     try:
-        lib = ctypes.CDLL(str(build(cache_root() / "kernels")))
+        return bind(build(cache_root() / "kernels"))
     except (OSError, subprocess.SubprocessError) as exc:
         _log.warning("LoRA-FAIR's compiled kernel is unavailable (%s); its torch loop runs instead", exc)
         return None
+
+
+def bind(path: Path) -> ctypes.CDLL:
+    """Open the kernel library at ``path`` (from :func:`build`) with its functions' C signatures.
+
+    Raises
+    ------
+    OSError
+        If the library cannot be opened.
+    AttributeError
+        If it lacks ``fair_adam_float`` or ``fair_adam_double``.
+    """
+    lib = ctypes.CDLL(str(path))
     i64, f64, ptr = ctypes.c_longlong, ctypes.c_double, ctypes.c_void_p
     for name in ("fair_adam_float", "fair_adam_double"):
         fn = getattr(lib, name)

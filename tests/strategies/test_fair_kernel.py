@@ -1,6 +1,8 @@
 """LoRA-FAIR's compiled Adam kernel against the torch loop, and its build, cache and fallback."""
 
 import logging
+import os
+import shutil
 import subprocess
 
 import pytest
@@ -155,3 +157,53 @@ def test_native_switch_picks_the_path(monkeypatch, native, dtype, calls):
     m, gram_a, norm_w, b_bar = problem(4, 1, 6, 2, dtype)
     got = correct_batch(m, gram_a, norm_w, b_bar, 0.05, 3, 1e-2, native=native)
     assert len(seen) == calls and got.dtype == dtype  # half precision takes the torch loop
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+has_compiler = pytest.mark.skipif(
+    _compiler() is None or bool(os.environ.get("FEDLORA_NO_NATIVE")), reason="no C compiler here"
+)
+
+
+def _native_from(lib, m, gram_a, norm_w, b_bar, lam, steps, lr):
+    """Run ``lib``'s kernel on a problem the way :func:`correct_batch` hands it over."""
+    c_mat = torch.bmm(b_bar, gram_a)
+    c_in = (b_bar * m).sum((-2, -1)).to(F64)
+    c_q = (b_bar * c_mat).sum((-2, -1)).to(F64)
+    tiny = torch.finfo(m.dtype).tiny
+    norm_sq = norm_w.to(F64) ** 2
+    return fair_kernel.correct_batch_native(lib, m, c_mat, gram_a, c_in, c_q, norm_sq, lam, steps, lr, tiny)
+
+
+@has_compiler
+def test_a_fresh_build_computes_what_the_torch_loop_does(tmp_path):
+    """Where a compiler exists the kernel must build (no silent fallback) and match the torch loop.
+
+    Built into an empty directory, so the source compiled is the current one (not a cached
+    library); every element type and both kinds of ``dB gram_a`` (vectorised ranks and the
+    generic loop) are run.
+    """
+    lib = fair_kernel.bind(fair_kernel.build(tmp_path))
+    for dtype, r, tol in ((F64, 4, 1e-9), (F64, 3, 1e-9), (torch.float32, 8, 1e-4), (torch.float32, 5, 1e-4)):
+        m, gram_a, norm_w, b_bar = problem(11, 2, 70, r, dtype)
+        want = correct_batch(m, gram_a, norm_w, b_bar, 0.05, 12, 1e-2, native=False)
+        got = _native_from(lib, m, gram_a, norm_w, b_bar, 0.05, 12, 1e-2)
+        assert got.dtype == dtype and want.abs().max() > 1e-3  # the correction moved
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * 1e-2)
+
+
+@has_compiler
+def test_the_cache_key_follows_source_and_flags(monkeypatch, tmp_path):
+    """A changed source or changed flags build a new library; a stale one is never reused."""
+    first = fair_kernel.build(tmp_path)
+    source = fair_kernel._source()
+    monkeypatch.setattr(fair_kernel, "_source", lambda: source + "\n/* changed */\n")
+    second = fair_kernel.build(tmp_path)
+    monkeypatch.setattr(fair_kernel, "FLAGS", (*fair_kernel.FLAGS, "-DFEDLORA_TEST_FLAG"))
+    third = fair_kernel.build(tmp_path)
+    assert len({first, second, third}) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (first, second, third))
+    assert all(p.name.startswith("fair_adam_") and p.suffix == ".so" for p in (first, second, third))
