@@ -4,6 +4,7 @@ import logging
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +208,57 @@ def test_the_cache_key_follows_source_and_flags(monkeypatch, tmp_path):
     assert len({first, second, third}) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (first, second, third))
     assert all(p.name.startswith("fair_adam_") and p.suffix == ".so" for p in (first, second, third))
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="no /proc/cpuinfo")
+def test_the_cpu_key_is_this_cpus_model_and_flags():
+    """The cache key names the CPU by its model and feature lines (``-march=native`` code is per CPU)."""
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    want = sorted({ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features")})
+    assert want and fair_kernel._cpu_key().split("\n") == want
+
+
+def _path_with(tmp_path: Path, names: tuple[str, ...]) -> str:
+    """Return a PATH holding only links named ``names`` to this machine's C compiler (and its tools)."""
+    real = shutil.which("cc") or shutil.which("gcc")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in names:
+        (bin_dir / name).symlink_to(real)
+    for tool in ("as", "ld"):  # the compiler driver runs the assembler and linker found on PATH
+        if shutil.which(tool):
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+    return str(bin_dir)
+
+
+@has_compiler
+@pytest.mark.parametrize("names", [("cc",), ("gcc",)])
+def test_build_finds_cc_or_gcc_on_the_path(monkeypatch, tmp_path, names):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", _path_with(tmp_path, names))
+    built = fair_kernel.build(tmp_path / "cache" / "nested")  # directories made as needed
+    assert built.parent == tmp_path / "cache" / "nested" and built.is_file()
+
+
+def test_build_without_a_compiler_says_how_to_get_one(monkeypatch, tmp_path):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no compiler anywhere
+    with pytest.raises(
+        OSError, match=r"^no C compiler found for the LoRA-FAIR kernel: install gcc or set CC$"
+    ):
+        fair_kernel.build(tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+@needs_kernel
+def test_kernel_takes_scalars_of_any_float_dtype():
+    """The per-module scalars are cast to float64 for C: float32 ones give the same answer."""
+    m, gram_a, norm_w, b_bar = problem(5, 2, 40, 4)
+    lib = fair_kernel.load()
+    c_mat = torch.bmm(b_bar, gram_a)
+    scalars = ((b_bar * m).sum((-2, -1)), (b_bar * c_mat).sum((-2, -1)), norm_w**2)
+    args = (0.05, 8, 1e-2, torch.finfo(F64).tiny)
+    want = fair_kernel.correct_batch_native(lib, m, c_mat, gram_a, *scalars, *args)
+    got = fair_kernel.correct_batch_native(lib, m, c_mat, gram_a, *(s.float() for s in scalars), *args)
+    assert want.abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)  # float32 rounding of the scalars only
