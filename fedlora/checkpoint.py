@@ -225,4 +225,3 @@ def _remove_stale_temps(target: Path) -> None:
     for pattern in (f".{target.name}{_TMP_MARK}*", f".{target.name}{PREV_SUFFIX}{_TMP_MARK}*"):
         for stale in target.parent.glob(pattern):
             stale.unlink(missing_ok=True)
-

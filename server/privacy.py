@@ -468,4 +468,3 @@ class ClientLevelDP(StrategyWrapper):
         ranks = [int(v.shape[0]) for k, v in state.items() if is_lora_a(k)]
         rank = max(ranks) if ranks else self.privacy.cfg.lora.rank
         return ClientSpec(node_id=0, rank=rank, alpha=self.privacy.cfg.lora.alpha_for(rank))
-

@@ -141,4 +141,3 @@ def robust_results(out: RoundOutcome, sent: Mapping[int, Payload], robust: Robus
     out.results = cap_example_counts(bounded.results, robust.max_weight_factor)
     out.clipped = bounded.clipped
     return out
-

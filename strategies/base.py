@@ -118,7 +118,6 @@ class LoraStrategy(ABC):
         """Restore what :meth:`state_dict` returned."""
 
 
-
 class StrategyWrapper(LoraStrategy):
     """A strategy that changes how another one aggregates and delegates everything else.
 
@@ -158,6 +157,7 @@ class StrategyWrapper(LoraStrategy):
     def load_state_dict(self, data: Mapping[str, Any]) -> None:
         """Delegate to the wrapped method."""
         self.inner.load_state_dict(data)
+
 
 def normalised_weights(counts: Sequence[float]) -> torch.Tensor:
     """Return ``p_k = n_k / sum(n)`` as float64.

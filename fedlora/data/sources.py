@@ -188,8 +188,10 @@ def _check_label(row: Record, column: str, source: str) -> Any:
     value = row[column]
     if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
         value = value.item()  # a numpy scalar from pandas
-    if value is None or (isinstance(value, float) and value != value) or (
-        isinstance(value, str) and not value.strip()
+    if (
+        value is None
+        or (isinstance(value, float) and value != value)
+        or (isinstance(value, str) and not value.strip())
     ):
         raise DataError(f"{source!r} {where} has an empty {column!r}; fill in the label or drop the row")
     if isinstance(value, float) and not value.is_integer():

@@ -168,8 +168,6 @@ def test_fair_objective_by_hand_at_a_zero_product_and_a_small_q():
     # 0 < q <= 1: B = [[1]], gram_a = [[0.25]], m = [[2]], ||dW|| = 1, lambda = 0.
     # inner = 2, q = 0.25, den = 0.5, cos = 4, d cos / dB = (2 - (2 / 0.25) * 0.25) / 0.5 = 0.
     one = torch.tensor([[1.0]], dtype=torch.float64)
-    loss, grad = fair_objective(
-        torch.zeros(1, 1, dtype=torch.float64), one, 2.0 * one, 0.25 * one, 1.0, 0.0
-    )
+    loss, grad = fair_objective(torch.zeros(1, 1, dtype=torch.float64), one, 2.0 * one, 0.25 * one, 1.0, 0.0)
     assert loss == pytest.approx(1.0 - 4.0, abs=1e-12)
     assert float(grad) == pytest.approx(0.0, abs=1e-12)
