@@ -179,4 +179,4 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
     metrics.update(privacy.metrics())
     metrics = covered_metrics(cfg, metrics)  # under DP: no un-noised loss or accuracy leaves the node
     ledger = privacy.ledger_json() if privacy.enabled else ""
-    return TrainReply(len(train_records), update, metrics, ledger).to_content()  # drops NaN metrics
+    return TrainReply(len(train_records), update, metrics, ledger).to_content(record)  # drops NaN metrics

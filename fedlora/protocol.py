@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedlora.adapters import AdapterState, is_lora_a
 from fedlora.protocol_arrays import (
@@ -313,15 +313,19 @@ class TrainReply:
         """True when the client sat the round out (its privacy budget would be exceeded)."""
         return self.update is None
 
-    def to_content(self) -> RecordDict:
-        """Return the reply content (wire-style metric keys)."""
+    def to_content(self, update_record: ArrayRecord | None = None) -> RecordDict:
+        """Return the reply content (wire-style metric keys).
+
+        ``update_record`` is ``encode_arrays(self.update)`` where the caller has it already (the
+        client measures its size), so the update is packed once.
+        """
         metrics = {NUM_EXAMPLES: self.num_examples, **self.metrics}
         if self.update is None:
             metrics[DECLINED] = 1
         finite = {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
         reply = RecordDict({METRICS: MetricRecord(finite)})  # NaN/inf (no validation data) left out
         if self.update is not None:
-            reply[UPDATE] = encode_arrays(self.update)
+            reply[UPDATE] = update_record if update_record is not None else encode_arrays(self.update)
         privacy = {LEDGER: self.ledger} if self.ledger else {}
         if self.declined_reason:
             privacy[DECLINED_REASON] = self.declined_reason
