@@ -299,6 +299,22 @@ def run_cell(base: RunConfig, cell: Cell, seed: int, dp: dict[str, Any] | None) 
     }
 
 
+def check_rounds(runs: list[dict[str, Any]], rounds: int, path: Path) -> None:
+    """Refuse to mix runs of another number of federated rounds into one table.
+
+    Raises
+    ------
+    ValueError
+        Naming the file, the rounds found and the fix (another ``--out`` or the matching ``--rounds``).
+    """
+    found = sorted({len(r["accuracy"]) - 1 for r in runs if "accuracy" in r})
+    if found and found != [rounds]:
+        raise ValueError(
+            f"{path} holds runs of {found} rounds, not {rounds}; pass --rounds {found[0]} to resume "
+            "them or --out DIR for a separate set of runs"
+        )
+
+
 def load_runs(path: Path) -> list[dict[str, Any]]:
     """Return the runs recorded in ``path`` (one JSON object a line; none when it does not exist)."""
     if not path.exists():
@@ -421,17 +437,22 @@ def run(
     out_dir: Path | None = None,
     only: Sequence[str] = (),
     seeds: Sequence[int] = SEEDS,
+    rounds: int | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Run the claims' cells (``grid="full"``: the whole grid) for ``seeds`` plus the references.
 
     ``resume`` keeps the runs already in ``out_dir/quality_runs.jsonl`` and runs only the rest;
     otherwise that file starts empty. ``only`` restricts the cells run now (names
-    ``strategy/split/privacy/ranks``); the tables cover every run in the file. ``quick``: the tiny
-    smoke cells, one seed, nothing kept.
+    ``strategy/split/privacy/ranks``); the tables cover every run in the file. ``rounds``
+    replaces the scenario's number of rounds (a longer budget; keep its runs in their own
+    ``out_dir``: resuming a file of runs with another number of rounds is refused). ``quick``:
+    the tiny smoke cells, one seed, nothing kept.
     """
     cfg = load_toml(SCENARIO)
     if quick:
         cfg = with_overrides(cfg, QUICK)
+    if rounds is not None:
+        cfg = with_overrides(cfg, {"federation.num_rounds": rounds})
     cells = list(QUICK_CELLS) if quick else (all_cells() if grid == "full" else claim_cells())
     seeds = tuple(seeds)[:1] if quick else tuple(seeds)
     unknown = sorted(set(only) - {"/".join(c) for c in cells} - {PROBE})
@@ -444,6 +465,7 @@ def run(
     if not resume and runs_path.exists():
         runs_path.unlink()
     runs = load_runs(runs_path)
+    check_rounds(runs, cfg.federation.num_rounds, runs_path)
     done = {(r["cell"], r["seed"]) for r in runs}
     dp = dp_settings() if any(c[2].startswith("record") for c in cells) else None
     data_dir = Path(tempfile.mkdtemp(prefix="fedlora-quality-data-"))
@@ -500,6 +522,7 @@ def run(
     )
     result = {
         "scenario": SCENARIO.name,
+        "rounds": cfg.federation.num_rounds,
         "roles": ROLES,
         "driver": "in-process (benchmarks.quality_driver)",
         "grid": "quick" if quick else grid,
@@ -528,12 +551,21 @@ def main(argv: list[str] | None = None) -> int:
         "--cells", nargs="*", default=[], help="run only these cells (strategy/split/privacy/ranks)"
     )
     parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS), help="the seeds to run")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="federated rounds (default: the scenario's); use with --out"
+    )
     parser.add_argument("--out", type=Path, default=None, help=f"result directory (default {RESULTS_DIR})")
     args = parser.parse_args(argv)
     out = args.out if args.out is not None else (Path("bench-quick") if args.quick else RESULTS_DIR)
     t0 = time.perf_counter()
     result, table = run(
-        args.quick, grid=args.grid, resume=args.resume, out_dir=out, only=args.cells, seeds=args.seeds
+        args.quick,
+        grid=args.grid,
+        resume=args.resume,
+        out_dir=out,
+        only=args.cells,
+        seeds=args.seeds,
+        rounds=args.rounds,
     )
     result = {"quick": args.quick, "wall_seconds": round(time.perf_counter() - t0, 2), **result}
     print(f"## quality -> {write_result('quality', result, table, out)}\n\n{table}\n", flush=True)

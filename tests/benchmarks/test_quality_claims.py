@@ -9,6 +9,7 @@ import torch
 
 from benchmarks.quality import (
     CENTRAL,
+    check_rounds,
     cell_config,
     claim_rows,
     fmt,
@@ -177,3 +178,11 @@ def test_cell_configs() -> None:
     assert private.lora.alpha == 128 and private.train.lr == 0.005
     with pytest.raises(ValueError, match="record DP"):
         cell_config(cfg, ("ffa", "iid", "record-eps8", "r8"), 0)
+
+
+def test_runs_of_another_number_of_rounds_are_refused(tmp_path) -> None:
+    runs = [{"cell": "fedit/iid/none/r8", "seed": 0, "accuracy": [0.1, 0.2, 0.3, 0.4]}]
+    check_rounds(runs, 3, tmp_path / "runs.jsonl")  # 4 accuracies: round 0 and 3 rounds
+    check_rounds([{"cell": "linear-probe", "seed": 0, "test_accuracy": 0.4}], 12, tmp_path / "r.jsonl")
+    with pytest.raises(ValueError, match=r"holds runs of \[3\] rounds, not 12; pass --rounds 3"):
+        check_rounds(runs, 12, tmp_path / "runs.jsonl")
