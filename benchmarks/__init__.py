@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "linear_probe": "benchmarks.linear_probe",
     "dp_tuning": "benchmarks.dp_tuning",
     "dp_curve": "benchmarks.dp_curve",
+    "dp_claim": "benchmarks.dp_claim",
     "quality": "benchmarks.quality",
     "default_run": "benchmarks.default_run",
     "scaling": "benchmarks.scaling",
