@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, str] = {
     "default_run": "benchmarks.default_run",
     "scaling": "benchmarks.scaling",
     "baseline": "benchmarks.baseline",
+    "padding": "benchmarks.padding",
 }
 
 RunFn = Callable[[bool], tuple[dict[str, Any], str]]

@@ -118,9 +118,11 @@ def example_losses(model: torch.nn.Module, batch: Any, device: torch.device) -> 
     """Return the per-example training losses of ``batch`` = (input ids, mask, labels), shape (batch,).
 
     Labels of shape (batch,) are class indices (cross-entropy per example); labels of shape
-    (batch, seq) are causal-LM targets (:func:`causal_example_losses`).
+    (batch, seq) are causal-LM targets (:func:`causal_example_losses`). Columns that are
+    padding in every row are dropped first (:func:`trim_padding`): a step costs the batch's
+    longest example, not ``model.max_length``.
     """
-    ids, mask, labels = (t.to(device) for t in batch)
+    ids, mask, labels = (t.to(device) for t in trim_padding(*batch))
     logits = model(input_ids=ids, attention_mask=mask).logits
     if labels.dim() == 1:
         return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
@@ -280,8 +282,9 @@ def trim_padding(
 
     ``ids`` and ``mask`` are (batch, seq); ``labels`` is (batch,) or (batch, seq). Encoded
     examples are right-padded to ``model.max_length``, and a masked position changes no other
-    position's output, so the cut columns change no logit of a kept one (up to float rounding)
-    and evaluation does less work. Left-padded batches end in real tokens and are returned whole.
+    position's output, so the cut columns change no logit, loss or gradient of a kept one (up to
+    float rounding) and training and evaluation do less work. Left-padded batches end in real
+    tokens and are returned whole.
     """
     used = torch.nonzero(mask.any(dim=0))
     end = int(used.max()) + 1 if len(used) else mask.shape[1]
