@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,19 @@ server_app = ServerApp()
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     """FedAvg over the whole adapter state for ``federation.num_rounds`` rounds."""
+    run_fedavg(grid, context)
+
+
+def run_fedavg(
+    grid: Grid,
+    context: Context,
+    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord] = evaluate_global,
+) -> None:
+    """Run Flower's ``FedAvg.start`` (the ServerApp's body) with central evaluation by ``evaluate_fn``.
+
+    The deployed baseline (:mod:`benchmarks.baselines.plain_deploy_app`) passes a timed
+    ``evaluate_global`` here; otherwise this is :func:`main`.
+    """
     cfg = run_config()
     n = cfg.federation.num_clients
     k = cfg.federation.clients_per_round or n
@@ -185,5 +199,5 @@ def main(grid: Grid, context: Context) -> None:
         grid=grid,
         initial_arrays=adapter_arrays(model),
         num_rounds=cfg.federation.num_rounds,
-        evaluate_fn=evaluate_global,
+        evaluate_fn=evaluate_fn,
     )
