@@ -293,25 +293,36 @@ def run_cell(base: RunConfig, cell: Cell, seed: int, dp: dict[str, Any] | None) 
         "seed": seed,
         **out,
         "noise_multiplier": sigma,
+        "dirichlet_alpha": cfg.data.dirichlet_alpha,
         "lora_alpha": cfg.lora.alpha,
         "lr": cfg.train.lr,
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
 
-def check_rounds(runs: list[dict[str, Any]], rounds: int, path: Path) -> None:
-    """Refuse to mix runs of another number of federated rounds into one table.
+def check_settings(runs: list[dict[str, Any]], rounds: int, alpha: float, path: Path) -> None:
+    """Refuse to mix runs of another number of rounds or another Dirichlet alpha into one table.
+
+    A run's rounds are read from its accuracy curve (round 0 included); its alpha from its
+    ``dirichlet_alpha`` (runs recorded without one ran at the scenario's 0.1).
 
     Raises
     ------
     ValueError
-        Naming the file, the rounds found and the fix (another ``--out`` or the matching ``--rounds``).
+        Naming the file, the settings found and the fix (another ``--out`` or the matching flags).
     """
-    found = sorted({len(r["accuracy"]) - 1 for r in runs if "accuracy" in r})
+    curves = [r for r in runs if "accuracy" in r]
+    found = sorted({len(r["accuracy"]) - 1 for r in curves})
     if found and found != [rounds]:
         raise ValueError(
             f"{path} holds runs of {found} rounds, not {rounds}; pass --rounds {found[0]} to resume "
             "them or --out DIR for a separate set of runs"
+        )
+    alphas = sorted({float(r.get("dirichlet_alpha", 0.1)) for r in curves})
+    if alphas and alphas != [alpha]:
+        raise ValueError(
+            f"{path} holds runs at Dirichlet alpha {alphas}, not {alpha}; pass --dirichlet-alpha "
+            f"{alphas[0]} to resume them or --out DIR for a separate set of runs"
         )
 
 
@@ -438,14 +449,16 @@ def run(
     only: Sequence[str] = (),
     seeds: Sequence[int] = SEEDS,
     rounds: int | None = None,
+    dirichlet_alpha: float | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Run the claims' cells (``grid="full"``: the whole grid) for ``seeds`` plus the references.
 
     ``resume`` keeps the runs already in ``out_dir/quality_runs.jsonl`` and runs only the rest;
     otherwise that file starts empty. ``only`` restricts the cells run now (names
-    ``strategy/split/privacy/ranks``); the tables cover every run in the file. ``rounds``
-    replaces the scenario's number of rounds (a longer budget; keep its runs in their own
-    ``out_dir``: resuming a file of runs with another number of rounds is refused). ``quick``:
+    ``strategy/split/privacy/ranks``); the tables cover every run in the file. ``rounds`` and
+    ``dirichlet_alpha`` replace the scenario's number of rounds and the Dirichlet cells'
+    concentration (keep such runs in their own ``out_dir``: resuming a file of runs with other
+    settings is refused). ``quick``:
     the tiny smoke cells, one seed, nothing kept.
     """
     cfg = load_toml(SCENARIO)
@@ -453,6 +466,8 @@ def run(
         cfg = with_overrides(cfg, QUICK)
     if rounds is not None:
         cfg = with_overrides(cfg, {"federation.num_rounds": rounds})
+    if dirichlet_alpha is not None:
+        cfg = with_overrides(cfg, {"data.dirichlet_alpha": dirichlet_alpha})
     cells = list(QUICK_CELLS) if quick else (all_cells() if grid == "full" else claim_cells())
     seeds = tuple(seeds)[:1] if quick else tuple(seeds)
     unknown = sorted(set(only) - {"/".join(c) for c in cells} - {PROBE})
@@ -465,7 +480,7 @@ def run(
     if not resume and runs_path.exists():
         runs_path.unlink()
     runs = load_runs(runs_path)
-    check_rounds(runs, cfg.federation.num_rounds, runs_path)
+    check_settings(runs, cfg.federation.num_rounds, cfg.data.dirichlet_alpha, runs_path)
     done = {(r["cell"], r["seed"]) for r in runs}
     dp = dp_settings() if any(c[2].startswith("record") for c in cells) else None
     data_dir = Path(tempfile.mkdtemp(prefix="fedlora-quality-data-"))
@@ -523,6 +538,7 @@ def run(
     result = {
         "scenario": SCENARIO.name,
         "rounds": cfg.federation.num_rounds,
+        "dirichlet_alpha": cfg.data.dirichlet_alpha,
         "roles": ROLES,
         "driver": "in-process (benchmarks.quality_driver)",
         "grid": "quick" if quick else grid,
@@ -554,6 +570,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=None, help="federated rounds (default: the scenario's); use with --out"
     )
+    parser.add_argument(
+        "--dirichlet-alpha",
+        type=float,
+        default=None,
+        help="concentration of the Dirichlet cells (default: the scenario's 0.1); use with --out",
+    )
     parser.add_argument("--out", type=Path, default=None, help=f"result directory (default {RESULTS_DIR})")
     args = parser.parse_args(argv)
     out = args.out if args.out is not None else (Path("bench-quick") if args.quick else RESULTS_DIR)
@@ -566,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         only=args.cells,
         seeds=args.seeds,
         rounds=args.rounds,
+        dirichlet_alpha=args.dirichlet_alpha,
     )
     result = {"quick": args.quick, "wall_seconds": round(time.perf_counter() - t0, 2), **result}
     print(f"## quality -> {write_result('quality', result, table, out)}\n\n{table}\n", flush=True)

@@ -9,8 +9,8 @@ import torch
 
 from benchmarks.quality import (
     CENTRAL,
-    check_rounds,
     cell_config,
+    check_settings,
     claim_rows,
     fmt,
     largest_drop,
@@ -180,9 +180,13 @@ def test_cell_configs() -> None:
         cell_config(cfg, ("ffa", "iid", "record-eps8", "r8"), 0)
 
 
-def test_runs_of_another_number_of_rounds_are_refused(tmp_path) -> None:
+def test_runs_of_other_settings_are_refused(tmp_path) -> None:
+    path = tmp_path / "runs.jsonl"
     runs = [{"cell": "fedit/iid/none/r8", "seed": 0, "accuracy": [0.1, 0.2, 0.3, 0.4]}]
-    check_rounds(runs, 3, tmp_path / "runs.jsonl")  # 4 accuracies: round 0 and 3 rounds
-    check_rounds([{"cell": "linear-probe", "seed": 0, "test_accuracy": 0.4}], 12, tmp_path / "r.jsonl")
+    check_settings(runs, 3, 0.1, path)  # 4 accuracies: round 0 and 3 rounds; no alpha recorded: 0.1
+    check_settings([{"cell": "linear-probe", "seed": 0, "test_accuracy": 0.4}], 12, 0.5, path)
     with pytest.raises(ValueError, match=r"holds runs of \[3\] rounds, not 12; pass --rounds 3"):
-        check_rounds(runs, 12, tmp_path / "runs.jsonl")
+        check_settings(runs, 12, 0.1, path)
+    with pytest.raises(ValueError, match=r"at Dirichlet alpha \[0.1\], not 0.5; pass --dirichlet-alpha 0.1"):
+        check_settings(runs, 3, 0.5, path)
+    check_settings([{**runs[0], "dirichlet_alpha": 0.5}], 3, 0.5, path)
