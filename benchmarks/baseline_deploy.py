@@ -431,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             arms[f"{arm}/{privacy}"] = run_arm(
                 arm, privacy, args.rounds, args.nodes, work / f"{arm}-{privacy}", sizes
             )
+            arm_file = work / f"{arm}-{privacy}" / "arm.json"  # kept even if a later arm fails
+            arm_file.write_text(json.dumps(arms[f"{arm}/{privacy}"], indent=2) + "\n", encoding="utf-8")
             s = arms[f"{arm}/{privacy}"]["steady"]
             print(
                 f"  {arm} / {privacy}: median {s['median_s']:.2f} s/round, min {s['min_s']:.2f}", flush=True
