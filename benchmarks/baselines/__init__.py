@@ -4,5 +4,6 @@
 Opacus and PEFT examples are (model rebuilt and a fresh Opacus ``PrivacyEngine`` every round, the
 whole adapter state exchanged, Flower's ``FedAvg``); :mod:`benchmarks.baselines.metering` runs it
 and ``fedlora simulate`` the same way and measures both from their messages
-(``benchmarks/baseline.py``, ``benchmarks/scaling.py``).
+(``benchmarks/baseline.py``, ``benchmarks/scaling.py``). :mod:`benchmarks.baselines.plain_deploy_app`
+bundles the same app for real SuperNodes, with a timed ServerApp grid (``benchmarks/baseline_deploy.py``).
 """
