@@ -15,7 +15,11 @@ what this app therefore does on purpose, to be measured against fedlora:
 The task is the same as fedlora's: the run config (:class:`fedlora.config.RunConfig` as JSON, in
 the file named by :data:`CONFIG_ENV`) gives model, LoRA shape, data, local steps, batch size,
 learning rate and DP settings; the records, their partition, the local train split and the
-tokenisation are fedlora's, so both systems train on identical examples.
+tokenisation are fedlora's, so both systems train on identical examples. Like Flower's Hugging
+Face quickstart (``DataCollatorWithPadding``), every batch runs at its longest example's length:
+fedlora's encoding pads to ``model.max_length`` and :func:`fedlora.train.trim_padding` cuts the
+columns that are padding in every row, as fedlora itself does, so the comparison measures the
+systems and not padding.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from fedlora.config import RunConfig, from_json
 from fedlora.data.cached import partitions, task_data
 from fedlora.data.encode import encode
 from fedlora.data.partition import split_local
+from fedlora.train import trim_padding
 
 CONFIG_ENV = "FEDLORA_BASELINE_CONFIG"
 
@@ -97,9 +102,10 @@ def _train_steps(model: Any, loader: DataLoader, optimizer: torch.optim.Optimize
     model.train()
     total, done = 0.0, 0
     while done < steps:
-        for input_ids, attention_mask, labels in loader:
+        for batch in loader:
             if done == steps:
                 break
+            input_ids, attention_mask, labels = trim_padding(*batch)  # dynamic padding
             optimizer.zero_grad()
             out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
             out.loss.backward()
@@ -158,7 +164,8 @@ def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
     model.eval()
     correct = 0
     with torch.no_grad():
-        for input_ids, attention_mask, labels in DataLoader(test, batch_size=cfg.train.eval_batch_size):
+        for batch in DataLoader(test, batch_size=cfg.train.eval_batch_size):
+            input_ids, attention_mask, labels = trim_padding(*batch)
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
             correct += int((logits.argmax(-1) == labels).sum())
     accuracy = correct / len(test)
