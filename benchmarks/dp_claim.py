@@ -25,7 +25,7 @@ test loss are reported next to them.
 Every finished run is appended to ``benchmarks/results/dp_claim_runs.jsonl``; ``--resume`` keeps
 those and runs only the rest, so the runs can be chunked (one invocation per seed):
 
-    timeout 1500 flock /tmp/fedlora-heavy.lock python -m benchmarks.dp_claim --resume --seeds 0
+    flock /tmp/fedlora-heavy.lock timeout 1000 python -m benchmarks.dp_claim --resume --seeds 0
     python -m benchmarks.dp_claim --resume --seeds          # no new runs: tables from the file
 
 ``--quick``: :data:`benchmarks.dp_curve.QUICK` (two clients, one round, one DP step at a given
