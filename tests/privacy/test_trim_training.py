@@ -1,9 +1,9 @@
 """Training on trimmed batches: the same per-example losses and gradients as on padded ones."""
 
 import torch
+from privacy_models import SEQ, VOCAB, tiny_peft_bert
 
 from fedlora.train import example_losses
-from privacy_models import SEQ, VOCAB, tiny_peft_bert
 
 
 def _padded_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
