@@ -40,26 +40,10 @@ import psutil
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from benchmarks.baselines.plain_deploy_app import call_record
 from benchmarks.harness import PeakRss, tree_rss
 from fedlora.config import RunConfig, from_json
-from fedlora.protocol_arrays import record_bytes
 from server.grid import PollingGrid
-
-
-def message_bytes(msg: Message) -> int:
-    """Return the bytes of every array record in ``msg`` (0 for an error reply)."""
-    if msg.has_error():
-        return 0
-    return sum(record_bytes(rec) for rec in msg.content.array_records.values())
-
-
-def reply_metrics(msg: Message) -> dict[str, float]:
-    """Return the numeric metrics of a reply's ``metrics`` record (empty if none)."""
-    if msg.has_error() or "metrics" not in msg.content.metric_records:
-        return {}
-    return {
-        k: float(v) for k, v in msg.content.metric_records["metrics"].items() if isinstance(v, int | float)
-    }
 
 
 def tree_cpu_seconds() -> float:
@@ -102,16 +86,10 @@ class MeterGrid(PollingGrid):
         t1 = time.perf_counter()
         self.calls.append(
             {
-                "type": msgs[0].metadata.message_type if msgs else "",
+                **call_record(msgs, replies),
                 "start": t0,
                 "cpu_start": cpu0,
                 "end": t1,
-                "messages": len(msgs),
-                "replies": len(replies),
-                "errors": sum(m.has_error() for m in replies),
-                "bytes_down": sum(message_bytes(m) for m in msgs),
-                "bytes_up": sum(message_bytes(m) for m in replies),
-                "metrics": [{"node": m.metadata.src_node_id, **reply_metrics(m)} for m in replies],
                 "rss_after": tree_rss(),
                 "rss_driver_after": psutil.Process().memory_info().rss,
             }

@@ -52,6 +52,19 @@ def reply_metrics(msg: Message) -> dict[str, float]:
     }
 
 
+def call_record(msgs: list[Message], replies: list[Message]) -> dict[str, Any]:
+    """Return what a metering grid records of one ``send_and_receive``: type, counts, bytes, metrics."""
+    return {
+        "type": msgs[0].metadata.message_type if msgs else "",
+        "messages": len(msgs),
+        "replies": len(replies),
+        "errors": sum(m.has_error() for m in replies),
+        "bytes_down": sum(message_bytes(m) for m in msgs),
+        "bytes_up": sum(message_bytes(m) for m in replies),
+        "metrics": [{"node": m.metadata.src_node_id, **reply_metrics(m)} for m in replies],
+    }
+
+
 class TimedGrid(PollingGrid):
     """A grid recording every ``send_and_receive`` in ``calls`` (see the module docstring).
 
@@ -74,19 +87,7 @@ class TimedGrid(PollingGrid):
             replies = list(super().send_and_receive(msgs, timeout=timeout))
         else:
             replies = list(self.inner.send_and_receive(msgs, timeout=timeout))
-        self.calls.append(
-            {
-                "type": msgs[0].metadata.message_type if msgs else "",
-                "start": t0,
-                "end": time.time(),
-                "messages": len(msgs),
-                "replies": len(replies),
-                "errors": sum(m.has_error() for m in replies),
-                "bytes_down": sum(message_bytes(m) for m in msgs),
-                "bytes_up": sum(message_bytes(m) for m in replies),
-                "metrics": [{"node": m.metadata.src_node_id, **reply_metrics(m)} for m in replies],
-            }
-        )
+        self.calls.append({**call_record(msgs, replies), "start": t0, "end": time.time()})
         return replies
 
 
