@@ -60,17 +60,21 @@ def arm(model_path: str, dataset: Any, dp: bool, train_a: bool, steps: int) -> d
         step_seconds = []
         for _ in range(steps + 1):  # the first step (lazy allocations) is not timed
             try:
-                ids, mask, labels = next(batches)
+                batch = next(batches)
             except StopIteration:
                 batches = iter(loader)
-                ids, mask, labels = next(batches)
+                batch = next(batches)
+            # Under DP every batch has a fixed row count and a weight column (filler rows weigh 0).
+            ids, mask, labels = batch[:3]
+            weights = batch[3] if len(batch) > 3 else torch.ones(len(labels))
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            loss = train_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            logits = train_model(input_ids=ids, attention_mask=mask).logits
+            loss = (torch.nn.functional.cross_entropy(logits, labels, reduction="none") * weights).mean()
             loss.backward()
             optimizer.step()
             step_seconds.append(time.perf_counter() - t0)
-            sizes.append(len(labels))
+            sizes.append(int(weights.sum()))
     timed = step_seconds[1:]
     return {
         "seconds_per_step": sum(timed) / len(timed),

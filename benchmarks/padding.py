@@ -58,16 +58,17 @@ def arm(model_path: str, dataset: Any, trim: bool, dp: bool, steps: int) -> dict
             batch = next(batches)
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
+        weights = batch[3] if len(batch) > 3 else 1.0  # DP: fixed rows, filler rows weigh 0
         if trim:
-            losses = example_losses(train_model, batch, cpu)  # trims, as train_local does
+            losses = example_losses(train_model, batch, cpu)  # trims, as train_local does without DP
         else:
-            ids, mask, labels = batch
+            ids, mask, labels = batch[:3]
             logits = train_model(input_ids=ids, attention_mask=mask).logits
             losses = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-        losses.mean().backward()
+        (losses * weights).mean().backward()
         optimizer.step()
         seconds.append(time.perf_counter() - t0)
-        columns.append(trim_padding(*batch)[0].shape[1] if trim else batch[0].shape[1])
+        columns.append(trim_padding(*batch[:3])[0].shape[1] if trim else batch[0].shape[1])
     timed = seconds[1:]
     return {"seconds_per_step": sum(timed) / len(timed), "mean_columns": sum(columns) / len(columns)}
 

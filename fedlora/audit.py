@@ -22,6 +22,7 @@ broken mechanism (no noise while the ledger still claims σ); the audit must fla
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedlora.privacy.accounting import compute_epsilon
 from fedlora.privacy.dpsgd import make_private_lora
+from fedlora.privacy.randomness import SecureRandom
 
 
 def p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
@@ -122,15 +124,15 @@ def audit_dpsgd(
         loader,
         noise_multiplier=0.0 if noise_off else noise_multiplier,
         max_grad_norm=1.0,
-        noise_generator=None if gen is None else torch.Generator().manual_seed(seed + 1),  # type: ignore[operator]
-        sampling_generator=None if gen is None else torch.Generator().manual_seed(seed + 2),  # type: ignore[operator]
+        generator=None if seed is None else SecureRandom(hashlib.sha256(f"audit-{seed}".encode()).digest()),
     )
     net, dp_opt, dp_loader = private
     done = 0
     while done < steps:
-        for (xb,) in dp_loader:
+        for xb, weights in dp_loader:
             dp_opt.zero_grad()
-            (-net(xb).sum(dim=1)).mean().backward()  # per-sample loss -w·x: gradient -x
+            # per-sample loss -w·x (gradient -x); filler rows of the fixed-size batch weigh 0
+            (-net(xb).sum(dim=1) * weights).mean().backward()
             dp_opt.step()
             done += 1
             if done == steps:

@@ -114,15 +114,22 @@ def causal_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     return tok.sum(dim=1) / count.clamp(min=1)
 
 
-def example_losses(model: torch.nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+def example_losses(
+    model: torch.nn.Module, batch: Any, device: torch.device, trim: bool = True
+) -> torch.Tensor:
     """Return the per-example training losses of ``batch`` = (input ids, mask, labels), shape (batch,).
 
     Labels of shape (batch,) are class indices (cross-entropy per example); labels of shape
-    (batch, seq) are causal-LM targets (:func:`causal_example_losses`). Columns that are
-    padding in every row are dropped first (:func:`trim_padding`): a step costs the batch's
-    longest example, not ``model.max_length``.
+    (batch, seq) are causal-LM targets (:func:`causal_example_losses`). With ``trim``, columns
+    that are padding in every row are dropped first (:func:`trim_padding`): a step costs the
+    batch's longest example, not ``model.max_length``. Under DP ``trim`` is off, because a
+    step whose time depends on its longest record tells whoever sees the time which records
+    it holds. A fourth element of ``batch`` (row weights) is ignored here.
     """
-    ids, mask, labels = (t.to(device) for t in trim_padding(*batch))
+    ids, mask, labels = batch[0], batch[1], batch[2]
+    if trim:
+        ids, mask, labels = trim_padding(ids, mask, labels)
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
     logits = model(input_ids=ids, attention_mask=mask).logits
     if labels.dim() == 1:
         return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
@@ -237,21 +244,26 @@ def _loop(
     batches = _batches(loader)
     for _ in range(n_steps):
         batch = next(batches)
-        size = len(batch[0])
+        # Under DP the loader pads each Poisson batch to a fixed row count and adds a weight
+        # column (1 real record, 0 filler; fedlora.privacy.dpsgd.FixedRows).
+        size = int(batch[3].sum()) if len(batch) > 3 else len(batch[0])
         micro = _micro_batches(batch, cfg.grad_accum_steps)
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for i, chunk in enumerate(micro):
             ctx = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
             with ctx:
-                losses = example_losses(model, chunk, device)
+                losses = example_losses(model, chunk, device, trim=not private)
+            if len(chunk) > 3:
+                losses = losses * chunk[3].to(losses.device)  # filler rows: weight 0, gradient exactly 0
             if not torch.isfinite(losses).all():
                 raise FloatingPointError(
                     f"training loss became {losses.mean().item()}; lower train.lr or check the data"
                 )
             step_loss += float(losses.detach().sum())
-            # Opacus rescales a mean loss by the micro-batch size itself; without DP, weight each
-            # micro-batch by its share of the batch so the summed gradient is the batch mean.
+            # Opacus rescales a mean loss by the micro-batch's row count itself, so each row's
+            # gradient is its own (weighted) loss's; without DP, weight each micro-batch by its
+            # share of the batch so the summed gradient is the batch mean.
             loss = losses.mean() if private else losses.sum() / size
             (scaler.scale(loss) if scaler is not None else loss).backward()
             if private and i < len(micro) - 1:
@@ -295,13 +307,20 @@ def trim_padding(
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, dataset: Dataset, task: str, device: torch.device, batch_size: int = 64
+    model: torch.nn.Module,
+    dataset: Dataset,
+    task: str,
+    device: torch.device,
+    batch_size: int = 64,
+    trim: bool = True,
 ) -> EvalResult:
     """Return loss and accuracy of ``model`` on ``dataset``.
 
     Classification: mean cross-entropy and accuracy over examples. Causal LM: the mean
     next-token loss over all response tokens of the data set (its exponential is the
     held-out response perplexity, in ``extras["perplexity"]``) and token accuracy.
+    ``trim=False`` keeps every batch at the encoded length, so the time taken depends only on
+    the number of examples (a client's local validation under DP).
     """
     if len(dataset) == 0:  # type: ignore[arg-type]
         return EvalResult(loss=float("nan"), accuracy=float("nan"), examples=0)
@@ -309,7 +328,7 @@ def evaluate(
     model.eval()
     loss_sum, correct, count, n = 0.0, 0, 0, 0
     for batch in DataLoader(dataset, batch_size=batch_size):
-        ids, mask, labels = (t.to(device) for t in trim_padding(*batch))
+        ids, mask, labels = (t.to(device) for t in (trim_padding(*batch) if trim else batch))
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
         n += len(ids)
         if task == "classification":

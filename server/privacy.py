@@ -42,7 +42,7 @@ from fedlora.privacy.client_dp import (
     sample_clients,
 )
 from fedlora.privacy.ledger import LedgerEntry, LedgerError, PrivacyLedger
-from fedlora.privacy.randomness import entropy_generator, system_random
+from fedlora.privacy.randomness import SecureRandom, system_random
 from fedlora.privacy.report import write_report
 from fedlora.privacy.runfile import CLIENT_LEVEL_KEY, RunFacts, load_run_file, save_run_ledgers
 from strategies.base import ClientResult, ClientSpec, LoraStrategy, Payload, StrategyWrapper
@@ -124,9 +124,9 @@ class ServerPrivacy:
                 max_grad_norm=p.clip_norm,
                 target_epsilon=self.target,
             )
-        # DP draws come from OS entropy, fresh in every process (so after every resume), and are
-        # never checkpointed: the run seed is in every client's run config.
-        self.noise = entropy_generator()
+        # DP draws come from OS entropy (a 256-bit ChaCha20 key), fresh in every process (so after
+        # every resume), and are never checkpointed: the run seed is in every client's run config.
+        self.noise = SecureRandom()
         self._sampler = system_random()
         self.run_id = ""
         self.round = 0

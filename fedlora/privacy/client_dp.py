@@ -6,6 +6,8 @@ update ``Δ_k`` (all its tensors together) to L2 norm ``C``, and releases
 
     Δ̂ = (Σ_k clip(Δ_k, C) + N(0, σ² C² I)) / m
 
+(the Gaussian is discrete, on a grid 2^20 times finer than C / √d: :mod:`fedlora.privacy.noise`)
+
 where ``m`` is a FIXED denominator: the expected number of participants ``q · K`` under
 Poisson sampling (McMahan et al.'s unbiased fixed-denominator estimator; dividing by the
 realised count would make the denominator, and so the sensitivity, data-dependent), or
@@ -15,8 +17,9 @@ the clipped sum by at most ``C``, so this is the sampled Gaussian mechanism that
 with no participant), with ``q`` the Poisson client rate, or ``q = 1`` with every client.
 Fixed-size sampling of a subset is refused (:func:`check_client_sampling`).
 
-The noise generator and the sampling RNG must come from OS entropy on the server
-(:mod:`fedlora.privacy.randomness`), never from a seed the clients know. Which tensors a
+The noise generator (a 256-bit-key :class:`~fedlora.privacy.randomness.SecureRandom`) and the
+sampling RNG (the OS CSPRNG) come from OS entropy on the server, never from a seed the
+clients know. Which tensors a
 strategy lets the noisy sum privatise is its own declaration (``LoraStrategy.dp_tensors``,
 used by ``server.privacy.ClientLevelDP``); the name-based helpers below remain for callers
 without a strategy object.
@@ -37,6 +40,8 @@ import numpy as np
 import torch
 
 from fedlora.adapters import AdapterState, is_lora_a
+from fedlora.privacy.noise import DiscreteGaussianMechanism
+from fedlora.privacy.randomness import SecureRandom
 
 ClientSampling = Literal["poisson", "fixed"]
 T = TypeVar("T")
@@ -136,10 +141,14 @@ def noisy_mean(
     noise_multiplier: float,
     clip_norm: float,
     expected_clients: float,
+    generator: SecureRandom,
     template: Mapping[str, torch.Tensor] | None = None,
-    generator: torch.Generator | None = None,
 ) -> AdapterState:
-    """Return ``(Σ clipped + N(0, (σ C)^2)) / expected_clients`` per tensor.
+    """Return ``(Σ clipped + Gaussian noise of std σ C) / expected_clients`` per tensor.
+
+    The noise is discrete Gaussian on a fine grid over all tensors together
+    (:class:`fedlora.privacy.noise.DiscreteGaussianMechanism`, noise std ``σ C (1 + 2^-20)``),
+    drawn from ``generator``; there is deliberately no default generator.
 
     Parameters
     ----------
@@ -153,10 +162,11 @@ def noisy_mean(
     expected_clients
         The fixed denominator ``m``: ``q · K`` for Poisson sampling, the chosen count for
         fixed-size sampling (module docstring).
+    generator
+        The secure generator of the noise (:class:`fedlora.privacy.randomness.SecureRandom`,
+        keyed from OS entropy on the party that adds the noise).
     template
         Names, shapes and dtypes of the result when ``clipped`` is empty.
-    generator
-        Seeded generator for the noise (on the tensors' device).
     """
     if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
         raise ClientDPError(f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0")
@@ -170,14 +180,16 @@ def noisy_mean(
     for i, upd in enumerate(clipped):
         if set(upd) != set(ref):
             raise ClientDPError(f"update {i} names {sorted(set(upd) ^ set(ref))[:3]} that the others do not")
-    std = float(noise_multiplier) * float(clip_norm)
+    if not isinstance(generator, SecureRandom):
+        raise ClientDPError("noisy_mean needs a SecureRandom generator (fedlora.privacy.randomness)")
+    dim = sum(like.numel() for like in ref.values())
+    mechanism = DiscreteGaussianMechanism(noise_multiplier, clip_norm, max(1, dim), generator)
     out: AdapterState = {}
     for name, like in ref.items():
         acc = torch.zeros_like(like, dtype=torch.float64)
         for upd in clipped:
             acc += upd[name].double()
-        noise = torch.randn(acc.shape, generator=generator, dtype=torch.float64, device=acc.device)
-        out[name] = ((acc + std * noise) / float(expected_clients)).to(like.dtype)
+        out[name] = (mechanism.noisy(acc) / float(expected_clients)).to(like.dtype)
     return out
 
 
@@ -264,8 +276,8 @@ def privatize_updates(
     clip_norm: float,
     noise_multiplier: float,
     expected_clients: float,
+    generator: SecureRandom,
     template: Mapping[str, torch.Tensor] | None = None,
-    generator: torch.Generator | None = None,
 ) -> tuple[AdapterState, list[float]]:
     """Clip every update to ``clip_norm`` and return the noisy mean and the pre-clip norms.
 

@@ -25,6 +25,8 @@ from fedlora.privacy.client_dp import (
     supports_client_dp,
     update_norm,
 )
+from fedlora.privacy.noise import DiscreteGaussianMechanism
+from fedlora.privacy.randomness import SecureRandom
 
 A = "m.q.lora_A.weight"
 B = "m.q.lora_B.weight"
@@ -76,23 +78,26 @@ def test_update_norm_and_clip_by_hand():
 
 def test_noisy_mean_without_noise_is_the_sum_over_the_fixed_denominator():
     ups = [{B: torch.tensor([1.0, 2.0])}, {B: torch.tensor([3.0, -2.0])}]
-    out = noisy_mean(ups, noise_multiplier=0.0, clip_norm=1.0, expected_clients=4.0)
+    out = noisy_mean(ups, noise_multiplier=0.0, clip_norm=1.0, expected_clients=4.0, generator=fixed_key())
     assert torch.equal(out[B], torch.tensor([1.0, 0.0]))
-    half = noisy_mean(ups, noise_multiplier=0.0, clip_norm=1.0, expected_clients=0.5)
+    half = noisy_mean(ups, noise_multiplier=0.0, clip_norm=1.0, expected_clients=0.5, generator=fixed_key())
     assert torch.equal(half[B], torch.tensor([8.0, 0.0]))
     bf = noisy_mean([{B: torch.ones(2, dtype=torch.bfloat16)}], noise_multiplier=0.0, clip_norm=1.0,
-                    expected_clients=1.0)  # fmt: skip
+                    expected_clients=1.0, generator=fixed_key())  # fmt: skip
     assert bf[B].dtype == torch.bfloat16
 
 
 def test_noise_is_exactly_sigma_c_times_the_generator_draw_over_m():
     template = {B: torch.zeros(3)}
     out = noisy_mean([], noise_multiplier=2.0, clip_norm=0.5, expected_clients=4.0, template=template,
-                     generator=torch.Generator().manual_seed(5))  # fmt: skip
-    draw = torch.randn(3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    assert torch.allclose(out[B].double(), 2.0 * 0.5 * draw / 4.0, atol=1e-7)
+                     generator=fixed_key(5))  # fmt: skip
+    # The same key gives the same discrete Gaussian draws: noise std σ C (1 + 2^-20), divided by m.
+    mech = DiscreteGaussianMechanism(2.0, 0.5, 3, fixed_key(5))
+    draw = mech.noisy(torch.zeros(3, dtype=torch.float64))
+    assert mech.noise_std == pytest.approx(2.0 * 0.5, rel=2e-6)
+    assert torch.allclose(out[B].double(), draw / 4.0, atol=1e-7)
     mean, norms = privatize_updates([{B: torch.tensor([0.0, 6.0, 8.0])}], clip_norm=5.0, noise_multiplier=0.0,
-                                    expected_clients=2.0)  # fmt: skip
+                                    expected_clients=2.0, generator=fixed_key())  # fmt: skip
     assert norms == [10.0] and torch.equal(mean[B], torch.tensor([0.0, 1.5, 2.0]))
 
 
@@ -148,14 +153,20 @@ def test_a_name_mismatch_lists_at_most_three_names():
         ClientDPError, match=r"^update 1 names \['a.weight', 'b.weight', 'c.weight'\] that the others do not$"
     ):
         noisy_mean([{B: torch.zeros(1)}, {n: torch.zeros(1) for n in [B, *names]}], noise_multiplier=0.0,
-                   clip_norm=1.0, expected_clients=1.0)  # fmt: skip
+                   clip_norm=1.0, expected_clients=1.0, generator=fixed_key())  # fmt: skip
 
 
-def test_noisy_mean_draws_its_noise_on_the_updates_device():
-    # On a GPU server the noise must be drawn where the sum lives. The "meta" device stands in for
-    # any non-CPU device here: CPU noise added to a meta sum raises, so the draw's device is checked.
-    upd = {"w": torch.zeros(3, 2, device="meta")}
-    out = noisy_mean([upd], noise_multiplier=1.0, clip_norm=1.0, expected_clients=1.0)
-    assert out["w"].device.type == "meta" and out["w"].shape == (3, 2) and out["w"].dtype == torch.float32
-    empty = noisy_mean([], noise_multiplier=1.0, clip_norm=1.0, expected_clients=2.0, template=upd)
-    assert empty["w"].device.type == "meta"
+def test_noisy_mean_returns_the_updates_device_and_dtype():
+    # The discrete noise is drawn on the CPU (from the secure stream) and returned where the sum lives.
+    upd = {"w": torch.zeros(3, 2, dtype=torch.bfloat16)}
+    out = noisy_mean([upd], noise_multiplier=1.0, clip_norm=1.0, expected_clients=1.0, generator=fixed_key())
+    assert out["w"].device == upd["w"].device and out["w"].shape == (3, 2)
+    assert out["w"].dtype == torch.bfloat16
+    empty = noisy_mean(
+        [], noise_multiplier=1.0, clip_norm=1.0, expected_clients=2.0, template=upd, generator=fixed_key()
+    )
+    assert empty["w"].dtype == torch.bfloat16 and bool(empty["w"].ne(0).any())
+
+
+def fixed_key(i: int = 7) -> SecureRandom:
+    return SecureRandom(bytes([i]) * 32)  # reproducible noise, tests only

@@ -22,6 +22,7 @@ from fedlora.privacy.client_dp import (
     update_norm,
 )
 from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.randomness import SecureRandom
 
 A = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
 B = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"
@@ -73,7 +74,7 @@ def test_noise_std_is_sigma_c_over_m():
         noise_multiplier=sigma,
         clip_norm=clip,
         expected_clients=m,
-        generator=torch.Generator().manual_seed(0),
+        generator=fixed_key(0),
     )
     draws = torch.cat([v.flatten() for v in out.values()])  # 8192 independent draws
     assert float(draws.std()) == pytest.approx(sigma * clip / m, rel=0.03)
@@ -82,11 +83,13 @@ def test_noise_std_is_sigma_c_over_m():
 
 def test_noiseless_mean_and_sensitivity():
     ups = [clip_update(update(s, 10.0), 1.0)[0] for s in range(4)]
-    full = noisy_mean(ups, noise_multiplier=0.0, clip_norm=1.0, expected_clients=4.0)
+    full = noisy_mean(ups, noise_multiplier=0.0, clip_norm=1.0, expected_clients=4.0, generator=fixed_key())
     for k in full:
         assert torch.allclose(full[k], sum(u[k] for u in ups) / 4.0, atol=1e-6)
     # Removing one client moves the (un-normalised) sum by at most C.
-    less = noisy_mean(ups[:3], noise_multiplier=0.0, clip_norm=1.0, expected_clients=1.0)
+    less = noisy_mean(
+        ups[:3], noise_multiplier=0.0, clip_norm=1.0, expected_clients=1.0, generator=fixed_key()
+    )
     assert update_norm({k: 4.0 * full[k] - less[k] for k in full}) <= 1.0 + 1e-5
 
 
@@ -98,20 +101,28 @@ def test_empty_round_releases_noise_only():
         clip_norm=1.0,
         expected_clients=2.0,
         template=tmpl,
-        generator=torch.Generator().manual_seed(1),
+        generator=fixed_key(1),
     )
     assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in tmpl.items()}
     with pytest.raises(ClientDPError, match="template="):
-        noisy_mean([], noise_multiplier=1.0, clip_norm=1.0, expected_clients=2.0)
+        noisy_mean([], noise_multiplier=1.0, clip_norm=1.0, expected_clients=2.0, generator=fixed_key())
     with pytest.raises(ClientDPError, match="expected_clients=0"):
-        noisy_mean([tmpl], noise_multiplier=1.0, clip_norm=1.0, expected_clients=0)
+        noisy_mean([tmpl], noise_multiplier=1.0, clip_norm=1.0, expected_clients=0, generator=fixed_key())
     with pytest.raises(ClientDPError, match="update 1"):
-        noisy_mean([tmpl, {A: tmpl[A]}], noise_multiplier=1.0, clip_norm=1.0, expected_clients=2)
+        noisy_mean(
+            [tmpl, {A: tmpl[A]}],
+            noise_multiplier=1.0,
+            clip_norm=1.0,
+            expected_clients=2,
+            generator=fixed_key(),
+        )
 
 
 def test_privatize_updates_reports_pre_clip_norms():
     ups = [update(1, 5.0), update(2, 1e-4)]
-    mean, norms = privatize_updates(ups, clip_norm=1.0, noise_multiplier=0.0, expected_clients=2.0)
+    mean, norms = privatize_updates(
+        ups, clip_norm=1.0, noise_multiplier=0.0, expected_clients=2.0, generator=fixed_key()
+    )
     assert norms == pytest.approx([update_norm(u) for u in ups])
     assert update_norm(mean) <= 1.0
 
@@ -157,3 +168,7 @@ def test_fixed_size_sampling_and_accounting():
     fixed = ledger.record(1, 1.0, 0.3, 1, "fixed").record(2, 1.0, 0.3, 1, "fixed")
     assert fixed.history == [(1.0, 1.0, 1), (1.0, 1.0, 1)]
     assert fixed.epsilon() > poisson.epsilon()
+
+
+def fixed_key(i: int = 7) -> SecureRandom:
+    return SecureRandom(bytes([i]) * 32)  # reproducible noise, tests only

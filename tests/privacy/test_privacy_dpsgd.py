@@ -1,4 +1,4 @@
-"""DP-SGD wiring on a tiny PEFT BERT: weights move, base stays, empty batches, FFA, clip bound."""
+"""DP-SGD wiring on a tiny PEFT BERT: weights move, base stays, fixed rows, empty batches, FFA, clip bound."""
 
 import math
 
@@ -9,12 +9,19 @@ from privacy_models import tiny_peft_bert, token_loader
 from fedlora.adapters import is_lora_a, is_lora_b
 from fedlora.privacy.dpsgd import (
     DPSetupError,
-    EmptyBatchGuard,
+    FixedRows,
     adapter_state,
     check_adapter_moved,
     make_private_lora,
+    physical_rows,
     unwrap,
 )
+from fedlora.privacy.randomness import SecureRandom
+from fedlora.train import example_losses
+
+
+def key(i):
+    return SecureRandom(bytes([i]) * 32)  # a fixed key: reproducible streams in tests only
 
 
 def trainable(model):
@@ -26,12 +33,14 @@ def frozen_state(model):
 
 
 def run_epoch(private, zero_loss=False):
+    """One pass over the loader; Poisson batches carry a weight column (filler rows weigh 0)."""
     model, optimizer, loader = private
     sizes = []
-    for ids, mask, labels in loader:
-        sizes.append(int(ids.shape[0]))
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        loss = out.logits.sum() * 0.0 if zero_loss else out.loss
+    for batch in loader:
+        weights = batch[3] if len(batch) > 3 else torch.ones(len(batch[0]))
+        sizes.append(int(weights.sum()))
+        losses = example_losses(model, batch, torch.device("cpu"), trim=False) * weights
+        loss = losses.sum() * 0.0 if zero_loss else losses.mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -47,7 +56,7 @@ def test_dp_training_moves_lora_and_head_not_base(peft_bert):
         token_loader(16, 4),
         noise_multiplier=1.0,
         max_grad_norm=1.0,
-        noise_generator=torch.Generator().manual_seed(1),
+        generator=key(1),
     )
     sizes = run_epoch(private)
     after = adapter_state(private.model)
@@ -64,36 +73,76 @@ def test_dp_training_moves_lora_and_head_not_base(peft_bert):
     assert entry.sample_rate == pytest.approx(0.25) and entry.noise_multiplier == 1.0
 
 
+def test_every_poisson_batch_has_the_same_rows_and_weights_count_the_sample():
+    # The timing channel: a step's work must not depend on how many records the sample drew.
+    model = tiny_peft_bert()
+    opt = torch.optim.SGD(trainable(model), lr=0.1)
+    private = make_private_lora(
+        model, opt, token_loader(40, 4), noise_multiplier=1.0, max_grad_norm=1.0, generator=key(3)
+    )
+    rows = physical_rows(40, 0.1)
+    assert private.rows == rows > 4
+    shapes, drawn = set(), []
+    for _ in range(5):
+        for ids, mask, labels, weights in private.data_loader:
+            shapes.add((tuple(ids.shape), tuple(mask.shape), tuple(labels.shape), tuple(weights.shape)))
+            drawn.append(int(weights.sum()))
+            assert set(weights.tolist()) <= {0.0, 1.0} and torch.all(weights[: drawn[-1]] == 1)
+    assert shapes == {((rows, 8), (rows, 8), (rows,), (rows,))}
+    assert len(set(drawn)) > 3  # the Poisson sample size varies; the rows processed do not
+    assert private.collate.overflows == 0
+
+
+def test_physical_rows_bound_the_binomial_tail():
+    from scipy.stats import binom
+
+    for n, q in [(3, 1 / 3), (500, 1 / 32), (10_000, 0.01)]:
+        rows = physical_rows(n, q)
+        assert binom.sf(rows, n, q) <= 1e-9 < binom.sf(rows - 2, n, q) or rows >= n
+
+
+def test_an_empty_poisson_batch_releases_pure_noise():
+    # Filler rows weigh 0: with σ = 0 a step on an empty batch leaves the adapter exactly as it was
+    # (a random stand-in sample would move it, and raise the step's sensitivity).
+    model = tiny_peft_bert()
+    opt = torch.optim.SGD(trainable(model), lr=1.0)
+    private = make_private_lora(
+        model, opt, token_loader(3, 1), noise_multiplier=0.0, max_grad_norm=1.0, generator=key(2)
+    )
+    before = adapter_state(private.model)
+    batch = private.collate([])
+    assert private.collate.empty_batches == 1 and batch[0].shape == (private.rows, 8)
+    assert float(batch[3].sum()) == 0.0
+    losses = example_losses(private.model, batch, torch.device("cpu"), trim=False) * batch[3]
+    losses.mean().backward()
+    private.optimizer.step()
+    after = adapter_state(private.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_filler_rows_are_data_independent():
+    ds = token_loader(5, 1).dataset
+    rows = FixedRows(torch.utils.data.default_collate, ds[0], 4)
+    other = FixedRows(torch.utils.data.default_collate, token_loader(5, 1, seed=9).dataset[0], 4)
+    ids, mask, _, weights = rows([])
+    assert torch.equal(ids, other([])[0]) and int(ids.abs().sum()) == 0 and bool(mask.all())
+    assert weights.tolist() == [0.0] * 4
+    big = rows([ds[i] for i in range(5)])  # an overflow is processed whole and counted
+    assert big[0].shape[0] == 5 and rows.overflows == 1
+
+
 def test_empty_poisson_batches_do_not_crash():
     model = tiny_peft_bert()
     opt = torch.optim.SGD(trainable(model), lr=0.1)
-    # 3 records at q = 1/3: a batch is empty with probability (2/3)^3 ≈ 0.3. With this seed the
-    # very first batch is empty, before Opacus has seen any batch to copy a structure from.
+    # 3 records at q = 1/3: a batch is empty with probability (2/3)^3 ≈ 0.3.
     private = make_private_lora(
-        model,
-        opt,
-        token_loader(3, 1, seed=1),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        sampling_generator=torch.Generator().manual_seed(2),  # first batch empty
+        model, opt, token_loader(3, 1, seed=1), noise_multiplier=1.0, max_grad_norm=1.0, generator=key(4)
     )
-    guard = private.data_loader.collate_fn
-    assert isinstance(guard, EmptyBatchGuard)
-    it = iter(private.data_loader)
-    first = next(it)
-    assert guard.empty_batches == 1 and first[0].shape == (1, 8)
-    del it
-    for _ in range(4):
+    for _ in range(6):
         run_epoch(private)
-    assert guard.empty_batches > 1
-    assert private.steps_taken() == 12  # every batch, empty or not, is a noisy step
+    assert private.collate.empty_batches > 0
+    assert private.steps_taken() == 18  # every batch, empty or not, is a noisy step
     assert all(torch.isfinite(t).all() for t in adapter_state(private.model).values())
-
-
-def test_first_batch_empty_is_handled():
-    guard = EmptyBatchGuard(torch.utils.data.default_collate, {"x": torch.zeros(1, 8, dtype=torch.long)})
-    dummy = guard([])
-    assert dummy["x"].shape == (1, 8) and dummy["x"].dtype == torch.long and guard.empty_batches == 1
 
 
 def test_ffa_freezing_leaves_a_unchanged():
@@ -105,8 +154,8 @@ def test_ffa_freezing_leaves_a_unchanged():
     opt = torch.optim.SGD(trainable(model), lr=0.5)
     private = make_private_lora(model, opt, token_loader(16, 4), noise_multiplier=1.0, max_grad_norm=1.0)
     model, optimizer, loader = private
-    ids, mask, labels = next(iter(loader))
-    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    batch = next(iter(loader))
+    (example_losses(model, batch, torch.device("cpu"), trim=False) * batch[3]).mean().backward()
     sampled = {n for n, p in unwrap(model).named_parameters() if getattr(p, "grad_sample", None) is not None}
     assert sampled and not any("lora_A" in n for n in sampled)  # frozen A gets no per-sample grads
     optimizer.step()
@@ -162,7 +211,7 @@ def test_noise_scale_matches_sigma_c_over_batch():
         noise_multiplier=sigma,
         max_grad_norm=clip,
         poisson_sampling=False,
-        noise_generator=torch.Generator().manual_seed(0),
+        generator=key(0),
     )
     run_epoch(private, zero_loss=True)
     noise = torch.cat([p.detach().flatten() for p in trainable(private.model)]) - before
@@ -182,11 +231,12 @@ def test_dp_training_on_cuda_moves_adapter():
         token_loader(16, 4),
         noise_multiplier=1.0,
         max_grad_norm=1.0,
-        noise_generator=torch.Generator(device="cuda").manual_seed(0),
     )
     net, optimizer, loader = private
-    for ids, mask, labels in loader:
-        net(input_ids=ids.cuda(), attention_mask=mask.cuda(), labels=labels.cuda()).loss.backward()
+    for batch in loader:
+        losses = example_losses(net, batch, torch.device("cuda"), trim=False) * batch[3].cuda()
+        losses.mean().backward()
+        assert all(p.grad is None or p.grad.is_cuda for p in trainable(unwrap(net)))
         optimizer.step()
         optimizer.zero_grad()
     changed = check_adapter_moved(before, adapter_state(net))
