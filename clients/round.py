@@ -156,6 +156,7 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
                 cfg.model.task,
                 device,
                 cfg.train.eval_batch_size,
+                trim=not privacy.enabled,  # under DP its time must not follow record lengths
             )
             if val_records
             else None

@@ -71,7 +71,8 @@ def round_metrics(reply: RecordDict) -> RecordDict:
     if "metrics" not in reply.metric_records:
         return reply
     metrics = reply.metric_records["metrics"]
-    metrics["clientapp-seconds"] = time.time() - (float(start) if in_worker else _process_start())
+    if "dp-steps" not in metrics:  # under record DP no timing leaves the node (clients.privacy)
+        metrics["clientapp-seconds"] = time.time() - (float(start) if in_worker else _process_start())
     if in_worker:
         metrics["worker"] = 1
         metrics["worker-rounds"] = int(os.environ.get(ROUNDS_ENV, "0"))
