@@ -306,7 +306,9 @@ class ServerRun:
             size_factor=self.cfg.robust.max_update_size,
             observe=lambda node, msg: self.privacy.observe_reply(node, infos[node].partition_id, msg),
         )
-        outcome = robust_results(outcome, payloads, self.cfg.robust)
+        outcome = robust_results(
+            outcome, payloads, self.cfg.robust, relative=self.privacy.allows_cross_client_bounds
+        )
         outcome.rejected += [{"node": n, "reason": "node disconnected before the round"} for n in offline]
         for r in outcome.rejected:
             log.warning("round %s: update of node %s excluded: %s", rnd, r["node"], r["reason"])

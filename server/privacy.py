@@ -109,6 +109,19 @@ class ServerPrivacy:
             check_client_sampling(
                 p.client_sampling, cfg.federation.clients_per_round, cfg.federation.num_clients
             )
+            if cfg.robust.aggregator != "mean":
+                raise ClientDPError(
+                    f"robust.aggregator = {cfg.robust.aggregator!r} cannot run under client-level DP: the "
+                    "release is one noisy mean of clipped updates, so a robust centre would have nothing to "
+                    "act on (and one computed before the noise would change the release's sensitivity). "
+                    "Set robust.aggregator = 'mean'; the DP clip bounds every client's influence"
+                )
+            if cfg.robust.norm_bound > 0 or cfg.robust.max_weight_factor > 0:
+                log.info(
+                    "client-level DP: robust.norm_bound and robust.max_weight_factor are not applied (they "
+                    "depend on other clients' updates); the DP clip bounds each client at C = %g",
+                    p.clip_norm,
+                )
             if self.sigma <= 0:
                 self.sigma = calibrate_noise_multiplier(
                     p.epsilon,
@@ -159,6 +172,17 @@ class ServerPrivacy:
         if self.mode != "client":
             return strategy
         return ClientLevelDP(strategy, self)
+
+    @property
+    def allows_cross_client_bounds(self) -> bool:
+        """False in client mode: no defence whose bound depends on other clients' updates may run.
+
+        The robust norm bound (a multiple of the round's median norm) and the weight cap move
+        when a client is added, which rescales the other clients' updates before the DP clip:
+        with 5 small and 5 clipped updates, adding one moved the released sum by 5.85 C instead
+        of C. The DP clip already bounds every client's influence on every release.
+        """
+        return self.mode != "client"
 
     @property
     def releases_every_round(self) -> bool:

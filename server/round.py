@@ -124,12 +124,21 @@ def collect_replies(
     return out
 
 
-def robust_results(out: RoundOutcome, sent: Mapping[int, Payload], robust: RobustConfig) -> RoundOutcome:
-    """Apply norm bounding and example-count capping to ``out.results`` (recorded in ``out``)."""
+def robust_results(
+    out: RoundOutcome, sent: Mapping[int, Payload], robust: RobustConfig, *, relative: bool = True
+) -> RoundOutcome:
+    """Apply norm bounding and example-count capping to ``out.results`` (recorded in ``out``).
+
+    ``relative=False`` keeps only the defences that look at a client's own update (the
+    absolute caps ``max_update_norm`` and ``max_abs_value``) and drops those relative to the
+    round's median (the norm bound, the weight cap). Client-level DP needs that: a bound that
+    moves with the other clients' updates lets adding one client rescale everyone else's
+    update before the DP clip, so the release's sensitivity is no longer ``C``.
+    """
     bounded = bound_updates(
         out.results,
         {n: p.adapter for n, p in sent.items()},
-        bound=robust.norm_bound,
+        bound=robust.norm_bound if relative else 0.0,
         max_norm=robust.max_update_norm,
         max_abs=robust.max_abs_value,
     )
@@ -138,6 +147,6 @@ def robust_results(out: RoundOutcome, sent: Mapping[int, Payload], robust: Robus
     gone = {int(r["node"]) for r in bounded.rejected}  # type: ignore[call-overload]
     pairs = zip(out.results, out.train_losses, strict=True)
     out.train_losses = [tl for r, tl in pairs if r.spec.node_id not in gone]
-    out.results = cap_example_counts(bounded.results, robust.max_weight_factor)
+    out.results = cap_example_counts(bounded.results, robust.max_weight_factor if relative else 0.0)
     out.clipped = bounded.clipped
     return out
