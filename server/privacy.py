@@ -146,6 +146,7 @@ class ServerPrivacy:
         self.pending: list[dict[str, Any]] = []
         self.resumes: list[dict[str, Any]] = []
         self._owners: dict[str, int] = {}
+        self._observed: set[str] = set()  # ledgers received in the round in flight
         self._released_round = -1
         self.facts = RunFacts.create(
             p.mode,
@@ -288,7 +289,10 @@ class ServerPrivacy:
         old = self.ledgers.get(key)
         if old is not None and ledger.complete:  # the client's persistent ledger disproves what it lacks
             old = old.without_pending()
-        self.ledgers[key] = ledger if old is None else ledger.union(old)
+        # The server's copy is authoritative for what it already holds: an incoming ledger only adds
+        # rounds (and confirms pending worst-case charges); it cannot re-weigh a confirmed entry.
+        self.ledgers[key] = ledger if old is None else old.union(ledger)
+        self._observed.add(key)
 
     # -- client-level DP release -------------------------------------------------------------
 
@@ -345,7 +349,14 @@ class ServerPrivacy:
         if self.mode == "none":
             return {}
         if rnd == self.round:
+            # A party whose ledger did not come back this round (timeout, crash, malformed reply) may
+            # still have spent budget: its pending entry is charged as worst case until a later ledger
+            # of the party's confirms or (a complete one) disproves it.
+            unconfirmed = [p for p in self.pending if p["key"] not in self._observed]
+            if self.mode == "record" and unconfirmed:
+                self.charge_pending(unconfirmed)
             self.pending = []
+            self._observed = set()
         self._save()
         eps = {
             cid: ledger.epsilon(self.cfg.privacy.accountant)

@@ -36,23 +36,36 @@ NO_GUARANTEE = (
     "adapter updates, metrics and final model may reveal information about any client's training data."
 )
 NOT_COVERED = [
-    "Under DP, clients send no training loss or local validation metrics; the example count of each "
-    "client is sent without noise (the aggregation strategies weigh updates by it) and is not protected.",
+    "Under DP, clients send no training loss, local validation metrics or timings; the example count of "
+    "each client is sent without noise (the aggregation strategies weigh updates by it) and is not "
+    "protected, and the sampling rate q = batch / N in the ledger discloses it too.",
+    "The neighbouring relation: ε is computed for adding or removing one example, but every reply "
+    "discloses the client's data size, so strictly the guarantee covers datasets of the same size "
+    "(replacing one example), for which the true ε is somewhat larger than reported (a measured lower "
+    "bound: 3.10 where 2.99 is reported); ε under replace-one is not computed here.",
     "Which clients took part in which round is observable by the server; the run's own evaluation of the "
     "global adapter on the server's held-out data is computed from released adapters only.",
     "Hyper-parameter tuning: every run trained on the same data spends budget too; ε here is this run alone.",
     "The pretrained base model and the data it was trained on, and any public data or tokenizer.",
-    "Secure randomness: DP noise and Poisson sampling draw from generators seeded with fresh OS entropy on "
-    "the party that applies them (never from the run seed, never checkpointed), but Opacus secure_mode "
-    "(a cryptographic generator and its floating-point mitigations) is off: it needs torchcsprng, which "
-    "cannot be installed with the pinned torch.",
+    "Timing: under record DP every step processes a fixed number of rows at the encoded length, so its "
+    "work does not depend on which records were drawn, and no timing leaves the node. What remains: a "
+    "Poisson batch larger than the fixed row count (probability at most 1e-9 per step) takes longer; "
+    "data-dependent CPU or GPU timing of the arithmetic itself (subnormal numbers, caches) is not "
+    "controlled; the round's duration depends on N, which is disclosed anyway.",
+    "Randomness: every DP draw (DP-SGD noise, Poisson masks, DP-FedAvg noise) comes from a ChaCha20 "
+    "keystream keyed with 256 bits of OS entropy on the party that applies it, and the noise is "
+    "discrete Gaussian on a grid finer than C / sqrt(d) by 2^20 (exact integer sampling, no "
+    "floating-point sampler); it is accounted as the continuous Gaussian at the same σ. Client sampling "
+    "uses the OS CSPRNG. A party that can read another party's memory is out of scope.",
 ]
 NOT_COVERED_BY_MODE = {
     "record": "Record-level DP protects single examples; a client's dataset as a whole (e.g. its size or "
     "its label mix) is not protected, and neither are users who contribute many examples.",
     "client": "Client-level DP protects a client's whole participation against the other clients and "
     "whoever sees the released global adapters, NOT against the server: the server sees every individual "
-    "update before noise (there is no secure aggregation), so it must be trusted.",
+    "update before noise (there is no secure aggregation), so it must be trusted. Server-only artifacts: "
+    "the per-node pre-clip update norms in the server's INFO log and any per-node rows of metrics.jsonl "
+    "are not covered by the guarantee and must not be shared beyond the server operator.",
 }
 HEADLINE = {  # (who is protected, against whom)
     "record": (

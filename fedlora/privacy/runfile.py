@@ -15,7 +15,7 @@ every round, read by :func:`fedlora.privacy.report.write_report`::
         "target_epsilon": 8.0,        # or null
         "delta": 1e-05,               # or null
         "strategy": "fedit",          # or null
-        "secure_rng": false,
+        "secure_rng": true,
         "secure_rng_reason": "...",
         "library_versions": {"opacus": "1.6.0", "torch": "...", ...}
       },
@@ -53,11 +53,11 @@ RUN_FORMAT = "fedlora.privacy-run/1"
 RUN_LEDGER_PATH = Path("privacy") / "ledger.json"
 CLIENT_LEVEL_KEY = "all-clients"
 SECURE_RNG_REASON = (
-    "DP noise and Poisson sampling draw from torch generators seeded with 64 fresh bits of OS entropy "
-    "(os.urandom) on the party that applies them, and client sampling from the OS CSPRNG; no seed another "
-    "party knows is used and no generator state is stored. Opacus secure_mode (a cryptographically secure "
-    "generator for every draw plus floating-point mitigations) needs the torchcsprng package, which cannot "
-    "be installed with the pinned torch, so it is off"
+    "every DP draw (DP-SGD noise, Poisson sampling masks, DP-FedAvg noise) comes from a ChaCha20 keystream "
+    "keyed with 256 bits of OS entropy (os.urandom) on the party that applies it, never stored or sent; "
+    "the noise is discrete Gaussian on a fine grid, sampled exactly from integers (no floating-point "
+    "sampler), and client sampling uses the OS CSPRNG. Opacus' secure_mode (torchcsprng) is not used: "
+    "fedlora's own generator replaces it"
 )
 NEIGHBOURING: dict[str, str | None] = {
     "none": None,
@@ -93,7 +93,7 @@ class RunFacts:
     target_epsilon: float | None = None
     delta: float | None = None
     strategy: str | None = None
-    secure_rng: bool = False
+    secure_rng: bool = True
     secure_rng_reason: str = SECURE_RNG_REASON
     library_versions: dict[str, str] = field(default_factory=library_versions)
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -210,6 +211,42 @@ def test_one_client_cannot_overwrite_or_erase_another_clients_ledger(tmp_path: P
         priv.observe_reply(12, 0, Reply(blank.to_json()))  # ... and cannot claim partition 0 either
     priv.observe_reply(11, 0, Reply(blank.to_json()))  # even the owner only adds: nothing is forgotten
     assert priv.ledgers["client-0"].epsilon("rdp") == spent
+
+
+def test_a_client_cannot_reweigh_its_own_confirmed_entries_in_the_servers_copy(tmp_path: Path):
+    # Reported ε 3.60 -> 0.10 before: the incoming ledger's entry replaced the confirmed one.
+    priv = ServerPrivacy(record_cfg(), tmp_path)
+    honest = PrivacyLedger("client-0", "record", 1e-5, 1.0).record(1, 1.0, 0.2, 50).record(2, 1.0, 0.2, 50)
+    priv.observe_reply(11, 0, Reply(honest.to_json()))
+    spent = priv.ledgers["client-0"].epsilon("rdp")
+    reweighed = (
+        PrivacyLedger("client-0", "record", 1e-5, 1.0).record(1, 1000.0, 0.2, 1).record(2, 1000.0, 0.2, 1)
+    )
+    priv.observe_reply(11, 0, Reply(replace(reweighed, complete=True).to_json()))
+    assert priv.ledgers["client-0"].epsilon("rdp") == spent
+    assert [e.noise_multiplier for e in priv.ledgers["client-0"].entries] == [1.0, 1.0]
+
+
+def test_a_round_whose_ledger_never_came_back_is_charged_as_worst_case(tmp_path: Path):
+    # Reported ε 2.53 against 2.87 spent before: a reply that missed the timeout dropped the round.
+    priv = ServerPrivacy(record_cfg(), tmp_path)
+    first = PrivacyLedger("client-0", "record", 1e-5, 1.0).record(1, 1.0, 0.2, 50, run="7")
+    priv.before_dispatch(1, {11: (0, 40)}, run_id="7")
+    priv.observe_reply(11, 0, Reply(first.to_json()))
+    priv.round_summary(1)
+    assert priv.ledgers["client-0"].rounds == [1]
+    priv.before_dispatch(2, {11: (0, 40), 12: (1, 40)}, run_id="7")  # round 2: node 11 never answers
+    priv.round_summary(2)
+    charged = priv.ledgers["client-0"]
+    assert charged.rounds == [1, 2] and charged.pending_rounds == [("7", 2)]
+    assert charged.epsilon("rdp") > first.epsilon("rdp")
+    assert priv.ledgers["client-1"].pending_rounds == [("7", 2)]  # never heard of: planned σ, q, steps
+    # A later, complete ledger of the client's own confirms (or disproves) the charge.
+    confirmed = replace(first.record(2, 1.0, 0.2, 50, run="7"), complete=True)
+    priv.before_dispatch(3, {11: (0, 40)}, run_id="7")
+    priv.observe_reply(11, 0, Reply(confirmed.to_json()))
+    priv.round_summary(3)
+    assert priv.ledgers["client-0"].pending_rounds == [] and priv.ledgers["client-0"].rounds == [1, 2]
 
 
 @pytest.mark.parametrize("text", ["not json", "[1, 2]", '{"client_id": "client-0"}', '{"entries": 5}'])

@@ -38,7 +38,11 @@ def test_run_file_round_trip(tmp_path):
     loaded, facts = load_run_ledgers(tmp_path)
     assert loaded == ledgers
     assert facts.mode == "record" and facts.unit == "record" and facts.amplification_assumed
-    assert facts.secure_rng is False and "torchcsprng" in facts.secure_rng_reason
+    assert (
+        facts.secure_rng is True
+        and "256 bits" in facts.secure_rng_reason
+        and "discrete Gaussian" in facts.secure_rng_reason
+    )
     assert facts.library_versions["opacus"] == "1.6.0"
     doc = json.loads(ledger_path(tmp_path).read_text())
     assert doc["format"] == "fedlora.privacy-run/1" and sorted(doc["ledgers"]) == sorted(ledgers)
@@ -69,7 +73,15 @@ def test_record_report_lists_every_client(tmp_path):
         assert row["epsilon_prv"] == pytest.approx(ledger.epsilon("prv"))
         assert [r for r, _ in row["trajectory"]] == ledger.rounds
         assert row["total_steps"] == ledger.total_steps and row["within_budget"] is True
-    for needle in ("no training loss", "example count", "Hyper-parameter", "base model", "torchcsprng"):
+    for needle in (
+        "no training loss",
+        "example count",
+        "Hyper-parameter",
+        "base model",
+        "ChaCha20",
+        "replace-one",
+        "Timing",
+    ):
         assert needle in md and needle in html
 
 
