@@ -78,11 +78,28 @@ class AuditResult:
     epsilon_accounted: float
     epsilon_lower_bound: float
     confidence: float
+    ceiling: float
+    noise_ratio: float
+    noise_p_value: float
+
+    @property
+    def inconclusive(self) -> bool:
+        """True when the accounted ε is at or above the most this audit could ever prove (its ceiling)."""
+        return self.epsilon_accounted >= self.ceiling
+
+    @property
+    def noise_too_small(self) -> bool:
+        """True when the excluded canaries' scores are significantly less noisy than σ claims (p < 1e-6)."""
+        return self.noise_p_value < NOISE_P_VALUE
 
     @property
     def violation(self) -> bool:
-        """True when the empirical lower bound exceeds the accounted ε: the mechanism is broken."""
-        return self.epsilon_lower_bound > self.epsilon_accounted
+        """True when the lower bound exceeds the accounted ε or the noise is below the claimed σ."""
+        return self.epsilon_lower_bound > self.epsilon_accounted or self.noise_too_small
+
+
+NOISE_P_VALUE = 1e-6
+"""Significance of the white-box noise check (a false alarm on a sound mechanism once in a million)."""
 
 
 def audit_dpsgd(
@@ -97,13 +114,19 @@ def audit_dpsgd(
     accountant: str = "prv",
     noise_off: bool = False,
     seed: int | None = None,
+    noise_scale: float = 1.0,
 ) -> AuditResult:
     """Audit DP-SGD as fedlora wires it with ``canaries`` Dirac canaries in one run (module docstring).
 
     ``guesses`` canaries are guessed "in" (highest scores) and as many "out" (lowest).
     ``seed`` fixes the canary draw, sampling and noise (tests); None draws all of them from OS
-    entropy, as a real client does.
+    entropy, as a real client does. ``noise_scale`` < 1 runs a deliberately broken mechanism whose
+    noise is that fraction of the σ the ledger claims (``noise_off`` is ``noise_scale = 0``).
     """
+    if not (0.0 <= noise_scale <= 1.0):
+        raise ValueError(f"noise_scale={noise_scale!r} must lie in [0, 1]")
+    if noise_off:
+        noise_scale = 0.0
     if not (0 < 2 * guesses <= canaries):
         raise ValueError(f"guesses={guesses} must satisfy 0 < 2 * guesses <= canaries={canaries}")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -122,7 +145,7 @@ def audit_dpsgd(
         model,
         opt,
         loader,
-        noise_multiplier=0.0 if noise_off else noise_multiplier,
+        noise_multiplier=noise_multiplier * noise_scale,
         max_grad_norm=1.0,
         generator=None if seed is None else SecureRandom(hashlib.sha256(f"audit-{seed}".encode()).digest()),
     )
@@ -137,17 +160,58 @@ def audit_dpsgd(
             done += 1
             if done == steps:
                 break
+    expected_batch = float(dp_opt.expected_batch_size)
     private.release()
-    scores = model.weight.detach()[0]
+    scores = model.weight.detach()[0].double()
     order = torch.argsort(scores)
     guess_in, guess_out = order[-guesses:], order[:guesses]
     correct = int(included[guess_in].sum()) + int((~included[guess_out]).sum())
     q = private.sample_rate
     eps = compute_epsilon([(noise_multiplier, q, steps)], delta, accountant)  # what the ledger claims
     lower = epsilon_lower_bound(canaries, 2 * guesses, correct, delta, confidence)
-    return AuditResult(
-        canaries, 2 * guesses, correct, noise_multiplier, q, steps, delta, noise_off, eps, lower, confidence
+    ratio, p_low = noise_check(
+        scores[~included], noise_multiplier * expected_std_per_unit(steps, expected_batch)
     )
+    ceiling = epsilon_lower_bound(canaries, 2 * guesses, 2 * guesses, delta, confidence)
+    return AuditResult(
+        canaries,
+        2 * guesses,
+        correct,
+        noise_multiplier,
+        q,
+        steps,
+        delta,
+        noise_scale < 1.0,
+        eps,
+        lower,
+        confidence,
+        ceiling,
+        ratio,
+        p_low,
+    )
+
+
+def expected_std_per_unit(steps: int, expected_batch: float) -> float:
+    """Return the std of an excluded canary's final score per unit of σ (C = 1, learning rate 1).
+
+    Each step adds ``-noise / expected_batch`` to every coordinate, noise of std ``σ C``; over
+    ``steps`` independent steps the std is ``σ C √steps / expected_batch``.
+    """
+    return math.sqrt(steps) / expected_batch
+
+
+def noise_check(excluded_scores: torch.Tensor, claimed_std: float) -> tuple[float, float]:
+    """Return (measured / claimed noise std, p-value of a noise this small) for the excluded canaries.
+
+    An excluded canary's coordinate receives no gradient: its score is the noise alone, with mean
+    0. ``Σ x² / s²`` is then χ² with ``n`` degrees of freedom; the p-value is its lower tail.
+    """
+    n = int(excluded_scores.numel())
+    if n == 0 or claimed_std <= 0:
+        return float("nan"), 1.0
+    ss = float((excluded_scores.double() ** 2).sum())
+    ratio = math.sqrt(ss / n) / claimed_std
+    return ratio, float(stats.chi2.cdf(ss / claimed_std**2, n))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence", type=float, default=0.95, help="confidence of the bound (default 0.95)")
     p.add_argument("--accountant", choices=["rdp", "prv"], default="prv", help="accountant (default prv)")
     p.add_argument("--noise-off", action="store_true", help="audit a deliberately broken mechanism")
+    p.add_argument(
+        "--noise-scale",
+        type=float,
+        default=1.0,
+        help="apply this fraction of the claimed σ (a deliberately broken mechanism below 1; default 1)",
+    )
     p.add_argument("--seed", type=int, default=None, help="fix canaries, sampling and noise (tests)")
     return p
 
@@ -184,18 +254,35 @@ def main(argv: list[str] | None = None) -> int:
         accountant=args.accountant,
         noise_off=args.noise_off,
         seed=args.seed,
+        noise_scale=args.noise_scale,
     )
     for key, value in asdict(res).items():
         print(f"{key:>20}: {value:.6g}" if isinstance(value, float) else f"{key:>20}: {value}")
-    if res.violation:
+    if res.noise_too_small:
+        print(
+            f"VIOLATION: the excluded canaries' noise is {res.noise_ratio:.3f} of what σ = "
+            f"{res.noise_multiplier:g} claims (p = {res.noise_p_value:.2g}); the mechanism adds less noise "
+            "than the ledger accounts"
+        )
+        return 3
+    if res.epsilon_lower_bound > res.epsilon_accounted:
         print(
             f"VIOLATION: the empirical lower bound {res.epsilon_lower_bound:.3f} exceeds the accounted "
             f"ε {res.epsilon_accounted:.3f}; the mechanism does not deliver the privacy the ledger claims"
         )
         return 3
+    if res.inconclusive:
+        print(
+            f"inconclusive: with {res.canaries} canaries and {res.guesses} guesses this audit cannot prove "
+            f"more than ε = {res.ceiling:.3f}, below the accounted ε {res.epsilon_accounted:.3f}; the lower "
+            f"bound {res.epsilon_lower_bound:.3f} says nothing about the claim (add --canaries/--guesses). "
+            f"The noise check passed (measured/claimed noise {res.noise_ratio:.3f})"
+        )
+        return 0
     print(
         f"consistent: empirical lower bound {res.epsilon_lower_bound:.3f} <= accounted ε "
-        f"{res.epsilon_accounted:.3f} ({res.confidence:.0%} confidence)"
+        f"{res.epsilon_accounted:.3f} (ceiling {res.ceiling:.3f}, {res.confidence:.0%} confidence); "
+        f"measured/claimed noise {res.noise_ratio:.3f}"
     )
     return 0
 

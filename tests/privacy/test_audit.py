@@ -32,3 +32,29 @@ def test_a_mechanism_with_the_noise_off_is_caught(capsys):
     assert res.violation and res.epsilon_lower_bound > 4.0 > res.epsilon_accounted
     assert main(["audit-dp", "--noise-off", "--seed", "0"]) == 3
     assert "VIOLATION" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_mechanism_at_half_the_claimed_noise_is_flagged(seed, capsys):
+    # Missed in 3 of 3 seeds by the lower bound alone (it cannot reach the accounted ε here); the
+    # white-box noise check on the excluded canaries catches it.
+    res = audit_dpsgd(seed=seed, noise_scale=0.5, accountant="rdp")
+    assert res.epsilon_lower_bound < res.epsilon_accounted  # the bound alone would say "consistent"
+    assert res.noise_too_small and res.violation and res.noise_ratio == pytest.approx(0.5, abs=0.06)
+    assert main(["audit-dp", "--seed", str(seed), "--noise-scale", "0.5", "--accountant", "rdp"]) == 3
+    assert "adds less noise than the ledger accounts" in capsys.readouterr().out
+
+
+def test_the_sound_mechanism_passes_the_noise_check():
+    for seed in range(4):
+        res = audit_dpsgd(seed=seed, accountant="rdp")
+        assert not res.noise_too_small and res.noise_ratio == pytest.approx(1.0, abs=0.08)
+
+
+def test_a_claim_above_the_audits_ceiling_is_inconclusive_not_consistent(capsys):
+    # σ = 1 claims ε ≈ 4.7 at 4 steps; 200 guesses can prove at most ≈ 4.17.
+    res = audit_dpsgd(seed=0, noise_multiplier=1.0, accountant="rdp")
+    assert res.inconclusive and res.ceiling == pytest.approx(epsilon_lower_bound(1000, 200, 200, 1e-5))
+    assert main(["audit-dp", "--seed", "0", "--noise-multiplier", "1", "--accountant", "rdp"]) == 0
+    out = capsys.readouterr().out
+    assert "inconclusive" in out and "consistent" not in out.split("inconclusive")[1][:10]
