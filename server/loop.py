@@ -267,7 +267,9 @@ class ServerRun:
             merge=payload.merge,
             train_a=payload.train_a,
             extras={k: str(v) for k, v in payload.extras.items()},
-            privacy_ledger=self.privacy.client_conf(info.partition_id).get("privacy-ledger", ""),
+            privacy_ledger=self.privacy.client_conf(info.partition_id, info.spec.node_id).get(
+                "privacy-ledger", ""
+            ),
         )
 
     def exchange(

@@ -245,14 +245,20 @@ class ServerPrivacy:
             ]
         self._save()
 
-    def client_conf(self, partition_id: int) -> dict[str, str]:
+    def client_conf(self, partition_id: int, node: int) -> dict[str, str]:
         """Round-config entries for one client: the server's copy of its ledger (record-level DP).
 
         A client whose own state was lost (a restarted simulation) gets back what it spent, and
         the server's worst-case charges, from this copy; a client only ever ADDS entries from it.
+        The copy goes only to the node the partition is bound to (the first node that reported
+        its ledger in this run): its σ and q disclose the client's data size, so a node that
+        claims another's partition id gets nothing.
         """
-        ledger = self.ledgers.get(client_key(partition_id))
-        return {"privacy-ledger": ledger.to_json()} if self.mode == "record" and ledger is not None else {}
+        key = client_key(partition_id)
+        ledger = self.ledgers.get(key)
+        if self.mode != "record" or ledger is None or self._owners.get(key, node) != node:
+            return {}
+        return {"privacy-ledger": ledger.to_json()}
 
     def observe_reply(self, node: int, partition_id: int, reply: Message) -> None:
         """Merge the client's ledger from ``reply`` into the server's copy (record-level DP).

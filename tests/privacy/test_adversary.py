@@ -227,6 +227,15 @@ def test_a_client_cannot_reweigh_its_own_confirmed_entries_in_the_servers_copy(t
     assert [e.noise_multiplier for e in priv.ledgers["client-0"].entries] == [1.0, 1.0]
 
 
+def test_a_node_claiming_anothers_partition_does_not_receive_its_ledger_copy(tmp_path: Path):
+    # σ and q in the copy disclose the owner's data size: only the bound node gets it.
+    priv = ServerPrivacy(record_cfg(), tmp_path)
+    own = PrivacyLedger("client-0", "record", 1e-5, 1.0).record(1, 1.0, 0.2, 50)
+    priv.observe_reply(11, 0, Reply(own.to_json()))  # node 11 holds partition 0
+    assert "privacy-ledger" in priv.client_conf(0, 11)
+    assert priv.client_conf(0, 12) == {}  # node 12 claims partition 0 too: nothing
+
+
 def test_a_round_whose_ledger_never_came_back_is_charged_as_worst_case(tmp_path: Path):
     # Reported ε 2.53 against 2.87 spent before: a reply that missed the timeout dropped the round.
     priv = ServerPrivacy(record_cfg(), tmp_path)

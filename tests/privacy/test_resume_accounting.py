@@ -69,7 +69,7 @@ def test_record_round_in_flight_at_a_crash_is_charged_unless_the_client_proves_i
     two_rounds = own.record(2, 1.0, 0.2, 5, run="7")
     assert ledger.epsilon("rdp") == pytest.approx(two_rounds.epsilon("rdp"))
     # A client that lost its state gets the charge back with its copy: its redo is a third entry.
-    copy = PrivacyLedger.from_json(again.client_conf(0)["privacy-ledger"])
+    copy = PrivacyLedger.from_json(again.client_conf(0, 11)["privacy-ledger"])
     assert copy.next_round("7", 2) == 3
     # A client that kept its state proves what round 2 was: its entry replaces the charge.
     again.observe_reply(11, 0, Reply(two_rounds))
@@ -153,7 +153,7 @@ def test_a_client_with_persistent_state_disproves_charges_for_rounds_it_did_not_
     assert again.ledgers["client-0"].pending_rounds == [("7", 2)]
     node_config = {"partition-id": 0, "num-partitions": 4, "state-dir": str(tmp_path / "node")}
     context = Context(run_id=8, node_id=11, node_config=node_config, state=RecordDict(), run_config={})
-    copy = again.client_conf(0)["privacy-ledger"]
+    copy = again.client_conf(0, 11)["privacy-ledger"]
     priv = ClientPrivacy.for_round(cfg, node_settings(cfg, node_config), context, 40, 5, 2, server_copy=copy)
     assert priv.ledger is not None and priv.ledger.complete and priv.ledger.pending_rounds == []
     again.observe_reply(11, 0, Reply(priv.ledger))  # its complete ledger lacks round 2: not trained
