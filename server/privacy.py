@@ -41,7 +41,7 @@ from fedlora.privacy.client_dp import (
     refusal_reason,
     sample_clients,
 )
-from fedlora.privacy.ledger import LedgerEntry, LedgerError, PrivacyLedger
+from fedlora.privacy.ledger import LedgerEntry, LedgerError, PrivacyLedger, parse_received
 from fedlora.privacy.randomness import SecureRandom, system_random
 from fedlora.privacy.report import write_report
 from fedlora.privacy.runfile import CLIENT_LEVEL_KEY, RunFacts, load_run_file, save_run_ledgers
@@ -49,6 +49,9 @@ from strategies.base import ClientResult, ClientSpec, LoraStrategy, Payload, Str
 from strategies.registry import lookup
 
 log = logging.getLogger(__name__)
+
+MAX_NEW_ENTRIES_PER_REPLY = 4
+"""After its first report in a run, a node's ledger grows by about one entry per round it trains."""
 
 
 class PrivacyBudgetExceeded(Exception):
@@ -280,19 +283,28 @@ class ServerPrivacy:
         if text.strip() in ("", "{}"):
             return
         key = client_key(partition_id)
+        reported_before = key in self._owners
         owner = self._owners.setdefault(key, node)
         if owner != node:
             raise LedgerError(
                 f"node {node} replied for {key!r}, which node {owner} holds in this run; two nodes claim "
                 "the same partition-id (give every SuperNode its own)"
             )
-        ledger = PrivacyLedger.from_json(text)
+        ledger = parse_received(text)  # bounded: size, entries, distinct (σ, q) pairs
         if (ledger.client_id, ledger.unit) != (key, "record"):
             raise LedgerError(
                 f"node {node} (bound to {key!r}) sent the {ledger.unit} ledger of {ledger.client_id!r}; "
                 "a node may only report its own record-level ledger"
             )
         old = self.ledgers.get(key)
+        if reported_before and old is not None:
+            known = {e.key for e in old.entries}
+            new = sum(e.key not in known for e in ledger.entries)
+            if new > MAX_NEW_ENTRIES_PER_REPLY:
+                raise LedgerError(
+                    f"the ledger adds {new} entries in one round (at most {MAX_NEW_ENTRIES_PER_REPLY} after "
+                    "a node's first report of the run); a client records one entry per round it trains"
+                )
         if old is not None and ledger.complete:  # the client's persistent ledger disproves what it lacks
             old = old.without_pending()
         # The server's copy is authoritative for what it already holds: an incoming ledger only adds
@@ -364,8 +376,8 @@ class ServerPrivacy:
             self.pending = []
             self._observed = set()
         self._save()
-        eps = {
-            cid: ledger.epsilon(self.cfg.privacy.accountant)
+        eps = {  # bounded cost: a ledger of many distinct (σ, q) pairs is shown with the RDP bound
+            cid: ledger.live_epsilon(self.cfg.privacy.accountant)[0]
             for cid, ledger in self.ledgers.items()
             if ledger.entries
         }

@@ -31,6 +31,7 @@ from typing import Literal
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis import rdp as privacy_analysis
 
 AccountantName = Literal["rdp", "prv"]
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
@@ -138,9 +139,46 @@ def compute_epsilon(history: Iterable[HistoryBlock], delta: float, accountant: s
 @functools.lru_cache(maxsize=4096)
 def _epsilon_cached(blocks: tuple[HistoryBlock, ...], delta: float, accountant: str) -> float:
     # Clients with identical histories are common (same σ, q, steps each round): cache.
-    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    if accountant == "rdp":
+        return rdp_epsilon(rdp_total(blocks), delta)
+    acc = PRVAccountant()
     acc.history = list(blocks)
-    if accountant == "prv":
-        with np.errstate(divide="ignore"):  # log(0) at q = 1 is handled inside Opacus' PRV
-            return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
-    return float(acc.get_epsilon(delta=delta))
+    with np.errstate(divide="ignore"):  # log(0) at q = 1 is handled inside Opacus' PRV
+        return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
+
+
+RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
+"""The Rényi orders Opacus' RDP accountant optimises over."""
+
+
+@functools.lru_cache(maxsize=8192)
+def rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """Return the RDP of ONE step of the sampled Gaussian at every order of :data:`RDP_ORDERS`.
+
+    Opacus' ``compute_rdp(q, σ, steps, orders)`` is ``steps`` times this vector, so a history's
+    RDP is a weighted sum of cached vectors: each distinct ``(σ, q)`` is analysed once per
+    process, however many rounds or ledgers repeat it.
+    """
+    vec = privacy_analysis.compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)
+    )
+    out = np.asarray(vec, dtype=np.float64)
+    out.setflags(write=False)
+    return out
+
+
+def rdp_total(history: Iterable[HistoryBlock]) -> np.ndarray:
+    """Return the composed RDP of ``history`` at every order (the sum over blocks of steps x per-step RDP)."""
+    total = np.zeros(len(RDP_ORDERS))
+    for sigma, q, steps in history:
+        if steps:
+            total = total + steps * rdp_per_step(float(sigma), float(q))
+    return total
+
+
+def rdp_epsilon(rdp: np.ndarray, delta: float) -> float:
+    """Return ε at ``delta`` from a composed RDP vector (Opacus' conversion, best order)."""
+    if not np.any(rdp):
+        return 0.0
+    eps, _ = privacy_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
+    return float(eps)

@@ -40,14 +40,35 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from fedlora.atomic import atomic_write
-from fedlora.privacy.accounting import check_accountant, check_block, check_delta, compute_epsilon
+from fedlora.privacy.accounting import (
+    RDP_ORDERS,
+    check_accountant,
+    check_block,
+    check_delta,
+    compact_history,
+    compute_epsilon,
+    rdp_epsilon,
+    rdp_per_step,
+)
 
 Unit = Literal["record", "client"]
 Sampling = Literal["poisson", "fixed"]
 UNITS: tuple[str, ...] = ("record", "client")
 SAMPLINGS: tuple[str, ...] = ("poisson", "fixed")
 LEDGER_FORMAT = "fedlora.privacy-ledger/1"
+MAX_PRV_TRAJECTORY_POINTS = 16
+"""PRV costs about a second per ε: a trajectory shows at most this many rounds (the last included)."""
+
+MAX_RECEIVED_BYTES = 256 * 1024
+MAX_RECEIVED_ENTRIES = 1024
+MAX_RECEIVED_BLOCKS = 16
+"""Bounds on a ledger another party sends: PRV costs about 0.25 s per distinct (σ, q) pair."""
+
+LIVE_PRV_BLOCKS = 4
+"""The per-round ε of a ledger with more distinct (σ, q) pairs than this is the RDP bound (fast)."""
 
 
 class LedgerError(ValueError):
@@ -295,16 +316,44 @@ class PrivacyLedger:
         """Return ε at ``delta`` (default: the ledger's δ) for the whole history."""
         return compute_epsilon(self.history, self.delta if delta is None else delta, accountant)
 
-    def epsilon_trajectory(self, accountant: str = "rdp") -> list[tuple[int, float]]:
-        """Return ``(round, ε after that round)`` for every entry; ε of each prefix of the ledger.
+    def live_epsilon(self, accountant: str = "rdp") -> tuple[float, str]:
+        """Return ``(ε, accountant used)`` for a progress line, bounded in cost whatever the ledger holds.
 
-        One accountant call per entry: cheap with ``"rdp"``, about a second each with ``"prv"``.
+        The configured accountant when the ledger has at most :data:`LIVE_PRV_BLOCKS` distinct
+        ``(σ, q)`` pairs (one per run, typically); otherwise RDP, an upper bound on the PRV value
+        computed from cached per-pair vectors, so a party that sends a ledger of many distinct
+        pairs cannot stall every round. Reports use :meth:`epsilon` with the configured one.
+        """
+        check_accountant(accountant)
+        if accountant == "prv" and len(compact_history(self.history)) > LIVE_PRV_BLOCKS:
+            accountant = "rdp"
+        return self.epsilon(accountant), accountant
+
+    def epsilon_trajectory(self, accountant: str = "rdp") -> list[tuple[int, float]]:
+        """Return ``(round, ε after that round)``: ε of prefixes of the ledger.
+
+        ``"rdp"``: every entry, incrementally (a running sum of cached per-step RDP vectors, so
+        the whole trajectory costs one conversion per entry). ``"prv"``: about a second per
+        point, so at most :data:`MAX_PRV_TRAJECTORY_POINTS` evenly spaced entries, the last always
+        included; a long ledger's table then skips rounds rather than taking minutes.
         """
         check_accountant(accountant)
         hist = self.history
+        if accountant == "rdp":
+            out, total = [], np.zeros(len(RDP_ORDERS))
+            for e, (sigma, q, steps) in zip(self.entries, hist, strict=True):
+                if sigma == 0.0 and steps:
+                    total = total + np.inf
+                elif steps:
+                    total = total + steps * rdp_per_step(sigma, q)
+                eps = math.inf if np.isinf(total).any() else rdp_epsilon(total, self.delta)
+                out.append((e.round, eps))
+            return out
+        n = len(self.entries)
+        k = min(n, MAX_PRV_TRAJECTORY_POINTS)
+        picks = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})  # first and last included
         return [
-            (e.round, compute_epsilon(hist[: i + 1], self.delta, accountant))
-            for i, e in enumerate(self.entries)
+            (self.entries[i].round, compute_epsilon(hist[: i + 1], self.delta, accountant)) for i in picks
         ]
 
     def to_dict(self) -> dict[str, Any]:
@@ -393,3 +442,29 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     A crash leaves either the old file or the new one, never a torn one.
     """
     return atomic_write(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=True) + "\n")
+
+
+def parse_received(text: str) -> PrivacyLedger:
+    """Parse a ledger another party sent, within bounds that keep the accountant's cost small.
+
+    Raises
+    ------
+    LedgerError
+        If the text exceeds :data:`MAX_RECEIVED_BYTES`, the ledger holds more than
+        :data:`MAX_RECEIVED_ENTRIES` entries or more than :data:`MAX_RECEIVED_BLOCKS` distinct
+        ``(σ, q)`` pairs, or it does not parse.
+    """
+    if len(text) > MAX_RECEIVED_BYTES:
+        raise LedgerError(f"the ledger is {len(text)} bytes, above the {MAX_RECEIVED_BYTES}-byte limit")
+    ledger = PrivacyLedger.from_json(text)
+    if len(ledger.entries) > MAX_RECEIVED_ENTRIES:
+        raise LedgerError(
+            f"the ledger holds {len(ledger.entries)} entries, above the limit {MAX_RECEIVED_ENTRIES}"
+        )
+    blocks = len(compact_history(ledger.history))
+    if blocks > MAX_RECEIVED_BLOCKS:
+        raise LedgerError(
+            f"the ledger holds {blocks} distinct (noise multiplier, sample rate) pairs, above the limit "
+            f"{MAX_RECEIVED_BLOCKS}"
+        )
+    return ledger

@@ -114,13 +114,10 @@ def summarize_ledger(
     eps_prv, prv_error = _epsilon_or_error(ledger, "prv") if with_prv else (None, "not requested")
     accountant = budget_accountant if (budget_accountant == "rdp" or eps_prv is not None) else "rdp"
     eps = eps_prv if accountant == "prv" else eps_rdp
-    hist = ledger.history
-    trajectory = []
-    for i, e in enumerate(ledger.entries):
-        point, _ = _epsilon_or_error(ledger, accountant, hist[: i + 1])
-        trajectory.append(
-            (e.round, point if point is not None else compute_epsilon(hist[: i + 1], ledger.delta))
-        )
+    try:  # RDP: every round, incrementally; PRV: at most MAX_PRV_TRAJECTORY_POINTS rounds
+        trajectory = ledger.epsilon_trajectory(accountant)
+    except Exception:  # the PRV domain search fails on some extreme (σ, q, steps): RDP stands in
+        trajectory = ledger.epsilon_trajectory("rdp")
     target = ledger.target_epsilon if ledger.target_epsilon is not None else target_epsilon
     return {
         "client_id": ledger.client_id,
