@@ -182,3 +182,64 @@ def rdp_epsilon(rdp: np.ndarray, delta: float) -> float:
         return 0.0
     eps, _ = privacy_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
     return float(eps)
+
+
+# -- replace-one (substitution) neighbours --------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1024)
+def rdp_replace_one_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """Return the RDP of one Poisson-subsampled Gaussian step under REPLACE-one, at every order.
+
+    Replacing record ``x`` by ``x'`` keeps the dataset size; ``x`` and ``x'`` share one inclusion
+    coin, so the worst case is the pair (in units of ``C``, noise std ``σ``)
+
+        P = (1 - q) N(0, σ²) + q N(+1, σ²),    Q = (1 - q) N(0, σ²) + q N(-1, σ²)
+
+    (Lebeda, Regehr, Kamath & Steinke 2024, "Avoiding Pitfalls for Privacy Accounting of
+    Subsampled Mechanisms under Composition"; for small ``q`` it is about twice the add/remove
+    value). ``D_α(P || Q) = log ∫ p^α q^(1-α) / (α - 1)`` is integrated numerically in log space
+    on a grid of step ``σ / 200`` that covers the integrand's mass (its peak moves to about
+    ``x = α``); the pair is symmetric, so ``D_α(Q || P)`` is the same. At ``q = 1`` it is
+    ``2 α / σ²``, the Gaussian mechanism at sensitivity ``2 C``.
+    """
+    sigma, q = float(noise_multiplier), float(sample_rate)
+    if sigma == 0.0:
+        return np.full(len(RDP_ORDERS), np.inf)
+    out = np.empty(len(RDP_ORDERS))
+    for i, alpha in enumerate(RDP_ORDERS):
+        lo, hi = -14.0 * sigma - 2.0, 2.0 * alpha + 14.0 * sigma + 2.0
+        x = np.linspace(lo, hi, int((hi - lo) / (sigma / 200.0)) + 2)
+
+        def log_normal(mean: float, x: np.ndarray = x) -> np.ndarray:
+            return -((x - mean) ** 2) / (2 * sigma**2) - 0.5 * math.log(2 * math.pi * sigma**2)
+
+        if q >= 1.0:
+            lp, lq = log_normal(1.0), log_normal(-1.0)
+        else:
+            lp = np.logaddexp(math.log1p(-q) + log_normal(0.0), math.log(q) + log_normal(1.0))
+            lq = np.logaddexp(math.log1p(-q) + log_normal(0.0), math.log(q) + log_normal(-1.0))
+        f = alpha * lp + (1.0 - alpha) * lq
+        log_integral = float(np.logaddexp.reduce(f)) + math.log(x[1] - x[0])
+        out[i] = max(0.0, log_integral) / (alpha - 1.0) + 1e-9  # + a margin for the quadrature
+    out.setflags(write=False)
+    return out
+
+
+def replace_one_epsilon(history: Iterable[HistoryBlock], delta: float) -> float:
+    """Return ε at ``delta`` for ``history`` when neighbours REPLACE one unit (the data size is public).
+
+    RDP of the substitution pair (:func:`rdp_replace_one_per_step`), composed over the blocks
+    and converted as Opacus converts RDP. Use it where the size of the dataset is disclosed,
+    under which adding or removing a unit is distinguishable outright.
+    """
+    delta = check_delta(delta)
+    blocks = compact_history(history)
+    if not blocks:
+        return 0.0
+    if any(sigma == 0.0 for sigma, _, _ in blocks):
+        return math.inf
+    total = sum(
+        (steps * rdp_replace_one_per_step(sigma, q) for sigma, q, steps in blocks), np.zeros(len(RDP_ORDERS))
+    )
+    return rdp_epsilon(total, delta)

@@ -58,6 +58,9 @@ def client_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
         "worst-case charged rounds",
         "within target",
     ]
+    record = any(c.get("epsilon_replace_one") is not None for c in report["clients"])
+    if record:
+        header.insert(1, "ε replace-one (holds)")
     rows = []
     for c in report["clients"]:
         comp = c[f"epsilon_{other}"]
@@ -82,6 +85,8 @@ def client_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
                 {True: "yes", False: "NO", None: "no target"}[c["within_budget"]],
             ]
         )
+        if record:
+            rows[-1].insert(1, format_epsilon(c.get("epsilon_replace_one")))
     return header, rows
 
 

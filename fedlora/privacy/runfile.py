@@ -61,7 +61,8 @@ SECURE_RNG_REASON = (
 )
 NEIGHBOURING: dict[str, str | None] = {
     "none": None,
-    "record": "add/remove one training example in one client's local dataset",
+    "record": "replace one training example in one client's local dataset (its size is disclosed); "
+    "clients budget with add/remove",
     "client": "add/remove all data of one client (the client's whole participation in the run)",
 }
 
