@@ -38,7 +38,6 @@ from fedlora.privacy.client_dp import (
     check_client_sampling,
     expected_clients,
     privatize_updates,
-    refusal_reason,
     sample_clients,
 )
 from fedlora.privacy.ledger import LedgerEntry, LedgerError, PrivacyLedger, parse_received
@@ -75,21 +74,26 @@ def grid_run_id(grid: Any) -> str:
         return ""
 
 
-def privatisable_names(scope: str | None, names: Sequence[str], strategy_name: str = "") -> list[str]:
+def privatisable_names(strategy: LoraStrategy | type[LoraStrategy], names: Sequence[str]) -> list[str]:
     """Return the tensor names a strategy's ``dp_tensors`` declaration lets client-level DP noise.
+
+    The strategy class owns the declaration and, when it declares nothing, the reason
+    (``dp_refusal``); no strategy names are known here.
 
     Raises
     ------
     ClientDPError
-        If the strategy declares nothing (``scope`` None): its release is not a noisy sum.
+        If the strategy declares nothing (``dp_tensors`` None): its release is not a noisy sum.
     """
+    scope = getattr(strategy, "dp_tensors", None)
     if scope == "all":
         return list(names)
     if scope == "no_lora_a":
         return [n for n in names if not is_lora_a(n)]
     raise ClientDPError(
-        f"client-level DP is not supported with strategy {strategy_name!r}: {refusal_reason(strategy_name)}. "
-        "Use fedit or ffa, or record-level DP on the clients instead"
+        f"client-level DP is not supported with strategy {getattr(strategy, 'name', '?')!r}: "
+        f"{getattr(strategy, 'dp_refusal', 'it declares no privatisable tensors')}. Use a strategy that "
+        "declares dp_tensors (fedit, ffa), or record-level DP on the clients instead"
     )
 
 
@@ -108,7 +112,7 @@ class ServerPrivacy:
         if p.mode == "client":
             # Refuse early (before calibrating) a strategy that declares no privatisable tensors.
             cls = lookup(cfg.federation.strategy)
-            privatisable_names(cls.dp_tensors, [], cfg.federation.strategy)
+            privatisable_names(cls, [])
             check_client_sampling(
                 p.client_sampling, cfg.federation.clients_per_round, cfg.federation.num_clients
             )
@@ -488,7 +492,7 @@ class ClientLevelDP(StrategyWrapper):
         super().__init__(inner)
         self.privacy = privacy
         self._spec: ClientSpec | None = None
-        privatisable_names(getattr(inner, "dp_tensors", None), [], inner.name)  # refuse early
+        privatisable_names(inner, [])  # refuse early
 
     def init_state(self, template: AdapterState, clients: Sequence[ClientSpec]) -> AdapterState:
         """Delegate to the inner strategy (remembering a client shape for noise-only rounds)."""
@@ -505,7 +509,7 @@ class ClientLevelDP(StrategyWrapper):
         """Release the noisy mean of the clipped updates (possibly none); the inner strategy applies it."""
         spec = results[0].spec if results else self._spec or self._default_spec(state)
         base = self.inner.payload(state, spec).adapter
-        names = privatisable_names(getattr(self.inner, "dp_tensors", None), list(base), self.inner.name)
+        names = privatisable_names(self.inner, list(base))
         updates = []
         for r in results:
             sent = self.inner.payload(state, r.spec).adapter

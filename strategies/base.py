@@ -85,6 +85,11 @@ class LoraStrategy(ABC):
     """Which tensors client-level DP-FedAvg may clip and noise (``server.privacy.ClientLevelDP``):
     ``"all"``, ``"no_lora_a"`` (A frozen and shared), or None when the method's release is not a
     linear average of the clients' factor updates (client-level DP is then refused)."""
+    dp_refusal: ClassVar[str] = (
+        "it does not declare which of its tensors a noisy sum of clipped updates may privatise "
+        "(LoraStrategy.dp_tensors)"
+    )
+    """Why client-level DP is refused when ``dp_tensors`` is None (shown to the user)."""
 
     def init_state(self, template: AdapterState, clients: Sequence[ClientSpec]) -> AdapterState:
         """Return the initial global state from a freshly initialised adapter ``template``.
@@ -129,6 +134,7 @@ class StrategyWrapper(LoraStrategy):
         self.inner = inner
         self.name = inner.name  # type: ignore[misc]
         self.dp_tensors = inner.dp_tensors  # type: ignore[misc]
+        self.dp_refusal = inner.dp_refusal  # type: ignore[misc]
 
     def init_state(self, template: AdapterState, clients: Sequence[ClientSpec]) -> AdapterState:
         """Delegate to the wrapped method."""

@@ -281,6 +281,10 @@ class LoraFAIR(FedIT):
 
     name = "fair"
     dp_tensors = None  # fits B to the clients' individual products: not a noisy sum
+    dp_refusal = (
+        "LoRA-FAIR fits a correction of B to the ideal update sum_k p_k B_k A_k of the clients' individual "
+        "products; the noisy sum is not what gets released"
+    )
 
     def __init__(self, *, lam: float = 0.01, steps: int = 100, lr: float = 1e-3) -> None:
         self.lam = float(check_number("lam", lam, minimum=0.0))

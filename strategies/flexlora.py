@@ -272,6 +272,10 @@ class FlexLoRA(RankedStrategy):
     """Average full products, send each client its best rank-``r_k`` approximation."""
 
     name = "flexlora"
+    dp_refusal = (
+        "FlexLoRA forms each client's product B_k A_k and re-factorises the weighted sum by SVD; clipping "
+        "the factors does not bound the product's sensitivity"
+    )
 
     def aggregate(self, state: AdapterState, results: Sequence[ClientResult]) -> AdapterState:
         """SVD-redistribute ``sum_k p_k s_k B_k A_k`` at the global rank and scale."""

@@ -107,6 +107,10 @@ class FLoRA(RankedStrategy):
     """Exact stacking aggregation; cumulative merge into the base; fresh LoRA every round."""
 
     name = "flora"
+    dp_refusal = (
+        "FLoRA stacks every client's factors side by side, so each client's update is released "
+        "individually, not inside a noisy sum"
+    )
 
     def __init__(self) -> None:
         super().__init__()

@@ -102,6 +102,10 @@ class HetLoRA(RankedStrategy):
     """Zero-pad heterogeneous ranks to ``R``; per-module norm-weighted average."""
 
     name = "hetlora"
+    dp_refusal = (
+        "HetLoRA zero-pads heterogeneous ranks and weights clients by data-dependent update norms, so one "
+        "client's influence is not bounded by C"
+    )
 
     def aggregate(self, state: AdapterState, results: Sequence[ClientResult]) -> AdapterState:
         """Pad every client to the global rank, fold scales, and average with norm weights."""

@@ -20,9 +20,8 @@ Fixed-size sampling of a subset is refused (:func:`check_client_sampling`).
 The noise generator (a 256-bit-key :class:`~fedlora.privacy.randomness.SecureRandom`) and the
 sampling RNG (the OS CSPRNG) come from OS entropy on the server, never from a seed the
 clients know. Which tensors a
-strategy lets the noisy sum privatise is its own declaration (``LoraStrategy.dp_tensors``,
-used by ``server.privacy.ClientLevelDP``); the name-based helpers below remain for callers
-without a strategy object.
+strategy lets the noisy sum privatise is its own declaration (``LoraStrategy.dp_tensors``, and
+``dp_refusal`` when it declares none), read by ``server.privacy.ClientLevelDP``.
 
 Every client weighs the same: weighting by example counts would let one client's weight
 (and so its influence) exceed ``C``.
@@ -39,71 +38,15 @@ from typing import Literal, TypeVar
 import numpy as np
 import torch
 
-from fedlora.adapters import AdapterState, is_lora_a
+from fedlora.adapters import AdapterState
 from fedlora.privacy.noise import DiscreteGaussianMechanism
 from fedlora.privacy.randomness import SecureRandom
 
 ClientSampling = Literal["poisson", "fixed"]
 T = TypeVar("T")
 
-_DP_SCOPE: dict[str, str] = {
-    "fedit": "all",  # FedIT: A, B and head averaged coordinate-wise; linear in the factor updates
-    "ffa": "no_lora_a",  # FFA-LoRA: A frozen at its shared init; B and head averaged linearly
-}
-_REFUSED: dict[str, str] = {
-    "flexlora": "FlexLoRA forms each client's product B_k A_k and re-factorises the weighted sum by SVD; "
-    "clipping the factors does not bound the product's sensitivity",
-    "flora": "FLoRA stacks every client's factors side by side, so each client's update is released "
-    "individually, not inside a noisy sum",
-    "hetlora": "HetLoRA zero-pads heterogeneous ranks and weights clients by data-dependent update norms, "
-    "so one client's influence is not bounded by C",
-    "fair": "LoRA-FAIR fits a correction of B to the ideal update sum_k p_k B_k A_k of the clients' "
-    "individual products; the noisy sum is not what gets released",
-}
-
-
 class ClientDPError(ValueError):
     """Client-level DP cannot be applied as requested."""
-
-
-def supports_client_dp(strategy_name: str) -> bool:
-    """Return True if client-level DP-FedAvg noise on factor updates is sound for the strategy.
-
-    ``fedit`` and ``ffa`` (B and head only) average factor updates linearly, so the noisy sum
-    of clipped updates is exactly what they release. ``flexlora``, ``flora``, ``hetlora`` and
-    ``fair`` do non-linear, per-client work on the factors; they are refused (see
-    :func:`require_client_dp`). Unknown names return False.
-    """
-    return strategy_name.lower() in _DP_SCOPE
-
-
-def refusal_reason(strategy_name: str) -> str:
-    """Return why client-level DP-FedAvg is unsound for ``strategy_name`` (a generic reason if unknown)."""
-    return _REFUSED.get(
-        strategy_name.lower(),
-        "it does not declare which of its tensors a noisy sum of clipped updates may privatise "
-        "(LoraStrategy.dp_tensors)",
-    )
-
-
-def require_client_dp(strategy_name: str) -> None:
-    """Raise :class:`ClientDPError` explaining why ``strategy_name`` cannot run client-level DP."""
-    name = strategy_name.lower()
-    if name in _DP_SCOPE:
-        return
-    why = _REFUSED.get(name, "it is not a strategy known to the client-level DP math")
-    raise ClientDPError(
-        f"client-level DP is not supported with strategy {strategy_name!r}: {why}. "
-        f"Use one of {sorted(_DP_SCOPE)}, or record-level DP on the clients instead"
-    )
-
-
-def dp_tensor_names(strategy_name: str, names: Sequence[str]) -> list[str]:
-    """Return the tensor names the strategy clips and noises (FFA-LoRA leaves A out: it never changes)."""
-    require_client_dp(strategy_name)
-    if _DP_SCOPE[strategy_name.lower()] == "no_lora_a":
-        return [n for n in names if not is_lora_a(n)]
-    return list(names)
 
 
 def update_norm(update: Mapping[str, torch.Tensor]) -> float:

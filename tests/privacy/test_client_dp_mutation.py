@@ -15,14 +15,10 @@ from fedlora.privacy.client_dp import (
     accounted_sample_rate,
     check_client_sampling,
     clip_update,
-    dp_tensor_names,
     expected_clients,
     noisy_mean,
     privatize_updates,
-    refusal_reason,
-    require_client_dp,
     sample_clients,
-    supports_client_dp,
     update_norm,
 )
 from fedlora.privacy.noise import DiscreteGaussianMechanism
@@ -32,29 +28,31 @@ A = "m.q.lora_A.weight"
 B = "m.q.lora_B.weight"
 
 
-def test_refusal_reasons_are_case_insensitive_and_the_generic_one_names_the_fix():
-    assert refusal_reason("FlexLoRA") == refusal_reason("flexlora")
-    assert "SVD" in refusal_reason("FlexLoRA")
-    assert refusal_reason("Mine") == (
-        "it does not declare which of its tensors a noisy sum of clipped updates may privatise "
-        "(LoraStrategy.dp_tensors)"
-    )
-    assert supports_client_dp("FedIT") and not supports_client_dp("fedavg")
+def test_a_strategy_that_declares_nothing_is_refused_with_the_generic_reason_and_the_fix():
+    from server.privacy import privatisable_names
+    from strategies.base import LoraStrategy
 
+    class Mine(LoraStrategy):  # a new strategy that says nothing about DP
+        name = "mine"
 
-def test_require_client_dp_explains_unknown_and_refused_strategies():
-    require_client_dp("FFA")  # supported: no error
+        def init_state(self, template, clients):
+            return dict(template)
+
+        def payload(self, state, client):
+            raise NotImplementedError
+
+        def aggregate(self, state, results):
+            return dict(state)
+
     with pytest.raises(
         ClientDPError,
-        match=r"^client-level DP is not supported with strategy 'Mine': it is not a strategy known to the "
-        r"client-level DP math\. Use one of \['fedit', 'ffa'\], or record-level DP on the clients instead$",
+        match=r"^client-level DP is not supported with strategy 'mine': it does not declare which of its "
+        r"tensors a noisy sum of clipped updates may privatise \(LoraStrategy\.dp_tensors\)\. Use a strategy "
+        r"that declares dp_tensors \(fedit, ffa\), or record-level DP on the clients instead$",
     ):
-        require_client_dp("Mine")
-    with pytest.raises(ClientDPError, match="strategy 'HetLoRA': HetLoRA zero-pads"):
-        require_client_dp("HetLoRA")
-    assert dp_tensor_names("FFA", [A, B]) == [B]
-    with pytest.raises(ClientDPError, match="strategy 'flora'"):
-        dp_tensor_names("flora", [A, B])
+        privatisable_names(Mine, [A, B])
+    Mine.dp_tensors = "no_lora_a"  # declaring it is all a strategy needs
+    assert privatisable_names(Mine, [A, B]) == [B]
 
 
 def test_update_norm_and_clip_by_hand():

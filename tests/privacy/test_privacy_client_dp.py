@@ -12,13 +12,10 @@ from fedlora.privacy.client_dp import (
     ClientDPError,
     accounted_sample_rate,
     clip_update,
-    dp_tensor_names,
     expected_clients,
     noisy_mean,
     privatize_updates,
-    require_client_dp,
     sample_clients,
-    supports_client_dp,
     update_norm,
 )
 from fedlora.privacy.ledger import PrivacyLedger
@@ -127,16 +124,17 @@ def test_privatize_updates_reports_pre_clip_norms():
     assert update_norm(mean) <= 1.0
 
 
-def test_strategy_support():
-    assert supports_client_dp("fedit") and supports_client_dp("FFA")
-    for name in ("flexlora", "flora", "hetlora", "fair", "nope"):
-        assert not supports_client_dp(name)
+def test_strategy_support_is_each_strategys_own_declaration():
+    from server.privacy import privatisable_names
+    from strategies import create
+
+    assert privatisable_names(create("ffa"), [A, B, HEAD]) == [B, HEAD]
+    assert privatisable_names(create("fedit"), [A, B, HEAD]) == [A, B, HEAD]
+    for name in ("flexlora", "flora", "hetlora", "fair"):
         with pytest.raises(ClientDPError, match=f"strategy '{name}'"):
-            require_client_dp(name)
+            privatisable_names(create(name), [A, B])
     with pytest.raises(ClientDPError, match="SVD"):
-        require_client_dp("flexlora")
-    assert dp_tensor_names("ffa", [A, B, HEAD]) == [B, HEAD]
-    assert dp_tensor_names("fedit", [A, B, HEAD]) == [A, B, HEAD]
+        privatisable_names(create("flexlora"), [A, B])
 
 
 def test_poisson_sampling_is_seeded_and_has_rate_q():
