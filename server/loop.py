@@ -24,7 +24,15 @@ from fedlora.atomic import private_tree
 from fedlora.checkpoint import load_checkpoint, prev_path, save_checkpoint
 from fedlora.config import OutputConfig, RunConfig
 from fedlora.data.cached import task_data
-from fedlora.protocol import ProtocolError, SetupQuery, TrainRequest, decode_setup_reply, record_bytes
+from fedlora.protocol import (
+    ProtocolError,
+    SetupQuery,
+    SetupReply,
+    TrainRequest,
+    decode_setup_reply,
+    record_bytes,
+)
+from server.admission import admit
 from server.evaluator import ServerModel
 from server.outputs import RoundRecord, RunOutputs, plot_metrics, progress_line
 from server.privacy import ServerPrivacy, grid_run_id
@@ -85,22 +93,26 @@ def query_nodes(
 
     Returns the nodes that answered well and, for each node left out, ``{"node", "reason"}``
     (an error, a malformed reply, a rank above ``max_rank``, the model's smallest adapted
-    dimension).
+    dimension, or a reply :func:`server.admission.admit` finds inconsistent with the run).
     """
     query = SetupQuery(cfg.to_json(), tuple(labels))
     msgs = [query.to_message(n) for n in nodes]
     infos: dict[int, NodeInfo] = {}
     left_out: list[dict[str, Any]] = []
     replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout))
+    decoded: dict[int, SetupReply] = {}
     for src, reply in zip(reply_nodes(msgs, replies), replies, strict=True):
-        if src not in nodes or src in infos:
+        if src not in nodes or src in decoded:
             continue
         try:
-            info = decode_setup_reply(reply, max_rank=max_rank)
+            decoded[src] = decode_setup_reply(reply, max_rank=max_rank)
         except ProtocolError as err:
-            log.warning("node %s is left out of the run: %s", src, err)
             left_out.append({"node": src, "reason": f"setup reply refused: {err}"})
-            continue
+    admitted, inconsistent = admit(decoded, cfg)  # valid but not this run's shape, or a shared partition
+    left_out += inconsistent
+    for row in left_out:
+        log.warning("node %s is left out of the run: %s", row["node"], row["reason"])
+    for src, info in admitted.items():
         spec = ClientSpec(node_id=src, rank=info.rank, alpha=info.alpha)
         infos[src] = NodeInfo(spec, info.num_examples, info.partition_id)
     if not infos:
