@@ -12,10 +12,11 @@ interchangeable.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from fedlora.config import NODE_FIELDS, ConfigError, DataConfig, RunConfig, with_overrides
+from clients.floor import COLUMN_KEYS, FLOOR_KEYS, PrivacyFloor, node_data, privacy_floor
+from fedlora.config import NODE_FIELDS, ConfigError, RunConfig, with_overrides
 from fedlora.data.cached import partitions, stamp
 from fedlora.data.partition import split_local
 from fedlora.data.sources import Record, classification_records, instruction_records, read_rows
@@ -24,8 +25,9 @@ from fedlora.logs import configure_from_env
 # Ray actors and SuperNode app processes log at the driver's level (``fedlora simulate -v``).
 configure_from_env()
 
-# Node-config keys that are not config fields: where this node sits and keeps its state.
-NODE_ONLY_KEYS = ("partition-id", "num-partitions", "state-dir")
+# Node-config keys that are not config fields: where this node sits and keeps its state, its
+# privacy floor and the columns of its own data file (clients.floor).
+NODE_ONLY_KEYS = ("partition-id", "num-partitions", "state-dir", *FLOOR_KEYS, *COLUMN_KEYS)
 
 NODE_KEYS = (*NODE_ONLY_KEYS, *NODE_FIELDS)
 
@@ -43,6 +45,8 @@ class NodeSettings:
     device: str
     dp_epsilon: float
     state_dir: str
+    floor: PrivacyFloor | None = None  # the node's own DP requirements (node-config dp-epsilon)
+    columns: tuple[tuple[str, str], ...] = ()  # node-config column names of its own data file
 
 
 def _normalised(node_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -98,6 +102,8 @@ def node_settings(cfg: RunConfig, node_config: Mapping[str, Any]) -> NodeSetting
         device=local.train.device,
         dp_epsilon=local.privacy.epsilon,
         state_dir=_get(conf, "state-dir", "", str),
+        floor=privacy_floor(conf),
+        columns=tuple((k, str(conf[k])) for k in COLUMN_KEYS if k in conf),
     )
 
 
@@ -109,8 +115,10 @@ def local_data(
 ) -> tuple[list[Record], list[Record]]:
     """Return this node's (train, validation) records, cached per process.
 
-    With ``data-path`` the node's own file is its whole training data; otherwise the run's
-    data source is partitioned and the node takes partition ``partition-id``.
+    With ``data-path`` the node's own file is its whole training data, read with the node's own
+    column names; otherwise the run's data source (the embedded task, or any source inside
+    ``fedlora simulate``) is partitioned and the node takes partition ``partition-id``
+    (:func:`clients.floor.node_data`).
     """
     key = (
         cfg.data,
@@ -120,11 +128,12 @@ def local_data(
         node.partition_id,
         node.num_partitions,
         node.data_format,
+        node.columns,
         labels,
     )
     if key not in _DATA_CACHE:
+        dcfg = node_data(cfg.data, dict(node.columns), node.data_path, node.data_format)
         if node.data_path:
-            dcfg: DataConfig = replace(cfg.data, source=node.data_path, format=node.data_format)
             rows = read_rows(dcfg.source, dcfg.format)
             if cfg.model.task == "classification":
                 records, _ = classification_records(rows, dcfg, dcfg.source, labels or None)

@@ -71,6 +71,8 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
         raise PayloadError(f"malformed train request: {err}") from err
     cfg: RunConfig = from_json(req.run_config)
     node: NodeSettings = node_settings(cfg, context.node_config)
+    if node.floor is not None:
+        node.floor.check(cfg)  # every round: the server's run config may change between rounds
     labels = req.labels
     rank, alpha = req.rank, req.alpha
     if rank != node.rank:

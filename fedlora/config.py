@@ -297,6 +297,10 @@ class FederationConfig:
         _check_positive("federation.node_wait_timeout", self.node_wait_timeout)
 
 
+MAX_DELTA = 1e-3
+"""The largest δ any run accepts: a δ near 1/n lets a mechanism publish a whole record."""
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
     """Differential privacy.
@@ -343,8 +347,8 @@ class PrivacyConfig:
         _check_positive("privacy.noise_multiplier", self.noise_multiplier, allow_zero=True)
         _check_positive("privacy.max_grad_norm", self.max_grad_norm)
         _check_positive("privacy.clip_norm", self.clip_norm)
-        if not 0.0 < self.delta < 1.0:
-            _fail("privacy.delta", self.delta, "a number in (0, 1), typically below 1/dataset size")
+        if not 0.0 < self.delta <= MAX_DELTA:
+            _fail("privacy.delta", self.delta, "a number in (0, 1e-3], typically below 1/dataset size")
         if not 0.0 < self.client_sample_rate <= 1.0:
             _fail("privacy.client_sample_rate", self.client_sample_rate, "a number in (0, 1]")
         if self.mode != "none" and self.epsilon == 0 and self.noise_multiplier == 0:
@@ -389,7 +393,9 @@ class RobustConfig:
     that multiple of the round's lower median (0 = off); ``aggregator`` replaces FedIT's /
     FFA-LoRA's mean by a coordinate-wise ``median`` or ``trimmed-mean`` (``trim_fraction``
     cut at each end); update records above ``max_update_size`` times their expected size are
-    refused before they are read.
+    refused before they are read; ``campaign_bound`` caps each node's deviation from the
+    round's median update, summed over the run, at that multiple of the median node's
+    (``strategies/campaign.py``; 0 = off).
     """
 
     norm_bound: float = _field(3.0, help="clip updates to this multiple of the round's median norm (0 = off)")
@@ -401,9 +407,14 @@ class RobustConfig:
     aggregator: str = _field("mean", choices=ROBUST_AGGREGATORS, help="robust centre (fedit, ffa)")
     trim_fraction: float = _field(0.2, help="share cut at each end by the trimmed mean")
     max_update_size: float = _field(1.5, help="refuse update records above this multiple of their size")
+    campaign_bound: float = _field(
+        0.0, help="cap each node's summed deviation over rounds at this multiple of the median node's (0 = off)"
+    )
 
     def __post_init__(self) -> None:
         _check_choice("robust.aggregator", self.aggregator, ROBUST_AGGREGATORS)
+        if self.campaign_bound != 0.0 and not self.campaign_bound >= 1.0:
+            _fail("robust.campaign_bound", self.campaign_bound, "0 (off) or a number >= 1")
         for name in ("norm_bound", "max_weight_factor"):
             _check_positive(f"robust.{name}", getattr(self, name), allow_zero=True)
         for name in ("max_update_norm", "max_abs_value"):

@@ -1,12 +1,14 @@
 """The ClientApp called in-process with real Flower messages (no simulation engine)."""
 
 import json
+import re
+from contextlib import contextmanager
 
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from clients.app import app
+from clients.app import NodeRefused, app
 from clients.round import PayloadError
 from fedlora.adapters import fingerprint, is_lora_a, is_lora_b
 from fedlora.config import RunConfig, with_overrides
@@ -15,6 +17,15 @@ from fedlora.protocol import QUERY, TRAIN, decode_arrays
 from fedlora.protocol import encode_arrays as to_record
 
 LABELS = ["person", "animal", "vehicle", "robot"]
+
+
+@contextmanager
+def refused(cause: type[Exception], match: str):
+    """Expect the ClientApp to refuse with a generic reason, the cause (``match``) only chained."""
+    with pytest.raises(NodeRefused) as err:
+        yield
+    assert isinstance(err.value.__cause__, cause) and re.search(match, str(err.value.__cause__))
+    assert not re.search(match, str(err.value)), "the details stay in the node's log"
 
 
 def from_record(record):
@@ -109,18 +120,18 @@ def test_ffa_client_trains_only_b_and_checks_shared_a():
     assert not reply.has_error()
     upd = from_record(reply.content["update"])
     assert not any(is_lora_a(k) for k in upd) and any(is_lora_b(k) for k in upd)
-    with pytest.raises(PayloadError, match="fingerprint mismatch"):
+    with refused(PayloadError, "fingerprint mismatch"):
         app(_train_msg(cfg, no_a, **{"train-a": False, "a-fingerprint": "0" * 64}), _context())
 
 
 def test_client_refuses_wrong_rank_and_non_finite_payload():
     cfg = _cfg()
-    with pytest.raises(PayloadError, match="configured for rank 4"):
+    with refused(PayloadError, "configured for rank 4"):
         app(_train_msg(cfg, _template(8), rank=8), _context())
     start = _template()
     key = next(k for k in start if is_lora_b(k))
     start[key] = torch.full_like(start[key], float("nan"))
-    with pytest.raises(PayloadError, match="non-finite"):
+    with refused(PayloadError, "non-finite"):
         app(_train_msg(cfg, start), _context())
 
 
@@ -218,7 +229,7 @@ def test_flora_client_refuses_a_merge_that_does_not_match_the_fingerprint():
         return m
 
     tampered = {**merge, f"{module}.lora_B.weight": merge[f"{module}.lora_B.weight"] + 1e-3}
-    with pytest.raises(PayloadError, match="base update fingerprint mismatch"):
+    with refused(PayloadError, "base update fingerprint mismatch"):
         app(msg(fingerprint(tampered)), _context())
     reply = app(msg(fingerprint(merge)), _context())
     assert not reply.has_error() and "update" in reply.content.array_records
@@ -234,7 +245,7 @@ def test_flora_client_refuses_a_fingerprint_whose_merge_record_was_dropped():
         f"{module}.lora_B.weight": torch.randn(384, 2, generator=gen),
     }
     stripped = _train_msg(cfg, _template(), **{"fresh-adapter": True, "base-fingerprint": fingerprint(merge)})
-    with pytest.raises(PayloadError, match="missing or altered merge record"):
+    with refused(PayloadError, "missing or altered merge record"):
         app(stripped, _context())
     # Round 1 of FLoRA: an empty merge is announced as fingerprint({}) and needs no record.
     first = _train_msg(cfg, _template(), **{"fresh-adapter": True, "base-fingerprint": fingerprint({})})

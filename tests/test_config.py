@@ -56,7 +56,7 @@ def test_overrides_accept_flower_style_keys_and_strings():
         ("data.partitioner", "random", "'iid', 'dirichlet', 'shards'"),
         ("federation.min_replies", "9", "1 to num_clients"),
         ("lora.dropout", "1.5", "[0, 1)"),
-        ("privacy.delta", "2", "(0, 1)"),
+        ("privacy.delta", "0.3", "(0, 1e-3]"),
         ("train.bogus", "1", "allowed keys in [train]"),
         ("bogus", "1", "use 'section.field'"),
         ("nosuch.key", "1", "allowed are"),
@@ -128,6 +128,8 @@ def test_each_alias_reaches_its_field(alias):
     value = {bool: True, int: 3, float: 0.25, str: spec.choices[-1] if spec.choices else "x"}[spec.hint]
     if spec.key == "federation.strategy":
         value = "ffa"
+    if spec.key == "privacy.delta":
+        value = 1e-4  # delta is capped at 1e-3
     extra = {"privacy.noise_multiplier": 1.0} if spec.key == "privacy.mode" else {}
     cfg = with_overrides(RunConfig(), {alias: value, **extra})
     section, name = spec.key.split(".")
