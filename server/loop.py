@@ -39,6 +39,7 @@ from server.privacy import ServerPrivacy, grid_run_id
 from server.resume import config_changes
 from server.round import RoundOutcome, collect_replies, robust_results
 from strategies.base import ClientSpec, LoraStrategy, Payload
+from strategies.campaign import campaign_wrapped
 from strategies.registry import create
 from strategies.robust import RobustCenter, aggregate_checked
 
@@ -128,10 +129,13 @@ def build_strategy(cfg: RunConfig) -> LoraStrategy:
     strategy = create(cfg.federation.strategy, **dict(cfg.federation.strategy_params))
     if cfg.robust.aggregator != "mean":
         try:
-            return RobustCenter(strategy, cfg.robust.aggregator, cfg.robust.trim_fraction)
+            strategy = RobustCenter(strategy, cfg.robust.aggregator, cfg.robust.trim_fraction)
         except ValueError as err:
             raise FederationError(f"robust.aggregator: {err}") from err
-    return strategy
+    try:
+        return campaign_wrapped(strategy, cfg)  # a bound across rounds (strategies/campaign.py)
+    except ValueError as err:
+        raise FederationError(f"robust.campaign_bound: {err}") from err
 
 
 def is_eval_round(rnd: int, num_rounds: int, output: OutputConfig) -> bool:
