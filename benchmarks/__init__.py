@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "scaling": "benchmarks.scaling",
     "baseline": "benchmarks.baseline",
     "padding": "benchmarks.padding",
+    "backdoor": "benchmarks.backdoor",
 }
 
 RunFn = Callable[[bool], tuple[dict[str, Any], str]]
