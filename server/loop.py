@@ -41,7 +41,14 @@ from server.round import RoundOutcome, collect_replies, robust_results
 from strategies.base import ClientSpec, LoraStrategy, Payload
 from strategies.campaign import campaign_wrapped
 from strategies.registry import create
-from strategies.robust import RobustCenter, aggregate_checked
+from strategies.robust import (
+    SMALL_FEDERATION,
+    SMALL_NORM_BOUND,
+    SMALL_WEIGHT_FACTOR,
+    RobustCenter,
+    aggregate_checked,
+    liar_share,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +129,18 @@ def query_nodes(
             f"no node answered the setup query usably ({reasons}); check the SuperNode logs"
         )
     return infos, left_out
+
+
+def small_federation_warning(nodes: int, cfg: RunConfig) -> str:
+    """Return the warning for a federation small enough that one node sets much of a round ("" if none)."""
+    if not 2 <= nodes <= SMALL_FEDERATION:
+        return ""
+    share = liar_share(nodes, cfg.robust.norm_bound, cfg.robust.max_weight_factor)
+    return (
+        f"{nodes} nodes: one hostile node can set up to {share:.0%} of a round's change "
+        f"(an honest one {1 / nodes:.0%}); rounds of at most {SMALL_FEDERATION} updates clip norms to "
+        f"{SMALL_NORM_BOUND:g}x and weights to {SMALL_WEIGHT_FACTOR:g}x the median (docs/security.md)"
+    )
 
 
 def build_strategy(cfg: RunConfig) -> LoraStrategy:
@@ -228,6 +247,10 @@ class ServerRun:
         nodes = wait_for_nodes(self.grid, cfg.federation.num_clients, cfg.federation.node_wait_timeout)
         ceiling = rank_ceiling(self.model.template(cfg.lora.rank, cfg.federation.seed))  # any rank
         infos, left_out = query_nodes(self.grid, nodes, cfg, self.labels, max_rank=ceiling)
+        warning = small_federation_warning(len(infos), cfg)
+        if warning:
+            log.warning(warning)
+            print(f"warning: {warning}", flush=True)
         specs = [i.spec for i in infos.values()]
         max_rank = self.max_rank = max(s.rank for s in specs)
         resumed = self._resume()

@@ -33,6 +33,10 @@ from strategies.base import ClientResult, LoraStrategy, StrategyWrapper
 ROBUST_CENTERS = ("mean", "median", "trimmed-mean")
 CENTER_STRATEGIES = ("fedit", "ffa")  # global state = average of the clients' tensors
 
+SMALL_FEDERATION = 4  # rounds with at most this many updates use the tighter factors below
+SMALL_NORM_BOUND = 1.5  # the norm bound of a small round (at most; 0 stays off)
+SMALL_WEIGHT_FACTOR = 1.0  # the weight cap of a small round: no count above the median buys weight
+
 
 @dataclasses.dataclass(frozen=True)
 class Bounded:
@@ -112,6 +116,35 @@ def clip_factor(
     return lo
 
 
+def small_round_factors(k: int, norm_bound: float, weight_factor: float) -> tuple[float, float]:
+    """Return the (norm bound, weight cap) for a round of ``k`` updates.
+
+    With 2 to :data:`SMALL_FEDERATION` updates the configured factors (3 and 3 by default) let
+    one node send 3x the median norm at 3x the median weight, 9 honest pulls: it set 87-99% of
+    a round's change in a 4-node federation. Such rounds use at most :data:`SMALL_NORM_BOUND`
+    and :data:`SMALL_WEIGHT_FACTOR` (a factor of 0, off, stays off). See :func:`liar_share`.
+    """
+    if not 2 <= k <= SMALL_FEDERATION:
+        return norm_bound, weight_factor
+    return min(norm_bound, SMALL_NORM_BOUND), min(weight_factor, SMALL_WEIGHT_FACTOR)
+
+
+def liar_share(k: int, norm_bound: float, weight_factor: float) -> float:
+    """Return the largest share of a round's change one of ``k`` nodes can set (aligned updates).
+
+    ``k - 1`` honest nodes send updates of one norm ``m`` at one weight ``n``; the liar sends
+    ``norm_bound x m`` at ``weight_factor x n`` (the most both caps let through, both lower
+    medians being the honest values), all in one direction. Its share of the weighted sum is
+    ``b w / (b w + k - 1)``; an honest node's is ``1 / k``. The factors applied are those of
+    :func:`small_round_factors`; a factor of 0 (off) gives 1.0.
+    """
+    b, w = small_round_factors(k, norm_bound, weight_factor)
+    if b <= 0 or w <= 0:  # a defence off: the liar's pull is unbounded
+        return 1.0
+    pull = b * w
+    return pull / (pull + k - 1)
+
+
 def lower_median(values: Sequence[float]) -> float:
     """Return the lower median (with two values, the smaller: one liar cannot raise it)."""
     ordered = sorted(values)
@@ -143,6 +176,7 @@ def bound_updates(
     kept: list[ClientResult] = []
     rejected: list[dict[str, object]] = []
     norms: dict[int, float] = {}
+    bound = small_round_factors(len(results), bound, 0.0)[0]
     for r in results:
         node = r.spec.node_id
         peak = max((float(v.detach().abs().max()) for v in r.state.values() if v.numel()), default=0.0)
@@ -177,8 +211,10 @@ def cap_example_counts(results: Sequence[ClientResult], factor: float) -> list[C
     """Cap each example count at ``factor x`` the round's lower median count (0 disables).
 
     The median, not the mean: one node claiming 10^9 examples raises the mean to its own
-    level, but not the median.
+    level, but not the median. A round of at most :data:`SMALL_FEDERATION` updates caps at
+    :data:`SMALL_WEIGHT_FACTOR` x the median (:func:`small_round_factors`).
     """
+    factor = small_round_factors(len(results), 0.0, factor)[1]
     if factor <= 0 or len(results) < 2:
         return list(results)
     cap = max(1, int(factor * lower_median([r.num_examples for r in results])))
@@ -190,12 +226,22 @@ def coordinate_median(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([_f64(t) for t in tensors]).quantile(0.5, dim=0)
 
 
+def trim_count(k: int, fraction: float) -> int:
+    """Return how many values the trimmed mean drops at each end of ``k``.
+
+    ``floor(fraction k)``, but at least one when ``k >= 3`` (the default 0.2 trimmed nothing
+    below 5 nodes, so one liar went straight into the mean) and never all of them.
+    """
+    cut = math.floor(fraction * k)
+    if k >= 3:
+        cut = max(cut, 1)
+    return min(cut, (k - 1) // 2)
+
+
 def trimmed_mean(tensors: Sequence[torch.Tensor], fraction: float) -> torch.Tensor:
-    """Return the coordinate-wise mean after dropping the ``floor(fraction K)`` largest and smallest."""
+    """Return the coordinate-wise mean after dropping the :func:`trim_count` largest and smallest."""
     stacked = torch.stack([_f64(t) for t in tensors]).sort(dim=0).values
-    k = math.floor(fraction * len(tensors))
-    if 2 * k >= len(tensors):
-        k = (len(tensors) - 1) // 2
+    k = trim_count(len(tensors), fraction)
     return stacked[k : len(tensors) - k].mean(dim=0)
 
 

@@ -82,9 +82,11 @@ def test_bound_updates_clips_rejects_and_keeps():
 
 
 def test_example_counts_capped_at_a_multiple_of_the_median():
-    rs = [_result(n, {}, n=c) for n, c in enumerate([10, 20, 30, 10**9])]
-    assert [r.num_examples for r in cap_example_counts(rs, 3.0)] == [10, 20, 30, 60]
-    assert [r.num_examples for r in cap_example_counts(rs, 0)] == [10, 20, 30, 10**9]
+    rs = [_result(n, {}, n=c) for n, c in enumerate([10, 20, 30, 40, 10**9])]
+    assert [r.num_examples for r in cap_example_counts(rs, 3.0)] == [10, 20, 30, 40, 90]
+    assert [r.num_examples for r in cap_example_counts(rs, 0)] == [10, 20, 30, 40, 10**9]
+    # four updates: a small round, capped at 1 x the median whatever the configured factor
+    assert [r.num_examples for r in cap_example_counts(rs[1:], 3.0)] == [20, 30, 30, 30]
 
 
 def test_coordinate_median_and_trimmed_mean():
@@ -215,13 +217,13 @@ def test_bound_updates_needs_two_results_and_a_positive_bound_to_clip():
     assert bound_updates(rs, sent, bound=0.0, max_norm=1e9, max_abs=1e9).clipped == []
     assert bound_updates(rs, sent, bound=-1.0, max_norm=1e9, max_abs=1e9).clipped == []
     clipped = bound_updates(rs, sent, bound=2.0, max_norm=1e9, max_abs=1e9).clipped
-    assert [c["node"] for c in clipped] == [2] and clipped[0]["bound"] == 2.0
+    assert [c["node"] for c in clipped] == [2] and clipped[0]["bound"] == 1.5  # small round: 1.5 x median
 
 
 def test_example_count_cap_floors_at_one_and_needs_two_results():
     rs = [_result(n, {}, n=c) for n, c in enumerate([10, 20, 30])]
     assert [r.num_examples for r in cap_example_counts(rs, 0.01)] == [1, 1, 1]
-    assert [r.num_examples for r in cap_example_counts(rs, 1.5)] == [10, 20, 30]
+    assert [r.num_examples for r in cap_example_counts(rs, 1.5)] == [10, 20, 20]  # small round: 1.0
     assert [r.num_examples for r in cap_example_counts(rs, 1.0)] == [10, 20, 20]
     assert [r.num_examples for r in cap_example_counts(rs[2:], 0.01)] == [30]
     assert [r.num_examples for r in cap_example_counts(rs, -1.0)] == [10, 20, 30]
@@ -232,7 +234,7 @@ def test_median_of_an_even_count_and_trimmed_mean_caps_the_trim():
     med = coordinate_median(four)
     assert med.tolist() == [2.5] and med.dtype == torch.float64
     assert trimmed_mean(four, 0.5).tolist() == [2.5]  # 2 of 4 each side would leave none: trim 1
-    assert trimmed_mean(four, 0.0).tolist() == [4.0]
+    assert trimmed_mean(four, 0.0).tolist() == [2.5]  # K >= 3 trims at least one each side
     assert trimmed_mean(four[:3], 0.34).tolist() == [2.0]
     skewed = [torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([10.0])]
     assert trimmed_mean(skewed, 0.9).tolist() == [2.0]  # floor(2.7) = 2 each side leaves none: trim 1
@@ -332,7 +334,7 @@ def test_bound_one_clips_to_the_median_and_a_norm_at_the_limit_is_kept():
 
 def test_example_counts_of_two_results_are_capped():
     rs = [_result(n, {}, n=c) for n, c in enumerate([10, 1000])]
-    assert [r.num_examples for r in cap_example_counts(rs, 3.0)] == [10, 30]
+    assert [r.num_examples for r in cap_example_counts(rs, 3.0)] == [10, 10]  # small round: 1 x median
 
 
 def test_aggregate_checked_restores_strategy_state_when_rolling_back():
