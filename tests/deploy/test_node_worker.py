@@ -110,7 +110,8 @@ def test_rounds_run_in_the_warm_worker_which_restarts_without_losing_the_ledger(
     rows = _client_rows(out)
     # rounds 1 and 2 ran in the worker, in one process: the model was loaded once
     assert [(rows[r]["worker"], rows[r]["worker_rounds"]) for r in (1, 2)] == [(1, 1), (1, 2)]
-    assert all(rows[r]["clientapp_seconds"] > rows[r]["train_seconds"] for r in rows)
+    # under record DP no timing leaves the node (time could tell which records it holds)
+    assert not any(k.endswith("_seconds") for r in rows for k in rows[r])
     log = node.process.log()
     assert "fedlora node: worker exited with code -9" in log
     _wait_until(lambda: len(_workers(node.process.popen.pid)) == 1, "the restarted worker", fleet)
