@@ -25,6 +25,7 @@ from flwr.app import ConfigRecord, Context
 from torch.utils.data import DataLoader
 
 from clients.node import NodeSettings
+from fedlora.atomic import owned_dir
 from fedlora.config import RunConfig
 from fedlora.privacy.calibrate import calibrate_noise_multiplier, planned_steps
 from fedlora.privacy.calibrate import would_exceed as exceeds_budget
@@ -276,8 +277,7 @@ class ClientPrivacy:
         assert self.ledger is not None and self._context is not None and self._node is not None
         self._context.state.config_records[STATE_KEY] = ConfigRecord({"ledger": self.ledger.to_json()})
         if state_dir(self._node):
-            path = Path(state_dir(self._node))
-            path.mkdir(parents=True, exist_ok=True)
+            path = owned_dir(state_dir(self._node))  # ours, no link, not writable by others
             self.ledger.save(path / LEDGER_FILE)
 
     def close(self) -> None:

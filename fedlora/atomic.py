@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -34,6 +35,63 @@ def private_dir(path: str | os.PathLike[str]) -> Path:
     except (OSError, AttributeError):  # AttributeError: os.getuid is missing on Windows
         pass
     return p
+
+
+class UnsafeDirectoryError(PermissionError):
+    """A directory others control: links planted in it could redirect fedlora's writes."""
+
+
+def owned_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` 0700, or accept an existing one only if this user controls it; return it.
+
+    A run directory (or a node's state directory) that another user owns, that is writable by
+    the group or by others, or that is itself a symbolic link may hold links planted by someone
+    else: a ``metrics.png`` link made the server overwrite a file outside the run. Such a
+    directory is refused; an accepted one is tightened to 0700.
+
+    Raises
+    ------
+    UnsafeDirectoryError
+        Naming the directory, what is wrong and the fix.
+    """
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    info = p.lstat()
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise UnsafeDirectoryError(f"{p} is a link or not a directory; give a plain directory of your own")
+    uid = getattr(os, "getuid", lambda: info.st_uid)()
+    if info.st_uid != uid:
+        raise UnsafeDirectoryError(
+            f"{p} belongs to uid {info.st_uid}, not to you (uid {uid}); choose a directory of your own"
+        )
+    if info.st_mode & 0o022:
+        raise UnsafeDirectoryError(
+            f"{p} is writable by others (mode {stat.S_IMODE(info.st_mode):o}): files planted there could "
+            f"redirect what is written; run `chmod go-w {p}` or choose another directory"
+        )
+    os.chmod(p, DIR_MODE)
+    return p
+
+
+def append_line(path: str | os.PathLike[str], line: str) -> None:
+    """Append ``line`` to ``path`` (created 0600) without following a link planted at ``path``.
+
+    Raises
+    ------
+    UnsafeDirectoryError
+        When ``path`` is a symbolic link.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, FILE_MODE)
+    except OSError as err:
+        if os.path.islink(path):
+            raise UnsafeDirectoryError(
+                f"{path} is a symbolic link; fedlora does not write through links"
+            ) from err
+        raise
+    with os.fdopen(fd, "a", encoding="utf-8") as fh:
+        fh.write(line)
 
 
 def temp_path(target: Path) -> Path:

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 from peft import LoraConfig
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from fedlora.adapters import AdapterState, state_rank
+from fedlora.atomic import atomic_write, atomic_write_text
 
 META_FILE = "fedlora.json"
 
@@ -73,11 +74,10 @@ def save_peft_adapter(
     )
     cfg.save_pretrained(str(out_dir))
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-    tmp = out_dir / "adapter_model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out_dir / "adapter_model.safetensors")
+    # Through the atomic writer: a link planted at either name is replaced, never followed.
+    atomic_write(out_dir / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
     if meta is not None:
-        (out_dir / META_FILE).write_text(json.dumps(dict(meta), indent=2), encoding="utf-8")
+        atomic_write_text(out_dir / META_FILE, json.dumps(dict(meta), indent=2))
     return out_dir
 
 

@@ -20,7 +20,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedlora.adapters import AdapterState, is_lora_a, is_lora_b
-from fedlora.atomic import private_tree
+from fedlora.atomic import owned_dir, private_tree
 from fedlora.checkpoint import load_checkpoint, prev_path, save_checkpoint
 from fedlora.config import OutputConfig, RunConfig
 from fedlora.data.cached import task_data
@@ -94,6 +94,11 @@ def reply_nodes(msgs: Sequence[Message], replies: Sequence[Message]) -> list[int
     return [sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies]
 
 
+def derived_timeout(slowest: float) -> float | None:
+    """Return the round timeout when none is set: no limit until a round completed, then 10x the slowest."""
+    return max(300.0, 10.0 * slowest) if slowest > 0 else None
+
+
 def query_nodes(
     grid: Grid, nodes: Sequence[int], cfg: RunConfig, labels: Sequence[str], *, max_rank: int
 ) -> tuple[dict[int, NodeInfo], list[dict[str, Any]]]:
@@ -107,7 +112,7 @@ def query_nodes(
     msgs = [query.to_message(n) for n in nodes]
     infos: dict[int, NodeInfo] = {}
     left_out: list[dict[str, Any]] = []
-    replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout))
+    replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout or None))
     decoded: dict[int, SetupReply] = {}
     for src, reply in zip(reply_nodes(msgs, replies), replies, strict=True):
         if src not in nodes or src in decoded:
@@ -188,7 +193,9 @@ class ServerRun:
     """One federated run driven by the server (see module docstring)."""
 
     def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path) -> None:
+        cfg = derive_config(cfg)[0]  # task and max_length from the model and the data, unless set
         self.grid, self.cfg, self.run_dir = grid, cfg, run_dir
+        self.slowest_round = 0.0  # seconds of the slowest round whose every reply came back
         self.strategy: LoraStrategy = build_strategy(cfg)  # an unknown strategy fails before data loads
         self.out = RunOutputs(run_dir, cfg, resume=cfg.output.resume)
         data = task_data(cfg.data, cfg.model.task)  # cached: the driver built it already
@@ -254,6 +261,7 @@ class ServerRun:
         specs = [i.spec for i in infos.values()]
         max_rank = self.max_rank = max(s.rank for s in specs)
         resumed = self._resume()
+        self.out.write_config()  # after the resume checks: a refused resume leaves config.toml as it was
         if resumed is None:
             start_round = 1
             state = self.strategy.init_state(self.model.template(max_rank, cfg.federation.seed), specs)
@@ -322,10 +330,13 @@ class ServerRun:
             record_bytes(m.content["adapter"]) + record_bytes(m.content.array_records.get("merge"))
             for m in msgs
         )
-        timeout = self.cfg.federation.round_timeout
+        timeout = self.cfg.federation.round_timeout or derived_timeout(self.slowest_round)
         sent = {n: (infos[n].partition_id, infos[n].num_examples) for n in selected}
         self.privacy.before_dispatch(rnd, sent, grid_run_id(self.grid))  # pending entries, before sending
+        t_sent = time.perf_counter()
         replies = list(self.grid.send_and_receive(msgs, timeout=timeout)) if msgs else []
+        if len(replies) == len(msgs):
+            self.slowest_round = max(self.slowest_round, time.perf_counter() - t_sent)
         return payloads, list(zip(reply_nodes(msgs, replies), replies, strict=True)), offline, bytes_down
 
     def _round(
@@ -396,7 +407,13 @@ class ServerRun:
         return new
 
     def _check_failed(self, rnd: int, outcome: RoundOutcome, replied: int) -> None:
-        """Note a round in which replies came back but every update was rejected."""
+        """Note a round in which replies came back but every update was rejected, or none came back."""
+        if not outcome.results and not replied and outcome.rejected:
+            self.failed_rounds.append(
+                f"round {rnd}: no client replied within the round timeout; set federation.round_timeout "
+                "to more seconds (--set federation.round_timeout=...) or 0 to derive it from the first round"
+            )
+            return
         if outcome.results or not replied:
             return
         refused = [r for r in outcome.rejected if not str(r["reason"]).startswith(("declined", "no reply"))]
@@ -437,7 +454,7 @@ class ServerRun:
 
     def _finish(self, state: AdapterState) -> None:
         adapter, merge = self._global_view(state)
-        self.model.export(self.run_dir / "adapter", adapter, merge)
+        self.model.export(owned_dir(self.run_dir / "adapter"), adapter, merge)  # never through a link
         plot_metrics(self.out.metrics_path, self.run_dir / "metrics.png")
         self.privacy.write_report()
         private_tree(self.run_dir)  # whatever a library wrote: owner-only, like the ledger

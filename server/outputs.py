@@ -6,6 +6,7 @@ the privacy they spent.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -14,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedlora.atomic import FILE_MODE, atomic_write_text, private_dir
+from fedlora.atomic import append_line, atomic_write, atomic_write_text, owned_dir
 from fedlora.config import RunConfig, to_toml
 
 #: Generation samples per evaluated round (causal LM), written by ``server.evaluator``.
@@ -70,27 +71,32 @@ class RunOutputs:
     Raises
     ------
     OutputError
-        When ``run_dir`` already holds a run (metrics or a checkpoint) and ``resume`` is off:
-        the run is never silently overwritten (the same rule as ``fedlora simulate``).
+        When ``run_dir`` already holds a run (metrics or a checkpoint, links included) and
+        ``resume`` is off: the run is never silently overwritten (the same rule as ``fedlora
+        simulate``).
+    fedlora.atomic.UnsafeDirectoryError
+        When ``run_dir`` is a link, another user's, or writable by others (:func:`~fedlora.atomic.owned_dir`).
     """
 
     def __init__(self, run_dir: Path, cfg: RunConfig, *, resume: bool = False) -> None:
         self.dir = run_dir
-        held = [m for m in RUN_MARKERS if (run_dir / m).exists()]
+        owned_dir(self.dir)  # before anything is read or written there
+        held = [m for m in RUN_MARKERS if os.path.lexists(run_dir / m)]
         if held and not resume:
             raise OutputError(
                 f"{run_dir} already holds a run ({', '.join(held)}); set resume=true to continue it "
                 "or choose another out-dir"
             )
-        private_dir(self.dir)
-        atomic_write_text(self.dir / "config.toml", to_toml(cfg))
+        self.cfg = cfg
         self.metrics_path = self.dir / "metrics.jsonl"
 
+    def write_config(self) -> None:
+        """Write the resolved ``config.toml`` (after a resume's checks passed: a refused one leaves it)."""
+        atomic_write_text(self.dir / "config.toml", to_toml(self.cfg))
+
     def log(self, record: Mapping[str, Any]) -> None:
-        """Append one JSON line to metrics.jsonl (created 0600)."""
-        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
-        with os.fdopen(fd, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        """Append one JSON line to metrics.jsonl (created 0600, never through a link)."""
+        append_line(self.metrics_path, json.dumps(record, sort_keys=True) + "\n")
 
     def log_round(self, record: RoundRecord) -> dict[str, Any]:
         """Append a round's global line and return it."""
@@ -173,7 +179,7 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> Path:
     ax2.legend()
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    os.chmod(out_png, FILE_MODE)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    return out_png
+    return atomic_write(out_png, buffer.getvalue())  # replaces a link at out_png, never follows it

@@ -39,6 +39,7 @@ from types import FrameType
 
 import tomli_w
 
+from fedlora.atomic import atomic_write_text, owned_dir
 from fedlora.deploy.commands import supernode_command
 from fedlora.deploy.processes import exe, kill_trees
 
@@ -76,9 +77,8 @@ def with_state_dir(node_config: str | None, state_dir: Path) -> str:
     if node_config and node_config.endswith(".toml"):
         values = tomllib.loads(Path(node_config).read_text("utf-8"))
         values.setdefault("state-dir", str(state_dir))
-        merged = state_dir / "node-config.toml"
-        merged.write_text(tomli_w.dumps(values), "utf-8")
-        return str(merged)
+        # 0600, never through a link: it names the node's data file and privacy target.
+        return str(atomic_write_text(state_dir / "node-config.toml", tomli_w.dumps(values)))
     text = node_config or ""
     if "state-dir=" in text:
         return text
@@ -215,9 +215,9 @@ def node_main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    state_dir = args.state_dir.resolve()
+    state_dir = args.state_dir.absolute()  # not resolved: a link there is refused, not followed
     try:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        owned_dir(state_dir)  # ours, not a link, not writable by others; tightened to 0700
         secret = None if args.no_worker else write_secret(state_dir / "worker" / SECRET_NAME)
         node_config = with_state_dir(args.node_config, state_dir)
     except (OSError, ValueError) as err:
