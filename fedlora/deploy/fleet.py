@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedlora.deploy import certs, nodekeys
+from fedlora.deploy import certs, gateway, nodekeys
 from fedlora.deploy.commands import superlink_command, supernode_command
 from fedlora.deploy.flwr_cli import ConfigArg, FlwrCli, RunResult, config_arg, write_connection
 from fedlora.deploy.processes import (
@@ -81,6 +81,10 @@ class Fleet:
         Added to every process' environment (e.g. ``HF_HUB_OFFLINE``).
     connection : str
         Name of the SuperLink connection written to the CLI's config.toml.
+    gateway : bool
+        Put the Fleet gateway (:mod:`fedlora.deploy.gateway`, nginx) on ``host``: the SuperLink
+        then listens on 127.0.0.1 only, SuperNodes dial the gateway, which forwards Fleet
+        requests and nothing else, and the operator's CLI uses the loopback Control API.
     """
 
     workdir: Path
@@ -90,13 +94,18 @@ class Fleet:
     sans: Sequence[str] = certs.DEFAULT_SANS
     extra_env: Mapping[str, str] = field(default_factory=dict)
     connection: str = "fedlora-local"
+    gateway: bool = False
     processes: list[ManagedProcess] = field(default_factory=list, init=False)
     nodes: dict[str, FleetNode] = field(default_factory=dict, init=False)
     port: int | None = field(default=None, init=False)
     superlink: ManagedProcess | None = field(default=None, init=False)
     pki: certs.PkiPaths | None = field(default=None, init=False)
+    control_port: int | None = field(default=None, init=False)  # the SuperLink's own port
+    gateway_process: ManagedProcess | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        if self.gateway and not self.tls:
+            raise ValueError("The Fleet gateway serves TLS only; use tls=True or gateway=False.")
         if self.node_auth and not self.tls:
             raise ValueError(
                 "SuperNode authentication needs TLS (Flower refuses --enable-supernode-auth with "
@@ -129,10 +138,21 @@ class Fleet:
 
     @property
     def address(self) -> str:
-        """``host:port`` of the SuperLink (Fleet, Control and Runtime APIs)."""
+        """``host:port`` SuperNodes dial: the gateway's (Fleet only), else the SuperLink's (all APIs)."""
         if self.port is None:
             raise FleetError("The SuperLink is not started; call start_superlink() first.")
         return join_host_port(self.host, self.port)
+
+    @property
+    def control_address(self) -> str:
+        """``host:port`` of the SuperLink's Control API, which the operator's CLI uses."""
+        if self.control_port is None:
+            raise FleetError("The SuperLink is not started; call start_superlink() first.")
+        return join_host_port(self._superlink_host, self.control_port)
+
+    @property
+    def _superlink_host(self) -> str:
+        return "127.0.0.1" if self.gateway else self.host
 
     # ------------------------------------------------------------------ SuperLink
 
@@ -158,17 +178,33 @@ class Fleet:
         if self.tls and self.pki is None:
             self.pki = certs.init_pki(self.workdir / "pki", list(self.sans), force=True)
         self.port = port or free_port(self.host)
+        link_host = self._superlink_host
+        self.control_port = free_port(link_host) if self.gateway else self.port
         pki = self.pki if self.tls else None
-        cmd = superlink_command(self.host, self.port, home / "state.db", pki=pki, node_auth=self.node_auth)
+        db = home / "state.db"
+        cmd = superlink_command(link_host, self.control_port, db, pki=pki, node_auth=self.node_auth)
         self.superlink = self._spawn("superlink", cmd, home / "flwr-home")
-        wait_for_port(self.host, self.port, self.superlink, timeout)
+        wait_for_port(link_host, self.control_port, self.superlink, timeout)
+        if self.gateway:
+            self._start_gateway(timeout)
         self.write_cli_connection()
         return self.superlink
+
+    def _start_gateway(self, timeout: float) -> ManagedProcess:
+        """Start the Fleet gateway (nginx) on ``host:port`` in front of the loopback SuperLink."""
+        assert self.pki is not None and self.port is not None and self.control_port is not None
+        spec = gateway.GatewaySpec(self.host, self.port, "127.0.0.1", self.control_port, pki=self.pki)
+        config = gateway.write_gateway_config(spec, self.workdir / "gateway")
+        gateway.check_config(config)
+        cmd = gateway.gateway_command(config)
+        self.gateway_process = self._spawn("gateway", cmd, self.workdir / "gateway")
+        wait_for_port(self.host, self.port, self.gateway_process, timeout)
+        return self.gateway_process
 
     def write_cli_connection(self) -> Path:
         """Write this fleet's connection as the default into the CLI's config.toml."""
         root = str(self.pki.ca_cert) if self.tls and self.pki else None
-        return write_connection(self.cli_home, self.connection, self.address, root_certificates=root)
+        return write_connection(self.cli_home, self.connection, self.control_address, root_certificates=root)
 
     # ------------------------------------------------------------------ SuperNodes
 
@@ -360,6 +396,7 @@ class Fleet:
         stop_processes(self.processes, last=self.superlink, grace=grace)
         self.processes.clear()
         self.superlink = None
+        self.gateway_process = None
         atexit.unregister(self.stop)
 
     # ------------------------------------------------------------------ internals
@@ -399,6 +436,10 @@ class Fleet:
         if self.superlink is not None and not self.superlink.alive:
             code = self.superlink.popen.returncode
             raise FleetError(f"The SuperLink exited with code {code}.\n{self.superlink.log()[-4000:]}")
+        if self.gateway_process is not None and not self.gateway_process.alive:
+            code = self.gateway_process.popen.returncode
+            tail = self.gateway_process.log()[-4000:]
+            raise FleetError(f"The Fleet gateway exited with code {code}.\n{tail}")
 
 
 def _state_dir(node_config: ConfigArg) -> Path | None:
