@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from clients.node import local_data, node_settings
 from clients.worker import round_metrics
 from fedlora.config import from_json
+from fedlora.derive import derive_config
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def query(msg: Message, context: Context) -> Message:
 
     def answer() -> Message:
         query = SetupQuery.from_message(msg)
-        cfg = from_json(query.run_config)
+        cfg = derive_config(from_json(query.run_config))[0]  # a no-op on what the server derived
         node = node_settings(cfg, context.node_config)
         if node.floor is not None:
             node.floor.check(cfg)  # refuse at setup a run that would weaken this node's DP

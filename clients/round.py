@@ -17,6 +17,7 @@ from clients.privacy import ClientPrivacy, covered_metrics
 from fedlora.adapters import AdapterState, delta, fingerprint, is_lora_a
 from fedlora.config import RunConfig, from_json
 from fedlora.data.encode import encode
+from fedlora.derive import derive_config
 from fedlora.models import (
     adapter_state,
     get_lora_model,
@@ -69,7 +70,7 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
         req = TrainRequest.from_message(content)
     except ProtocolError as err:
         raise PayloadError(f"malformed train request: {err}") from err
-    cfg: RunConfig = from_json(req.run_config)
+    cfg: RunConfig = derive_config(from_json(req.run_config))[0]  # a no-op on what the server derived
     node: NodeSettings = node_settings(cfg, context.node_config)
     if node.floor is not None:
         node.floor.check(cfg)  # every round: the server's run config may change between rounds

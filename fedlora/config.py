@@ -100,8 +100,15 @@ class ModelConfig:
         help="'minilm' (packaged), 'smollm2' (optional package), a local Hugging Face model dir, "
         "a .gguf file, or a hub id",
     )
-    task: str = _field("classification", flag="task", choices=TASKS, help="fine-tuning task")
-    max_length: int = _field(32, help="tokens per example (longer inputs are truncated)")
+    task: str = _field(
+        "auto",
+        flag="task",
+        choices=("auto", *TASKS),
+        help="fine-tuning task (auto: from the data's columns, fedlora/derive.py)",
+    )
+    max_length: int = _field(
+        0, help="tokens per example, longer inputs are cut (0: from the data, capped by the model's context)"
+    )
     quantization: str = _field(
         "none",
         choices=QUANTIZATIONS,
@@ -109,11 +116,11 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_choice("model.task", self.task, TASKS)
+        _check_choice("model.task", self.task, ("auto", *TASKS))
         if not self.name:
             _fail("model.name", self.name, "'minilm', a local model directory or a hub id")
-        if self.max_length < 4:
-            _fail("model.max_length", self.max_length, "an integer >= 4")
+        if self.max_length != 0 and self.max_length < 4:
+            _fail("model.max_length", self.max_length, "0 (from the data) or an integer >= 4")
         _check_choice("model.quantization", self.quantization, QUANTIZATIONS)
 
 
@@ -280,7 +287,11 @@ class FederationConfig:
         default_factory=dict, help='strategy keyword arguments, e.g. {"lam": 0.01}'
     )
     min_replies: int = _field(1, help="fewest valid updates a round needs to be aggregated")
-    round_timeout: float = _field(900.0, help="seconds the server waits for a round's replies")
+    round_timeout: float = _field(
+        0.0,
+        help="seconds the server waits for a round's replies (0: no limit until a round completes, "
+        "then 10x the slowest completed round, at least 5 minutes)",
+    )
     node_wait_timeout: float = _field(120.0, help="seconds the server waits for num_clients nodes")
     seed: int = _field(0, help="seed of the initial adapter and client sampling")
 
@@ -293,7 +304,7 @@ class FederationConfig:
             _fail("federation.clients_per_round", self.clients_per_round, f"0 (all) to {self.num_clients}")
         if not 1 <= self.min_replies <= self.num_clients:
             _fail("federation.min_replies", self.min_replies, f"1 to num_clients ({self.num_clients})")
-        _check_positive("federation.round_timeout", self.round_timeout)
+        _check_positive("federation.round_timeout", self.round_timeout, allow_zero=True)
         _check_positive("federation.node_wait_timeout", self.node_wait_timeout)
 
 

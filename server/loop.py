@@ -24,15 +24,18 @@ from fedlora.atomic import owned_dir, private_tree
 from fedlora.checkpoint import load_checkpoint, prev_path, save_checkpoint
 from fedlora.config import OutputConfig, RunConfig
 from fedlora.data.cached import task_data
+from fedlora.derive import derive_config
 from fedlora.protocol import (
     ProtocolError,
     SetupQuery,
     SetupReply,
     TrainRequest,
     decode_setup_reply,
+    printable,
     record_bytes,
 )
 from server.admission import admit
+from server.checks import check_resumable, small_federation_warning, summary_loss
 from server.evaluator import ServerModel
 from server.outputs import RoundRecord, RunOutputs, plot_metrics, progress_line
 from server.privacy import ServerPrivacy, grid_run_id
@@ -42,17 +45,17 @@ from strategies.base import ClientSpec, LoraStrategy, Payload
 from strategies.campaign import campaign_wrapped
 from strategies.registry import create
 from strategies.robust import (
-    SMALL_FEDERATION,
-    SMALL_NORM_BOUND,
-    SMALL_WEIGHT_FACTOR,
     RobustCenter,
     aggregate_checked,
-    liar_share,
 )
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+
+
+UNATTRIBUTED = -1  # reply_nodes: a reply that answers for no node
+SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID: the SuperLink's own error replies
 
 
 class FederationError(RuntimeError):
@@ -85,13 +88,21 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -
 
 
 def reply_nodes(msgs: Sequence[Message], replies: Sequence[Message]) -> list[int]:
-    """Return the node each reply answers for, matched through the message it replies to.
+    """Return the node each reply answers for, or :data:`UNATTRIBUTED` for a reply nobody was asked for.
 
-    ``src_node_id`` is not enough: when a node stops sending heartbeats, the SuperLink
-    answers in its place with an error reply whose source is the SuperLink itself (id 1).
+    A reply counts for node ``n`` only when it answers a message sent to ``n`` (``reply_to``)
+    AND its sender is ``n``, or it is an error reply from the SuperLink itself (id 1), which
+    answers in place of a node that stopped sending heartbeats. A reply that names another
+    node's message (or none) is attributed to nobody, so it cannot stand in for that node.
     """
     sent = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
-    return [sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies]
+    out = []
+    for r in replies:
+        node = sent.get(r.metadata.reply_to_message_id, UNATTRIBUTED)
+        src = r.metadata.src_node_id
+        superlink_error = src == SUPERLINK_NODE_ID and r.has_error()
+        out.append(node if src == node or superlink_error else UNATTRIBUTED)
+    return out
 
 
 def derived_timeout(slowest: float) -> float | None:
@@ -120,7 +131,7 @@ def query_nodes(
         try:
             decoded[src] = decode_setup_reply(reply, max_rank=max_rank)
         except ProtocolError as err:
-            left_out.append({"node": src, "reason": f"setup reply refused: {err}"})
+            left_out.append({"node": src, "reason": printable(f"setup reply refused: {err}", 2000)})
     admitted, inconsistent = admit(decoded, cfg)  # valid but not this run's shape, or a shared partition
     left_out += inconsistent
     for row in left_out:
@@ -134,18 +145,6 @@ def query_nodes(
             f"no node answered the setup query usably ({reasons}); check the SuperNode logs"
         )
     return infos, left_out
-
-
-def small_federation_warning(nodes: int, cfg: RunConfig) -> str:
-    """Return the warning for a federation small enough that one node sets much of a round ("" if none)."""
-    if not 2 <= nodes <= SMALL_FEDERATION:
-        return ""
-    share = liar_share(nodes, cfg.robust.norm_bound, cfg.robust.max_weight_factor)
-    return (
-        f"{nodes} nodes: one hostile node can set up to {share:.0%} of a round's change "
-        f"(an honest one {1 / nodes:.0%}); rounds of at most {SMALL_FEDERATION} updates clip norms to "
-        f"{SMALL_NORM_BOUND:g}x and weights to {SMALL_WEIGHT_FACTOR:g}x the median (docs/security.md)"
-    )
 
 
 def build_strategy(cfg: RunConfig) -> LoraStrategy:
@@ -230,6 +229,7 @@ class ServerRun:
             print(f"no checkpoint in {self.run_dir}; starting the run from round 1", flush=True)
             return None
         ckpt = load_checkpoint(path)
+        check_resumable(ckpt, self.cfg.federation.num_rounds, path)
         changes = config_changes(str(ckpt.get("config", "{}")), self.cfg)  # refuses unsafe changes
         self.strategy.load_state_dict(ckpt["strategy"])
         self.privacy.load_state_dict(ckpt["privacy"])
@@ -367,15 +367,12 @@ class ServerRun:
         state = self._aggregate(rnd, state, outcome, payloads)
         for row in outcome.client_rows:
             self.out.log(row)
-        n = sum(w for w, _ in outcome.train_losses)
         record = RoundRecord(
             rnd,
             None,
             None,
             # Under DP clients send no train loss (it is not covered by the guarantee).
-            train_loss=(sum(w * loss for w, loss in outcome.train_losses) / n)
-            if n and self.cfg.privacy.mode == "none"
-            else None,
+            train_loss=summary_loss(outcome.train_losses) if self.cfg.privacy.mode == "none" else None,
             clients_sampled=len(payloads),
             clients_ok=len(outcome.results),
             rejected=outcome.rejected,
