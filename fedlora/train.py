@@ -345,6 +345,8 @@ def evaluate(
     model.train(was_training)
     if task == "classification":
         return EvalResult(loss=loss_sum / n, accuracy=correct / max(1, count), examples=n)
+    if count == 0:  # a perplexity of 1.00 over no tokens would look like a result
+        raise ValueError(f"evaluation over zero response tokens ({n} examples): raise model.max_length")
     loss = loss_sum / max(1, count)
     return EvalResult(
         loss=loss,

@@ -124,7 +124,8 @@ def _header(cfg: RunConfig, run_dir: Path, ray_address: str | None) -> str:
     return (
         f"fedlora simulate: {fed.num_clients} clients x {fed.num_rounds} rounds of {fed.strategy} "
         f"on {where}; "
-        f"model {cfg.model.name} ({cfg.model.task}), LoRA {ranks}, {privacy}\n"
+        f"model {cfg.model.name} ({cfg.model.task}, max_length {cfg.model.max_length}), "
+        f"LoRA {ranks}, {privacy}\n"
         f"run directory: {run_dir}"
     )
 
@@ -192,6 +193,9 @@ def simulate(
         If the run ended without its final adapter.
     """
     check_runnable(cfg)
+    from fedlora.derive import derive_config
+
+    cfg, derived = derive_config(cfg, check=True)  # task and max_length from the model and the data
     from simulations.console import LiveProgress, print_summary, quiet_environment
 
     logs = quiet_environment(verbosity)
@@ -206,6 +210,8 @@ def simulate(
     config_file.write_text(cfg.to_json(), encoding="utf-8")
     console = Console()
     print(_header(cfg, run_dir, ray_address), flush=True)
+    for note in derived:
+        print(f"derived: {note}", flush=True)
     print_partitions(cfg, run_dir)
     backend = _backend_config(cfg, cpus_per_client, gpus_per_client, ray_address, logs)
     progress = LiveProgress(console)

@@ -5,7 +5,8 @@ Causal LM: the prompt followed by the response and EOS; ``labels`` copy the inpu
 prompt and padding positions set to -100, so the loss covers only the response tokens. The
 prompt is the model's own chat template (one user turn, then the assistant header) when
 the tokenizer has one, else ``PROMPT.format(instruction=...)``. Padding is on the right;
-a response cut by ``max_length`` keeps its first tokens.
+a response cut by ``max_length`` keeps its first tokens; an example whose response is cut away
+entirely is refused and partly cut ones are counted in a warning (:func:`fedlora.derive.check_cuts`).
 """
 
 from __future__ import annotations
@@ -58,17 +59,24 @@ def encode_causal(records: Sequence[Record], tokenizer: Any, max_length: int) ->
     pad = tokenizer.pad_token_id
     eos = tokenizer.eos_token_id
     ids_rows, mask_rows, label_rows = [], [], []
+    prompt_lengths, total_lengths = [], []
     for r in records:
         prompt = prompt_ids(tokenizer, str(r["instruction"]))
         answer = tokenizer(r["response"], add_special_tokens=False)["input_ids"]
         if eos is not None:
             answer = [*answer, eos]
+        prompt_lengths.append(len(prompt))
+        total_lengths.append(len(prompt) + len(answer))
         ids = (prompt + answer)[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]
         n_pad = max_length - len(ids)
         ids_rows.append(ids + [pad] * n_pad)
         mask_rows.append([1] * len(ids) + [0] * n_pad)
         label_rows.append(labels + [IGNORE_INDEX] * n_pad)
+    from fedlora.derive import check_cuts, cut_counts
+
+    longest = max(total_lengths, default=0)
+    check_cuts(cut_counts(prompt_lengths, total_lengths, max_length), max_length, longest, "encoded")
     return TensorDataset(
         torch.tensor(ids_rows, dtype=torch.long),
         torch.tensor(mask_rows, dtype=torch.long),
