@@ -52,7 +52,7 @@ def test_overrides_accept_flower_style_keys_and_strings():
         ("train.lr", "-1", "train.lr = -1.0"),
         ("train.batch_size", "many", "train.batch_size = 'many'"),
         ("train.batch_size", "2.5", "expected an integer"),
-        ("model.task", "translation", "one of 'classification', 'causal-lm'"),
+        ("model.task", "translation", "one of 'auto', 'classification', 'causal-lm'"),
         ("data.partitioner", "random", "'iid', 'dirichlet', 'shards'"),
         ("federation.min_replies", "9", "1 to num_clients"),
         ("lora.dropout", "1.5", "[0, 1)"),
