@@ -114,6 +114,21 @@ def _float(where: str, value: object, lo: float, hi: float, *, strict_lo: bool =
     return x
 
 
+def printable(text: object, limit: int = 500) -> str:
+    """Return ``text`` safe for a console or log line (at most ``limit`` characters).
+
+    Every non-printable character (terminal escapes, carriage returns, bidi overrides) is
+    written as its escape.
+    Every string a node supplies (an error reason, a declined reason) passes through here
+    before it reaches the operator's console or metrics.jsonl: a raw ``ESC[2J`` in a node's
+    error reason used to clear the operator's terminal.
+    """
+    raw = str(text)
+    clipped = raw[:limit]
+    out = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in clipped)
+    return out + ("..." if len(raw) > limit else "")
+
+
 def _get(record: Mapping[str, Any], key: str, where: str) -> Any:
     if key not in record:
         raise ProtocolError(f"{where} lacks {key!r}")
@@ -124,7 +139,7 @@ def _content(msg: Message | RecordDict, name: str, kind: str) -> Any:
     """Return record ``name`` of a message's content, checking it exists and has the right kind."""
     if isinstance(msg, Message):
         if msg.has_error():
-            raise ProtocolError(f"client error: {msg.error.reason}")
+            raise ProtocolError(f"client error: {printable(msg.error.reason)}")
         content = msg.content
     else:
         content = msg
@@ -368,7 +383,7 @@ def decode_train_reply(msg: Message, expect: UpdateExpectation) -> TrainReply:
     if PRIVACY in msg.content.config_records:
         privacy = msg.content[PRIVACY]
         ledger = str(privacy.get(LEDGER, ""))
-        reason = str(privacy.get(DECLINED_REASON, ""))[:500]
+        reason = printable(privacy.get(DECLINED_REASON, ""))
         if ledger.strip():
             try:
                 parsed = json.loads(ledger)

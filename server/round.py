@@ -9,6 +9,7 @@ that fails, recorded under ``rejected`` with the reason; a bad reply never raise
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,14 @@ from flwr.app import Message
 
 from fedlora.adapters import AdapterError, apply_delta
 from fedlora.config import RobustConfig
-from fedlora.protocol import ProtocolError, UpdateExpectation, decode_train_reply, expected_update, size_cap
+from fedlora.protocol import (
+    ProtocolError,
+    UpdateExpectation,
+    decode_train_reply,
+    expected_update,
+    printable,
+    size_cap,
+)
 from strategies.base import ClientResult, ClientSpec, Payload
 from strategies.robust import bound_updates, cap_example_counts
 from strategies.validate import validate_result
@@ -35,8 +43,8 @@ class RoundOutcome:
     bytes_up: int = 0
 
     def reject(self, node: int, reason: str) -> None:
-        """Record that ``node``'s update is excluded this round, and why."""
-        self.rejected.append({"node": node, "reason": reason})
+        """Record that ``node``'s update is excluded this round, and why (made printable: it may quote it)."""
+        self.rejected.append({"node": node, "reason": printable(reason, 2000)})
 
 
 def expectation(payload: Payload, num_examples: int, size_factor: float) -> UpdateExpectation:
@@ -118,7 +126,7 @@ def collect_replies(
         out.results.append(result)
         out.bytes_up += reply.update_bytes
         loss = reply.metrics.get("train_loss")
-        out.train_losses.append((reply.num_examples, float(loss) if loss is not None else 0.0))
+        out.train_losses.append((reply.num_examples, float(loss) if loss is not None else math.nan))
     for node in sorted(set(sent) - seen):
         out.reject(node, "no reply before the round timeout")
     return out

@@ -70,6 +70,11 @@ def read_rows(source: str, fmt: str = "auto") -> list[Record]:
         raise DataError(
             f"data source {source!r} does not exist; pass a CSV/JSONL/Parquet file or a saved dataset dir"
         )
+    if not (path.is_file() or path.is_dir()):  # a FIFO or device would block or stream forever
+        raise DataError(
+            f"data source {source!r} is not a regular file or a dataset directory; pass a CSV/JSONL/Parquet "
+            "file or a saved dataset dir"
+        )
     fmt = detect_format(path) if fmt == "auto" else fmt
     try:
         if fmt == "csv":
@@ -196,6 +201,11 @@ def _check_label(row: Record, column: str, source: str) -> Any:
         raise DataError(f"{source!r} {where} has an empty {column!r}; fill in the label or drop the row")
     if isinstance(value, float) and not value.is_integer():
         raise DataError(f"{source!r} {where} has label {value!r}: labels are names or integers")
+    if isinstance(value, bool):  # JSON true/false would silently become the classes "True"/"False"
+        raise DataError(
+            f"{source!r} {where} has the boolean label {value!r}: write labels as names "
+            '(e.g. "yes"/"no") or integers'
+        )
     if not isinstance(value, str | int | float):
         raise DataError(
             f"{source!r} {where} has a {type(value).__name__} label {str(value)[:40]!r}: "

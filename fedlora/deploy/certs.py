@@ -85,14 +85,27 @@ def parse_san(value: str) -> x509.GeneralName:
     if not text:
         raise ValueError("Empty SAN: pass a DNS name (e.g. 'localhost') or an IP address.")
     try:
-        return x509.IPAddress(ipaddress.ip_address(text.strip("[]")))
+        ip = ipaddress.ip_address(text.strip("[]"))
     except ValueError:
-        pass
-    label = r"(\*|[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
-    if not re.fullmatch(rf"{label}(\.{label})*\.?", text) or len(text) > 253:
+        ip = None
+    if ip is not None:
+        if ip.is_unspecified or ip.is_multicast:
+            raise ValueError(
+                f"Invalid SAN {value!r}: {ip} is not the address of one host (a certificate for it would "
+                "match any listener); give the SuperLink's own address, e.g. '192.168.1.10'."
+            )
+        return x509.IPAddress(ip)
+    label = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    if not re.fullmatch(rf"(\*\.)?{label}(\.{label})*\.?", text) or len(text) > 253:
         raise ValueError(
             f"Invalid SAN {value!r}: expected an IP address or a DNS name made of letters, digits, "
-            "'-' and '.' (no scheme, no port), e.g. 'superlink.example.org' or '192.168.1.10'."
+            "'-' and '.' (no scheme, no port; '*' only as a whole leftmost label), "
+            "e.g. 'superlink.example.org' or '192.168.1.10'."
+        )
+    if text.startswith("*.") and len(text.rstrip(".").split(".")) < 3:
+        raise ValueError(
+            f"Invalid SAN {value!r}: a wildcard needs at least two labels after it ('*.example.org'); "
+            "'*' or '*.com' would make the certificate valid for hosts the federation does not run."
         )
     return x509.DNSName(text)
 

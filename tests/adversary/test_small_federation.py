@@ -14,7 +14,7 @@ from flwr.app import ConfigRecord, MetricRecord
 
 import strategies.robust
 from fedlora.protocol import INFO, METRICS, NUM_EXAMPLES
-from server.loop import small_federation_warning
+from server.checks import small_federation_warning
 from strategies.robust import liar_share, trim_count
 from tests.adversary.conftest import distance
 from tests.adversary.fakegrid import grid_of, small_config
