@@ -149,16 +149,44 @@ def check_cuts(cuts: Cuts, max_length: int, longest: int, where: str) -> None:
         )
 
 
+# Encoder-only architectures (bidirectional attention): they cannot be trained as causal LMs.
+ENCODERS = frozenset(
+    {"bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "deberta", "deberta-v2", "mpnet"}
+)
+
+
+def check_task_fits(task: str, model_type: str, name: str) -> None:
+    """Refuse causal-LM fine-tuning of an encoder-only model (it would see the tokens it predicts).
+
+    Raises
+    ------
+    DataError
+        Naming the model, why, and the two ways out.
+    """
+    if task == "causal-lm" and model_type in ENCODERS:
+        raise DataError(
+            f"model {name!r} ({model_type}) is an encoder: it cannot generate text, so it cannot be "
+            "fine-tuned on instruction/response data (causal LM); pick a decoder model (e.g. --model "
+            "smollm2, or a local Llama/GPT-2/Qwen directory) or give classification data (text and "
+            "label columns, --task classification)"
+        )
+
+
 def model_context(path: str) -> int | None:
     """Return the model's context length in tokens (``None`` when its config does not say)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path)
+    config = _model_config(path)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+@functools.lru_cache(maxsize=4)
+def _model_config(path: str) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
 
 
 @functools.lru_cache(maxsize=4)
@@ -200,6 +228,7 @@ def _derive(name: str, task: str, length: int, data_cfg: DataConfig) -> tuple[st
         task = infer_task(data_cfg)
         notes.append(f"task {task} (from the data)")
     path = resolve_model_path(name)
+    check_task_fits(task, getattr(_model_config(path), "model_type", ""), name)
     tokenizer = _tokenizer(path)
     data = task_data(data_cfg, task)
     prompts, totals = token_lengths([*data.train, *data.test], tokenizer, task)
