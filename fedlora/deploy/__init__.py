@@ -5,6 +5,7 @@
 * :mod:`~fedlora.deploy.processes` — start-up checks, logs, tree-wide kill;
 * :mod:`~fedlora.deploy.flwr_cli` — the operator's ``flwr`` CLI and its connections;
 * :mod:`~fedlora.deploy.commands` — the ``flower-superlink`` / ``flower-supernode`` command lines;
+* :mod:`~fedlora.deploy.gateway` — the Fleet gateway (nginx): nodes reach Fleet, never Control;
 * :mod:`~fedlora.deploy.fleet` — SuperLink + SuperNodes on one machine (tests, walk-throughs);
 * :mod:`~fedlora.deploy.node` — ``fedlora node``: a SuperNode plus its warm worker
   (``clients/worker.py``), supervised;

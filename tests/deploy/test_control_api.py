@@ -196,3 +196,14 @@ def test_server_certificate_without_localhost_is_refused(tmp_path):
     spec = gateway.GatewaySpec("0.0.0.0", 9092, "127.0.0.1", 9093, pki=pki)
     with pytest.raises(ValueError, match="--san localhost"):
         gateway.write_gateway_config(spec, tmp_path / "gw")
+
+
+@needs_nginx
+def test_gateway_command_writes_a_checked_config(tmp_path, capsys):
+    certs.init_pki(tmp_path / "pki")
+    argv = ["--pki", str(tmp_path / "pki"), "--listen", "0.0.0.0:9092", "--dir", str(tmp_path / "gw")]
+    assert gateway.gateway_main([*argv, "--superlink", "127.0.0.1:9093", "--write-only"]) == 0
+    assert "SuperNodes dial 0.0.0.0:9092" in capsys.readouterr().out
+    assert "server 127.0.0.1:9093;" in (tmp_path / "gw" / "nginx.conf").read_text()
+    assert gateway.gateway_main([*argv, "--superlink", "10.0.0.5:9093", "--write-only"]) == 1
+    assert "start flower-superlink with --host 127.0.0.1" in capsys.readouterr().err
