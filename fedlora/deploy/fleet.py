@@ -192,7 +192,8 @@ class Fleet:
 
     def _start_gateway(self, timeout: float) -> ManagedProcess:
         """Start the Fleet gateway (nginx) on ``host:port`` in front of the loopback SuperLink."""
-        assert self.pki is not None and self.port is not None and self.control_port is not None
+        if self.pki is None or self.port is None or self.control_port is None:
+            raise FleetError("The gateway needs the SuperLink's certificates and ports; start the SuperLink.")
         spec = gateway.GatewaySpec(self.host, self.port, "127.0.0.1", self.control_port, pki=self.pki)
         config = gateway.write_gateway_config(spec, self.workdir / "gateway")
         gateway.check_config(config)
@@ -393,7 +394,10 @@ class Fleet:
         grace : float
             Seconds SuperNodes get to deregister after SIGTERM before SIGKILL.
         """
-        stop_processes(self.processes, last=self.superlink, grace=grace)
+        # the gateway goes with the SuperLink, after the nodes, so they can deregister through it
+        tail = [p for p in (self.gateway_process, self.superlink) if p is not None]
+        stop_processes([p for p in self.processes if p not in tail], last=None, grace=grace)
+        stop_processes(tail, last=self.superlink, grace=grace)
         self.processes.clear()
         self.superlink = None
         self.gateway_process = None

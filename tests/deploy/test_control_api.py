@@ -207,3 +207,8 @@ def test_gateway_command_writes_a_checked_config(tmp_path, capsys):
     assert "server 127.0.0.1:9093;" in (tmp_path / "gw" / "nginx.conf").read_text()
     assert gateway.gateway_main([*argv, "--superlink", "10.0.0.5:9093", "--write-only"]) == 1
     assert "start flower-superlink with --host 127.0.0.1" in capsys.readouterr().err
+
+
+def test_gateway_needs_tls(tmp_path):
+    with pytest.raises(ValueError, match="TLS only"):
+        Fleet(tmp_path, tls=False, node_auth=False, gateway=True)
