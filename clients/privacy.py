@@ -30,7 +30,7 @@ from fedlora.config import RunConfig
 from fedlora.privacy.calibrate import calibrate_noise_multiplier, planned_steps
 from fedlora.privacy.calibrate import would_exceed as exceeds_budget
 from fedlora.privacy.dpsgd import PrivateTraining, make_private_lora
-from fedlora.privacy.ledger import LedgerEntry, LedgerError, PrivacyLedger
+from fedlora.privacy.ledger import LedgerEntry, LedgerError, PrivacyLedger, parse_received
 from fedlora.train import Wrap
 
 log = logging.getLogger(__name__)
@@ -140,12 +140,13 @@ def _load_ledger(cfg: RunConfig, node: NodeSettings, context: Context, server_co
     # With a state file written before every reply, this ledger holds every round the client spent.
     complete = bool(state_dir(node))
     ledger = replace(ledger, target_epsilon=target, complete=complete)
-    if server_copy.strip():
+    if server_copy.strip() and not complete:
+        # A complete own ledger (a state file written before every reply) holds every round the client
+        # spent, so the server's copy could only add forged or disproved entries: it is not read. Without
+        # one, the copy restores what the client may have forgotten (and the server's worst-case charges),
+        # parsed within the same bounds the server applies, so a hostile copy cannot stall the node.
         try:
-            copy = PrivacyLedger.from_json(server_copy)
-            # A complete own ledger disproves the server's worst-case charges (rounds it lacks were not
-            # trained); without one, the charges stand in for what the client may have forgotten.
-            ledger = ledger.union(copy.without_pending() if complete else copy)
+            ledger = ledger.union(parse_received(server_copy))
         except LedgerError as e:
             log.warning("ignoring the server's copy of the privacy ledger: %s", e)
     return ledger
@@ -233,7 +234,7 @@ class ClientPrivacy:
                 run=self.run,
             )
             if exceeds_budget(ledger, entry, target, accountant=cfg.privacy.accountant):
-                spent = ledger.epsilon(cfg.privacy.accountant)
+                spent = ledger.live_epsilon(cfg.privacy.accountant)[0]
                 self.declined = True
                 self.reason = (
                     f"another {steps} DP-SGD steps would take ε from {spent:.3f} past the budget "
@@ -264,7 +265,7 @@ class ClientPrivacy:
         label = self.ledger.next_round(self.run, max(1, server_round))
         entry = replace(self._private.ledger_entry(label), run=self.run)
         self.ledger = self.ledger.append(entry)
-        eps = self.ledger.epsilon(self.accountant)
+        eps = self.ledger.live_epsilon(self.accountant)[0]
         self._metrics = {
             "dp-epsilon": eps,
             "dp-noise-multiplier": entry.noise_multiplier,

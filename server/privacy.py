@@ -225,7 +225,7 @@ class ServerPrivacy:
         entry = LedgerEntry(label, self.sigma, self._client_rate(), 1, self.sampling, self.run_id)
         if not would_exceed(ledger, entry, self.target, self.cfg.privacy.accountant):
             return None
-        spent = ledger.epsilon(self.cfg.privacy.accountant)
+        spent = ledger.live_epsilon(self.cfg.privacy.accountant)[0]
         return (
             f"stopping before round {rnd}: one more client-level DP release would take ε from "
             f"{spent:.3f} past the target {self.target:g} (δ={self.cfg.privacy.delta:g}, "

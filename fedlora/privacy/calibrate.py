@@ -141,7 +141,9 @@ def would_exceed(
     """
     if not (target_epsilon > 0):
         raise CalibrationError(f"target_epsilon={target_epsilon!r} must be > 0")
-    return ledger.append(next_entry).epsilon(accountant) > target_epsilon
+    # Bounded cost: a ledger of many distinct (σ, q) pairs is judged by RDP, an upper bound on PRV
+    # (conservative: such a client may decline a round PRV would have allowed).
+    return ledger.append(next_entry).live_epsilon(accountant)[0] > target_epsilon
 
 
 def remaining_epsilon(ledger: PrivacyLedger, target_epsilon: float, accountant: str = "rdp") -> float:

@@ -62,13 +62,16 @@ LEDGER_FORMAT = "fedlora.privacy-ledger/1"
 MAX_PRV_TRAJECTORY_POINTS = 16
 """PRV costs about a second per ε: a trajectory shows at most this many rounds (the last included)."""
 
-MAX_RECEIVED_BYTES = 256 * 1024
-MAX_RECEIVED_ENTRIES = 1024
-MAX_RECEIVED_BLOCKS = 16
+MAX_RECEIVED_BYTES = 1024 * 1024
+MAX_RECEIVED_ENTRIES = 4096
+MAX_RECEIVED_BLOCKS = 64
 """Bounds on a ledger another party sends: PRV costs about 0.25 s per distinct (σ, q) pair."""
 
 LIVE_PRV_BLOCKS = 4
 """The per-round ε of a ledger with more distinct (σ, q) pairs than this is the RDP bound (fast)."""
+
+REPORT_PRV_BLOCKS = 16
+"""A report computes PRV only for ledgers with at most this many distinct (σ, q) pairs; RDP otherwise."""
 
 
 class LedgerError(ValueError):

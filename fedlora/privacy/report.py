@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.atomic import atomic_write_text
-from fedlora.privacy.accounting import PRV_EPS_ERROR, compute_epsilon, replace_one_epsilon
-from fedlora.privacy.ledger import PrivacyLedger, write_json_atomic
+from fedlora.privacy.accounting import PRV_EPS_ERROR, compact_history, compute_epsilon, replace_one_epsilon
+from fedlora.privacy.ledger import REPORT_PRV_BLOCKS, PrivacyLedger, write_json_atomic
 from fedlora.privacy.report_render import format_epsilon, render_html, render_markdown
 from fedlora.privacy.runfile import RunFacts, ledger_path, load_run_file, load_run_ledgers
 
@@ -111,7 +111,13 @@ def summarize_ledger(
     ``dp-epsilon``) when it carries one, else the run's.
     """
     eps_rdp = ledger.epsilon("rdp")
-    eps_prv, prv_error = _epsilon_or_error(ledger, "prv") if with_prv else (None, "not requested")
+    pairs = len(compact_history(ledger.history))
+    if not with_prv:
+        eps_prv, prv_error = None, "not requested"
+    elif pairs > REPORT_PRV_BLOCKS:  # PRV costs ~0.3 s per pair: a hostile ledger must not stall the report
+        eps_prv, prv_error = None, f"skipped: {pairs} distinct (σ, q) pairs (more than {REPORT_PRV_BLOCKS})"
+    else:
+        eps_prv, prv_error = _epsilon_or_error(ledger, "prv")
     accountant = budget_accountant if (budget_accountant == "rdp" or eps_prv is not None) else "rdp"
     eps = eps_prv if accountant == "prv" else eps_rdp
     try:  # RDP: every round, incrementally; PRV: at most MAX_PRV_TRAJECTORY_POINTS rounds

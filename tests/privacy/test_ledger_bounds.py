@@ -17,6 +17,7 @@ from fedlora.privacy.accounting import compute_epsilon, rdp_per_step, rdp_total
 from fedlora.privacy.ledger import (
     MAX_PRV_TRAJECTORY_POINTS,
     MAX_RECEIVED_BLOCKS,
+    MAX_RECEIVED_ENTRIES,
     LedgerError,
     PrivacyLedger,
     parse_received,
@@ -55,10 +56,10 @@ def test_the_hundred_distinct_entry_ledger_is_refused_at_once(tmp_path: Path):
 
 def test_received_ledgers_are_bounded_in_bytes_entries_and_pairs():
     with pytest.raises(LedgerError, match="bytes"):
-        parse_received(" " * (300 * 1024))
+        parse_received(" " * (1100 * 1024))
     with pytest.raises(LedgerError, match="entries"):
-        parse_received(ledger(1100, distinct=False).to_json())
-    assert len(parse_received(ledger(MAX_RECEIVED_BLOCKS, distinct=True).to_json()).entries) == 16
+        parse_received(ledger(MAX_RECEIVED_ENTRIES + 1, distinct=False).to_json())
+    assert len(parse_received(ledger(MAX_RECEIVED_BLOCKS, distinct=True).to_json()).entries) == MAX_RECEIVED_BLOCKS
     assert len(parse_received(ledger(500, distinct=False).to_json()).entries) == 500  # a long honest life
 
 
