@@ -138,8 +138,9 @@ def test_client_refuses_wrong_rank_and_non_finite_payload():
 @pytest.mark.parametrize("pid", [0, 1])
 def test_partitions_differ_between_nodes(pid):
     from clients.node import local_data, node_settings
+    from fedlora.derive import derive_config
 
-    cfg = _cfg()
+    cfg = derive_config(_cfg())[0]  # the task, as the ClientApp derives it
     train, _ = local_data(cfg, node_settings(cfg, {"partition-id": pid, "num-partitions": 2}), tuple(LABELS))
     other, _ = local_data(
         cfg, node_settings(cfg, {"partition-id": 1 - pid, "num-partitions": 2}), tuple(LABELS)
