@@ -31,6 +31,7 @@ from fedlora.privacy.calibrate import calibrate_noise_multiplier, planned_steps
 from fedlora.privacy.calibrate import would_exceed as exceeds_budget
 from fedlora.privacy.dpsgd import PrivateTraining, make_private_lora
 from fedlora.privacy.ledger import LedgerEntry, LedgerError, PrivacyLedger, parse_received
+from fedlora.protocol import DP_MARKER
 from fedlora.train import Wrap
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,18 @@ def covered_metrics(cfg: RunConfig, metrics: dict[str, Any]) -> dict[str, Any]:
     if cfg.privacy.mode == "none":
         return metrics
     return {k: v for k, v in metrics.items() if k not in UNCOVERED_METRICS}
+
+
+TEXT_CHARS_PER_TOKEN = 32
+"""Under DP a record's text is cut at this many characters per token of ``model.max_length`` before
+tokenising: far more than any tokenizer keeps, so the encoding is unchanged, but one huge record
+can no longer make the round measurably slower."""
+
+
+def bounded_text(records: list[dict[str, Any]], cfg: RunConfig) -> list[dict[str, Any]]:
+    """Return ``records`` with every string field cut at ``TEXT_CHARS_PER_TOKEN * max_length`` characters."""
+    cap = TEXT_CHARS_PER_TOKEN * max(1, int(cfg.model.max_length or 512))
+    return [{k: v[:cap] if isinstance(v, str) else v for k, v in r.items()} for r in records]
 
 
 def state_dir(node: NodeSettings) -> str:
@@ -293,4 +306,8 @@ class ClientPrivacy:
 
     def metrics(self) -> dict[str, Any]:
         """Return privacy metrics for the reply."""
-        return dict(self._metrics)
+        return {**self.marker(), **self._metrics}
+
+    def marker(self) -> dict[str, int]:
+        """Return ``{DP_MARKER: 1}`` under record-level DP (so no timing is added later), else nothing."""
+        return {DP_MARKER: 1} if self.enabled else {}

@@ -12,12 +12,10 @@ import time
 import torch
 from flwr.app import Context, RecordDict
 
-from clients.node import NodeSettings, local_data, node_settings
-from clients.privacy import ClientPrivacy, covered_metrics
+from clients.node import local_config, local_data
+from clients.privacy import ClientPrivacy, bounded_text, covered_metrics
 from fedlora.adapters import AdapterState, delta, fingerprint, is_lora_a
-from fedlora.config import RunConfig, from_json
 from fedlora.data.encode import encode
-from fedlora.derive import derive_config
 from fedlora.models import (
     adapter_state,
     get_lora_model,
@@ -70,10 +68,7 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
         req = TrainRequest.from_message(content)
     except ProtocolError as err:
         raise PayloadError(f"malformed train request: {err}") from err
-    cfg: RunConfig = derive_config(from_json(req.run_config))[0]  # a no-op on what the server derived
-    node: NodeSettings = node_settings(cfg, context.node_config)
-    if node.floor is not None:
-        node.floor.check(cfg)  # every round: the server's run config may change between rounds
+    cfg, node = local_config(req.run_config, context.node_config)  # the node's floor and data first
     labels = req.labels
     rank, alpha = req.rank, req.alpha
     if rank != node.rank:
@@ -116,13 +111,13 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
     device = resolve_device(node.device)
     model = loaded.peft.to(device)
     train_records, val_records = local_data(cfg, node, labels)
-    train_ds = encode(train_records, loaded.tokenizer, cfg.model.max_length, cfg.model.task)
-    steps = planned_steps(len(train_ds), cfg.train)
+    steps = planned_steps(len(train_records), cfg.train)
+    # The budget decision comes before any work on the records (a declined round costs no encoding time).
     privacy = ClientPrivacy.for_round(
         cfg,
         node,
         context,
-        len(train_ds),
+        len(train_records),
         steps,
         server_round,
         server_copy=req.privacy_ledger,
@@ -131,12 +126,16 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
         "rank": rank,
         "round": server_round,
         "bytes-down": record_bytes(content["adapter"]),
+        **privacy.marker(),
     }
+    if privacy.enabled:  # bound each record's tokenisation time: it reaches the server as reply latency
+        train_records, val_records = bounded_text(train_records, cfg), bounded_text(val_records, cfg)
     if privacy.declined:
         log.warning("client %s declines round %s: %s", node.partition_id, server_round, privacy.reason)
         return TrainReply(
             len(train_records), None, metrics, privacy.ledger_json(), declined_reason=privacy.reason
         ).to_content()
+    train_ds = encode(train_records, loaded.tokenizer, cfg.model.max_length, cfg.model.task)
     with merged_into_base(loaded, merge):
         try:
             result = train_local(

@@ -42,6 +42,8 @@ from typing import Any
 
 from flwr.app import RecordDict
 
+from fedlora.protocol import DP_MARKER
+
 log = logging.getLogger(__name__)
 
 TASK_START_ENV = "FEDLORA_TASK_START"  # set by the worker: time.time() when it took the task
@@ -71,7 +73,7 @@ def round_metrics(reply: RecordDict) -> RecordDict:
     if "metrics" not in reply.metric_records:
         return reply
     metrics = reply.metric_records["metrics"]
-    if "dp-steps" not in metrics:  # under record DP no timing leaves the node (clients.privacy)
+    if DP_MARKER not in metrics:  # under record DP no timing leaves the node, declined rounds included
         metrics["clientapp-seconds"] = time.time() - (float(start) if in_worker else _process_start())
     if in_worker:
         metrics["worker"] = 1

@@ -53,6 +53,7 @@ from fedlora.protocol_arrays import (
 
 # Array codec names, re-exported: server and clients import the whole protocol from here.
 __all__ = [
+    "DP_MARKER",
     "WIRE_DTYPE",
     "ProtocolError",
     "decode_arrays",
@@ -65,6 +66,9 @@ __all__ = [
 # Message types.
 QUERY = "query"
 TRAIN = "train"
+# A reply metric present in every train reply of a round under record-level DP (trained or declined):
+# whatever handles the reply after the client (the warm worker) adds no timing to it.
+DP_MARKER = "dp-record"
 # Record names.
 CONFIG, INFO, ADAPTER, MERGE, UPDATE, METRICS, PRIVACY = (
     "config",

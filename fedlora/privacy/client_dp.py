@@ -45,6 +45,7 @@ from fedlora.privacy.randomness import SecureRandom
 ClientSampling = Literal["poisson", "fixed"]
 T = TypeVar("T")
 
+
 class ClientDPError(ValueError):
     """Client-level DP cannot be applied as requested."""
 

@@ -72,3 +72,31 @@ def test_dp_replies_carry_no_timing_and_no_unnoised_scores(task_identity):
     assert not leaked, leaked
     plain = dict(app(_train_msg(_cfg(), _template()), _context()).content["metrics"])
     assert "train-seconds" in plain and "train-loss" in plain  # without DP they are reported
+
+
+def test_a_declined_dp_round_carries_no_timing_and_does_no_encoding(task_identity, monkeypatch):
+    # A declined round's reply used to carry clientapp-seconds, which included tokenising every record.
+    import clients.round
+    from clients.app import app
+    from clients.worker import round_metrics
+    from tests.test_client_app import _cfg, _context, _template, _train_msg
+
+    encoded = []
+    real_encode = clients.round.encode
+    monkeypatch.setattr(clients.round, "encode", lambda *a, **k: encoded.append(1) or real_encode(*a, **k))
+    cfg = _cfg(**{"privacy.mode": "record", "privacy.noise_multiplier": 0.3, "privacy.epsilon": 0.01})
+    reply = round_metrics(app(_train_msg(cfg, _template()), _context(**{"dp-epsilon": 0.01})).content)
+    metrics = dict(reply["metrics"])
+    assert reply["metrics"] is not None and metrics.get("dp-record") == 1
+    assert not any(k.endswith("-seconds") for k in metrics), metrics
+    assert encoded == []  # the budget decision came before any work on the records
+
+
+def test_under_dp_one_huge_record_is_cut_before_tokenising():
+    from clients.privacy import TEXT_CHARS_PER_TOKEN, bounded_text
+    from fedlora.config import RunConfig, with_overrides
+
+    cfg = with_overrides(RunConfig(), {"model.max_length": 32})
+    records = [{"text": "a b " * 500_000, "label": "x"}, {"text": "short", "label": "y"}]
+    cut = bounded_text(records, cfg)
+    assert len(cut[0]["text"]) == TEXT_CHARS_PER_TOKEN * 32 and cut[1] == records[1]
