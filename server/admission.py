@@ -36,7 +36,7 @@ def allowed_ranks(cfg: RunConfig) -> tuple[int, ...]:
 
 
 def admit(
-    replies: Mapping[int, SetupReply], cfg: RunConfig
+    replies: Mapping[int, SetupReply], cfg: RunConfig, *, shared_partitions_left_out: bool = True
 ) -> tuple[dict[int, SetupReply], list[dict[str, Any]]]:
     """Split decoded setup replies into admitted nodes and ``{"node", "reason"}`` for each left out.
 
@@ -46,6 +46,10 @@ def admit(
         Node id -> its decoded setup reply.
     cfg
         The run configuration (configured ranks and alpha).
+    shared_partitions_left_out
+        Leave out every node that shares its partition id (the default). Client-level DP passes
+        False: a node's admission may depend only on its own reply, or one added node could push
+        an honest one out and a neighbouring federation would differ in two clients.
 
     Returns
     -------
@@ -68,6 +72,8 @@ def admit(
             kept[node] = info
             continue
         left_out.append({"node": node, "reason": reason})
+    if not shared_partitions_left_out:
+        return kept, left_out
     claims = Counter(info.partition_id for info in kept.values())
     for node in sorted(kept):
         pid = kept[node].partition_id

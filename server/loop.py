@@ -71,13 +71,19 @@ class NodeInfo:
     partition_id: int
 
 
-def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -> list[int]:
-    """Return the ids of ``wanted`` connected nodes, waiting up to ``timeout`` seconds."""
+def wait_for_nodes(
+    grid: Grid, wanted: int, timeout: float, poll: float = 1.0, *, keep_all: bool = False
+) -> list[int]:
+    """Return the ids of ``wanted`` connected nodes (all with ``keep_all``), waiting up to ``timeout`` s.
+
+    ``keep_all`` is for client-level DP: choosing ``wanted`` of more connected nodes by id lets one
+    added node push another out, so a neighbouring federation would differ in two clients.
+    """
     deadline = time.monotonic() + timeout
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= wanted:
-            return nodes[:wanted] if len(nodes) > wanted else nodes
+            return nodes[:wanted] if len(nodes) > wanted and not keep_all else nodes
         if time.monotonic() > deadline:
             raise FederationError(
                 f"only {len(nodes)} of {wanted} nodes connected within {timeout:.0f} s; "
@@ -111,7 +117,13 @@ def derived_timeout(slowest: float) -> float | None:
 
 
 def query_nodes(
-    grid: Grid, nodes: Sequence[int], cfg: RunConfig, labels: Sequence[str], *, max_rank: int
+    grid: Grid,
+    nodes: Sequence[int],
+    cfg: RunConfig,
+    labels: Sequence[str],
+    *,
+    max_rank: int,
+    shared_partitions_left_out: bool = True,
 ) -> tuple[dict[int, NodeInfo], list[dict[str, Any]]]:
     """Ask every node for its rank, alpha and example count.
 
@@ -132,7 +144,8 @@ def query_nodes(
             decoded[src] = decode_setup_reply(reply, max_rank=max_rank)
         except ProtocolError as err:
             left_out.append({"node": src, "reason": printable(f"setup reply refused: {err}", 2000)})
-    admitted, inconsistent = admit(decoded, cfg)  # valid but not this run's shape, or a shared partition
+    # valid but not this run's shape, or (unless client-level DP admits every node) a shared partition
+    admitted, inconsistent = admit(decoded, cfg, shared_partitions_left_out=shared_partitions_left_out)
     left_out += inconsistent
     for row in left_out:
         log.warning("node %s is left out of the run: %s", row["node"], row["reason"])
@@ -251,9 +264,14 @@ class ServerRun:
             metrics and checkpoint are written), with the reasons.
         """
         cfg = self.cfg
-        nodes = wait_for_nodes(self.grid, cfg.federation.num_clients, cfg.federation.node_wait_timeout)
+        every = self.privacy.admits_every_node
+        nodes = wait_for_nodes(
+            self.grid, cfg.federation.num_clients, cfg.federation.node_wait_timeout, keep_all=every
+        )
         ceiling = rank_ceiling(self.model.template(cfg.lora.rank, cfg.federation.seed))  # any rank
-        infos, left_out = query_nodes(self.grid, nodes, cfg, self.labels, max_rank=ceiling)
+        infos, left_out = query_nodes(
+            self.grid, nodes, cfg, self.labels, max_rank=ceiling, shared_partitions_left_out=not every
+        )
         warning = small_federation_warning(len(infos), cfg)
         if warning:
             log.warning(warning)

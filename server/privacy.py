@@ -193,6 +193,16 @@ class ServerPrivacy:
         return self.mode != "client"
 
     @property
+    def admits_every_node(self) -> bool:
+        """True in client mode: a node's admission may depend only on its own setup reply.
+
+        Choosing ``num_clients`` of more connected nodes, or leaving out every node of a shared
+        partition id, lets one added node push an honest one out: two clients' contributions
+        would change, a sensitivity of 2C for a mechanism accounted at C.
+        """
+        return self.mode == "client"
+
+    @property
     def releases_every_round(self) -> bool:
         """True in client mode: a round is released (and charged) whatever the number of valid updates."""
         return self.mode == "client"

@@ -7,7 +7,6 @@ run calibrated for ε = 8 spent ε ≈ 103. Here the real server path (``robust_
 the privacy mechanism's permission, then ``ClientLevelDP``) runs on many compositions.
 """
 
-
 import pytest
 import torch
 
@@ -100,3 +99,33 @@ def test_a_robust_centre_under_client_dp_is_refused_with_the_fix(tmp_path):
     for aggregator in ("median", "trimmed-mean"):
         with pytest.raises(ClientDPError, match=r"robust\.aggregator = 'mean'"):
             ServerPrivacy(cfg(**{"robust.aggregator": aggregator}), tmp_path)
+
+
+def test_under_client_dp_an_added_node_cannot_push_another_out(tmp_path, task_identity, monkeypatch):
+    # Before: with more nodes connected than federation.num_clients the server kept the first ids, and
+    # a node sharing a partition id got every claimant left out. Either way one added node removed an
+    # honest one, so neighbouring federations differed in two clients (a sensitivity of 2C).
+    import json
+
+    import server.loop
+    from server.loop import ServerRun
+    from tests.adversary.fakegrid import FakeGrid, HonestNode, small_config
+
+    monkeypatch.setattr(server.loop, "plot_metrics", lambda *a, **k: None)
+    honest = [HonestNode(11 + i, i) for i in range(4)]
+    added = HonestNode(5, 0)  # a lower id than every honest node, and partition 0 again
+    out = tmp_path / "run"
+    cfg = small_config(
+        out,
+        **{
+            "federation.num_rounds": 1,
+            "privacy.mode": "client",
+            "privacy.noise_multiplier": 1.0,
+            "privacy.client_sampling": "fixed",
+            "output.eval_initial": False,
+        },
+    )
+    ServerRun(FakeGrid([*honest, added]), cfg, out).run()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = {r["node"] for r in rows if r.get("kind") == "client" and r["round"] == 1}
+    assert trained == {5, 11, 12, 13, 14}
