@@ -17,10 +17,8 @@ from collections.abc import Callable
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.node import local_data, node_settings
+from clients.node import local_config, local_data
 from clients.worker import round_metrics
-from fedlora.config import from_json
-from fedlora.derive import derive_config
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +47,7 @@ def query(msg: Message, context: Context) -> Message:
 
     def answer() -> Message:
         query = SetupQuery.from_message(msg)
-        cfg = derive_config(from_json(query.run_config))[0]  # a no-op on what the server derived
-        node = node_settings(cfg, context.node_config)
-        if node.floor is not None:
-            node.floor.check(cfg)  # refuse at setup a run that would weaken this node's DP
+        cfg, node = local_config(query.run_config, context.node_config)  # the node's floor and data
         train, _ = local_data(cfg, node, query.labels)
         info = SetupReply(node.rank, float(node.alpha), len(train), node.partition_id)
         return Message(info.to_content(), reply_to=msg)

@@ -12,14 +12,15 @@ interchangeable.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from clients.floor import COLUMN_KEYS, FLOOR_KEYS, PrivacyFloor, node_data, privacy_floor
-from fedlora.config import NODE_FIELDS, ConfigError, RunConfig, with_overrides
+from fedlora.config import NODE_FIELDS, ConfigError, RunConfig, from_json, with_overrides
 from fedlora.data.cached import partitions, stamp
 from fedlora.data.partition import split_local
 from fedlora.data.sources import Record, classification_records, instruction_records, read_rows
+from fedlora.derive import derive_config
 from fedlora.logs import configure_from_env
 
 # Ray actors and SuperNode app processes log at the driver's level (``fedlora simulate -v``).
@@ -105,6 +106,28 @@ def node_settings(cfg: RunConfig, node_config: Mapping[str, Any]) -> NodeSetting
         floor=privacy_floor(conf),
         columns=tuple((k, str(conf[k])) for k in COLUMN_KEYS if k in conf),
     )
+
+
+def local_config(run_config: str, node_config: Mapping[str, Any]) -> tuple[RunConfig, NodeSettings]:
+    """Return the run config as this node applies it, and the node's settings.
+
+    In this order: the node's privacy floor is checked against the server's config
+    (:class:`clients.floor.PrivacyFloor`), the data settings become the node's own
+    (:func:`clients.floor.node_data`: its file and columns, or the run's partition where that is
+    allowed), and only then is anything derived from the data (``model.task`` or
+    ``max_length`` the server left unset), so a server-named file is never opened.
+
+    Raises
+    ------
+    clients.floor.FloorError
+        When the server's config would weaken the floor or make the node read a file it names.
+    """
+    cfg = from_json(run_config)
+    node = node_settings(cfg, node_config)
+    if node.floor is not None:
+        node.floor.check(cfg)  # at setup and every round: the server's config may change
+    own = node_data(cfg.data, dict(node.columns), node.data_path, node.data_format)
+    return derive_config(replace(cfg, data=own))[0], node  # a no-op on what the server derived
 
 
 _DATA_CACHE: dict[tuple[Any, ...], tuple[list[Record], list[Record]]] = {}

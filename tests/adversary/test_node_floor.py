@@ -109,3 +109,20 @@ def test_a_node_without_data_path_reads_no_file_the_server_names(tmp_path):
     err = _refusal(lambda: app(_query(cfg.to_json()), _context()))
     assert isinstance(err.__cause__, FloorError) and "set data-path" in str(err.__cause__)
     assert "patient" not in str(err)
+
+
+def test_nothing_is_derived_from_a_file_the_server_names(tmp_path, monkeypatch):
+    import fedlora.data.sources
+
+    opened: list[str] = []
+    real = fedlora.data.sources.read_rows
+
+    def spy(source, *args, **kwargs):
+        opened.append(str(source))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(fedlora.data.sources, "read_rows", spy)
+    path = _node_file(tmp_path)
+    cfg = _cfg(**{"data.source": str(path), "model.task": "auto", "model.max_length": 0})
+    err = _refusal(lambda: app(_query(cfg.to_json()), _context()))  # the server left the task to derive
+    assert isinstance(err.__cause__, FloorError) and opened == []
