@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from fedlora.adapters import AdapterState, is_lora, split_state
+from fedlora.atomic import append_line
 from fedlora.config import RunConfig
 from fedlora.data.encode import encode
 from fedlora.data.sources import Record
@@ -98,10 +99,8 @@ class ServerModel:
         if rnd is None or not self.cfg.output.out_dir:
             return
         path = Path(self.cfg.output.out_dir) / SAMPLES_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps({"round": rnd, **row}, sort_keys=True) + "\n")
+        text = "".join(json.dumps({"round": rnd, **row}, sort_keys=True) + "\n" for row in rows)
+        append_line(path, text)  # 0600, never through a link planted at the path
 
     def export(
         self, out_dir: Path, adapter: Mapping[str, torch.Tensor], merge: Mapping[str, torch.Tensor] | None
