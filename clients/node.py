@@ -11,6 +11,7 @@ interchangeable.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -19,9 +20,11 @@ from clients.floor import COLUMN_KEYS, FLOOR_KEYS, PrivacyFloor, node_data, priv
 from fedlora.config import NODE_FIELDS, ConfigError, RunConfig, from_json, with_overrides
 from fedlora.data.cached import partitions, stamp
 from fedlora.data.partition import split_local
-from fedlora.data.sources import Record, classification_records, instruction_records, read_rows
+from fedlora.data.sources import FILLER_RECORD, Record, classification_records, instruction_records, read_rows
 from fedlora.derive import derive_config
 from fedlora.logs import configure_from_env
+
+log = logging.getLogger(__name__)
 
 # Ray actors and SuperNode app processes log at the driver's level (``fedlora simulate -v``).
 configure_from_env()
@@ -127,6 +130,15 @@ def local_config(run_config: str, node_config: Mapping[str, Any]) -> tuple[RunCo
     if node.floor is not None:
         node.floor.check(cfg)  # at setup and every round: the server's config may change
     own = node_data(cfg.data, dict(node.columns), node.data_path, node.data_format)
+    underived = cfg.model.task == "auto" or cfg.model.max_length <= 0
+    if cfg.privacy.mode == "record" and node.data_path and underived:
+        # Deriving them from the node's own file would read every record strictly (errors) and size the
+        # work by its record lengths: both would tell the server about single records. (Without a
+        # data-path the node partitions the run's own source, which the server derives from too.)
+        raise ConfigError(
+            "under record-level DP the run config must fix model.task and model.max_length (the server "
+            "derives them before the first round); this node does not derive them from its records"
+        )
     return derive_config(replace(cfg, data=own))[0], node  # a no-op on what the server derived
 
 
@@ -159,7 +171,15 @@ def local_data(
         if node.data_path:
             rows = read_rows(dcfg.source, dcfg.format)
             if cfg.model.task == "classification":
-                records, _ = classification_records(rows, dcfg, dcfg.source, labels or None)
+                # Under record DP a bad row becomes a public filler record instead of an error: whether
+                # the node errs must not tell the server (which picks the labels) that a record exists.
+                private = cfg.privacy.mode == "record" and bool(labels)
+                records, _ = classification_records(rows, dcfg, dcfg.source, labels or None, filler=private)
+                stand_ins = sum(r == FILLER_RECORD for r in records)
+                if private and stand_ins:
+                    log.warning(
+                        "%d local record(s) replaced by a public filler (label or text invalid)", stand_ins
+                    )
             else:
                 records = instruction_records(rows, dcfg, dcfg.source)
         else:

@@ -155,17 +155,34 @@ def _require_columns(rows: Sequence[Record], columns: Sequence[str], source: str
             )
 
 
+FILLER_RECORD: Record = {"text": "filler", "label": 0}
+"""The public record that stands in for a bad row under record-level DP (see ``filler``)."""
+
+
 def classification_records(
-    rows: Sequence[Record], cfg: DataConfig, source: str, labels: Sequence[str] | None = None
+    rows: Sequence[Record],
+    cfg: DataConfig,
+    source: str,
+    labels: Sequence[str] | None = None,
+    *,
+    filler: bool = False,
 ) -> tuple[list[Record], tuple[str, ...]]:
     """Map raw rows to ``{"text", "label"}`` records with integer labels.
 
     ``labels`` fixes the label list (for a test set read after the training set); a label
     outside it is an error. Without it, labels are the sorted distinct values.
+
+    ``filler=True`` (a node under record-level DP, with ``labels`` given by the server): a row
+    that would be an error (a label outside ``labels``, a missing label, empty text) is replaced
+    by :data:`FILLER_RECORD` instead. Otherwise whether the node errs would tell the server, who
+    picks ``labels``, whether one record exists; a public stand-in keeps the data size and is a
+    replace-one neighbour, which the DP guarantee covers. The caller logs the count locally.
     """
     _require_columns(
         rows, [cfg.text_column, cfg.label_column], source, "data.text_column / data.label_column"
     )
+    if filler and labels is not None:
+        return _with_filler(rows, cfg, source, labels), tuple(labels)
     raw_labels = [_check_label(r, cfg.label_column, source) for r in rows]
     if labels is None:
         labels = tuple(str(v) for v in sorted({_label_key(v) for v in raw_labels}, key=_sort_key))
@@ -183,6 +200,20 @@ def classification_records(
             raise DataError(f"{source!r} {where} has an empty or non-text {cfg.text_column!r}")
         out.append({"text": text, "label": index[key]})
     return out, tuple(labels)
+
+
+def _with_filler(rows: Sequence[Record], cfg: DataConfig, source: str, labels: Sequence[str]) -> list[Record]:
+    index = {name: i for i, name in enumerate(labels)}
+    out: list[Record] = []
+    for row in rows:
+        try:
+            key = str(_label_key(_check_label(row, cfg.label_column, source)))
+        except DataError:
+            key = None
+        text = row.get(cfg.text_column)
+        good = key in index and isinstance(text, str) and bool(text.strip())
+        out.append({"text": text, "label": index[key]} if good else dict(FILLER_RECORD))
+    return out
 
 
 def _check_label(row: Record, column: str, source: str) -> Any:
