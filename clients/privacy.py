@@ -218,6 +218,11 @@ class ClientPrivacy:
         """Prepare this round: calibrate σ, load the ledger, decline if the budget would be exceeded."""
         if cfg.privacy.mode != "record":
             return cls()
+        if node.dp_epsilon <= 0:
+            log.warning(
+                "record-level DP without a node floor: σ and the budget come from the server's run config; "
+                "set dp-epsilon in this node's node-config so the node decides them itself"
+            )
         ledger = _load_ledger(cfg, node, context, server_copy)
         # Opacus' DPDataLoader samples each record with q = 1 / (number of batches).
         q = 1.0 / max(1, -(-num_examples // cfg.train.batch_size))

@@ -60,7 +60,9 @@ NOT_COVERED = [
 ]
 NOT_COVERED_BY_MODE = {
     "record": "Record-level DP protects single examples; a client's dataset as a whole (e.g. its size or "
-    "its label mix) is not protected, and neither are users who contribute many examples.",
+    "its label mix) is not protected, and neither are users who contribute many examples. Against the "
+    "server it holds only for nodes whose operator set a privacy floor (node-config dp-epsilon): a node "
+    "without one takes its noise and budget from the run config the server sends.",
     "client": "Client-level DP protects a client's whole participation against the other clients and "
     "whoever sees the released global adapters, NOT against the server: the server sees every individual "
     "update before noise (there is no secure aggregation), so it must be trusted. Server-only artifacts: "
