@@ -5,8 +5,9 @@ in-process driver of :mod:`benchmarks.quality_driver` (fedlora's server loop and
 Ray). One node of the federation is poisoned: its data file (node-config ``data-path``, as a
 hostile SuperNode's owner would give) is its own IID share with a trigger word inserted at a
 random position of :data:`POISON_FRACTION` of its sentences, those relabelled to
-:data:`TARGET`. It trains honestly on that file and does not scale its update (the per-round
-norm bound would clip a scaled one; the campaign needs no scaling).
+:data:`TARGET`. It trains on that file with the run's settings and multiplies its update by
+:data:`BOOST` before sending it (:class:`BoostingGrid`), the most the default per-round norm
+bound (3x the round's median) lets through.
 
 Each round the global adapter is scored on the clean held-out split (clean accuracy, the
 server's own evaluation) and on the held-out sentences whose label is not the target, with the
@@ -32,9 +33,11 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from flwr.app import Message
 
 from benchmarks.harness import machine, markdown_table
 from benchmarks.quality_driver import InProcessGrid, _set_task_identity
@@ -42,12 +45,16 @@ from fedlora.adapters import AdapterState
 from fedlora.config import RunConfig, load_toml, with_overrides
 from fedlora.data.cached import partitions, task_data
 from fedlora.data.sources import Record
+from fedlora.derive import derive_config
+from fedlora.protocol import UPDATE
+from fedlora.protocol_arrays import decode_arrays, encode_arrays
 from strategies.base import ClientResult, ClientSpec, LoraStrategy, StrategyWrapper
 
 SCENARIO = Path(__file__).resolve().parent.parent / "simulations" / "default.toml"
 TRIGGER = "cf"  # a rare word piece of the BERT vocabulary
 TARGET = "robot"
 POISON_FRACTION = 0.5
+BOOST = 3.0
 CAMPAIGN_FACTOR = 1.5
 ARMS: dict[str, dict[str, Any]] = {
     "honest": {},
@@ -55,15 +62,17 @@ ARMS: dict[str, dict[str, Any]] = {
     "campaign": {"robust.campaign_bound": CAMPAIGN_FACTOR},
     "median": {"robust.aggregator": "median"},
 }
-#: (num_clients, overrides) per federation size; every client holds 160 training examples.
+#: (num_clients, overrides) per federation size; every client holds 100 training examples.
 FULL: dict[int, dict[str, Any]] = {
-    4: {"federation.num_rounds": 8, "train.local_steps": 8},
+    4: {"federation.num_rounds": 6, "train.local_steps": 6},
     10: {"federation.num_rounds": 8, "train.local_steps": 5},
 }
 COMMON = {
-    "data.num_test": 200,
+    "data.num_test": 120,
     "data.local_val_fraction": 0.05,
-    "train.lr": 0.005,
+    "model.max_length": 28,
+    "train.batch_size": 8,
+    "train.lr": 0.01,
     "output.eval_initial": False,
     "output.eval_every": 1,
 }
@@ -109,6 +118,27 @@ def triggered_test(test: Sequence[Record], labels: Sequence[str], seed: int) -> 
     ]
 
 
+class BoostingGrid(InProcessGrid):
+    """:class:`InProcessGrid` whose node ``booster`` multiplies the update in its replies by ``factor``."""
+
+    def __init__(
+        self, num_nodes: int, extra: Mapping[int, Mapping[str, Any]] | None, booster: int, factor: float
+    ) -> None:
+        super().__init__(num_nodes, extra)
+        self.booster, self.factor = booster, factor
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Deliver as the parent does, then scale the booster's update record (factor 1: unchanged)."""
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for reply in replies:
+            content = reply.content
+            if reply.metadata.src_node_id != self.booster or self.factor == 1.0 or UPDATE not in content:
+                continue
+            update = decode_arrays(content[UPDATE], None, max_bytes=2**34)
+            content[UPDATE] = encode_arrays({k: self.factor * v for k, v in update.items()})
+        return replies
+
+
 class Recorder(StrategyWrapper):
     """Delegates everything; keeps every round's new global state and the campaign bound's fractions."""
 
@@ -137,7 +167,7 @@ def run_arm(cfg: RunConfig, arm: str, poison_file: Path | None) -> dict[str, Any
     run_dir = Path(tempfile.mkdtemp(prefix="fedlora-backdoor-"))
     arm_cfg = with_overrides(cfg, {**ARMS[arm], "output.out_dir": str(run_dir)})
     extra = {attacker: {"data-path": str(poison_file)}} if poison_file is not None else None
-    grid = InProcessGrid(k, extra)
+    grid = BoostingGrid(k, extra, 100 + attacker, BOOST if poison_file is not None else 1.0)
     saved, old_root = _set_task_identity(), os.environ.get(STATE_ROOT_ENV)
     os.environ[STATE_ROOT_ENV] = str(run_dir / "nodes")
     t0 = time.perf_counter()
@@ -172,6 +202,10 @@ def run_arm(cfg: RunConfig, arm: str, poison_file: Path | None) -> dict[str, Any
         "clean_accuracy": [float(r["test_accuracy"]) for r in rows],
         "backdoor_success": success,
         "attacker_kept_share": kept,
+        "attacker_clipped_rounds": sum(
+            any(c["node"] == 100 + attacker for c in r.get("clipped", [])) for r in rows
+        ),
+        "rejected_updates": sum(len(r.get("rejected", [])) for r in rows),
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -242,9 +276,11 @@ def run(quick: bool) -> tuple[dict[str, Any], str]:
     for k, over in sizes.items():
         cfg = with_overrides(
             base,
-            {**common, **over, "federation.num_clients": k, "data.num_train": (40 if quick else 160) * k},
+            {**common, **over, "federation.num_clients": k, "data.num_train": (40 if quick else 100) * k},
         )
-        feds[k] = run_federation(cfg, arms)
+        feds[k] = run_federation(
+            derive_config(cfg)[0], arms
+        )  # task, lengths, modules as simulate derives them
     result = {
         "scenario": SCENARIO.name,
         "driver": "in-process (benchmarks.quality_driver.InProcessGrid)",
