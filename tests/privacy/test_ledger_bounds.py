@@ -59,7 +59,10 @@ def test_received_ledgers_are_bounded_in_bytes_entries_and_pairs():
         parse_received(" " * (1100 * 1024))
     with pytest.raises(LedgerError, match="entries"):
         parse_received(ledger(MAX_RECEIVED_ENTRIES + 1, distinct=False).to_json())
-    assert len(parse_received(ledger(MAX_RECEIVED_BLOCKS, distinct=True).to_json()).entries) == MAX_RECEIVED_BLOCKS
+    assert (
+        len(parse_received(ledger(MAX_RECEIVED_BLOCKS, distinct=True).to_json()).entries)
+        == MAX_RECEIVED_BLOCKS
+    )
     assert len(parse_received(ledger(500, distinct=False).to_json()).entries) == 500  # a long honest life
 
 
