@@ -237,12 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply this fraction of the claimed σ (a deliberately broken mechanism below 1; default 1)",
     )
     p.add_argument("--seed", type=int, default=None, help="fix canaries, sampling and noise (tests)")
+    p.add_argument(
+        "--client-round",
+        action="store_true",
+        help="instead, run one client round through the client's DP path on a PEFT model (--model) and "
+        "measure the noise it added against the σ its ledger records",
+    )
+    p.add_argument("--model", default="minilm", help="model of --client-round (default minilm)")
+    p.add_argument("--target-epsilon", type=float, default=4.0, help="ε target of --client-round (default 4)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``fedlora audit-dp``; exit 0 when the bound is consistent, 3 when it exposes a violation."""
     args = build_parser().parse_args(argv)
+    if args.client_round:
+        return _client_round_main(args)
     res = audit_dpsgd(
         canaries=args.canaries,
         guesses=args.guesses,
@@ -287,5 +297,126 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _client_round_main(args: argparse.Namespace) -> int:
+    res = audit_client_round(
+        model=args.model,
+        target_epsilon=args.target_epsilon,
+        delta=args.delta,
+        noise_scale=args.noise_scale,
+        seed=args.seed or 0,
+    )
+    for key, value in asdict(res).items():
+        print(f"{key:>20}: {value:.6g}" if isinstance(value, float) else f"{key:>20}: {value}")
+    if res.violation:
+        print(
+            f"VIOLATION: the client round added {res.noise_ratio:.3f} of the noise its ledger records "
+            f"(σ = {res.noise_multiplier:.4g}, p = {res.noise_p_value:.2g})"
+        )
+        return 3
+    print(
+        f"consistent: the client round added {res.noise_ratio:.4f} x the noise its ledger records "
+        f"(σ = {res.noise_multiplier:.4g} for ε = {res.target_epsilon:g}; {res.coordinates} draws, "
+        f"p = {res.noise_p_value:.2g})"
+    )
+    return 0
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# -- the client's own DP path -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundNoiseAudit:
+    """The noise a real client round added, measured around the optimiser, against what its ledger claims."""
+
+    model: str
+    target_epsilon: float
+    noise_multiplier: float  # calibrated σ: what the ledger records
+    max_grad_norm: float
+    steps: int
+    coordinates: int  # noise draws measured (trainable coordinates x noisy steps)
+    noise_ratio: float  # measured noise std / (σ C)
+    noise_p_value: float  # lower tail of the χ² test: a noise this small under the claimed σ
+
+    @property
+    def violation(self) -> bool:
+        """True when the round added significantly less noise than its ledger accounts."""
+        return self.noise_p_value < NOISE_P_VALUE
+
+
+def audit_client_round(
+    *,
+    model: str = "minilm",
+    target_epsilon: float = 4.0,
+    delta: float = 1e-5,
+    records: int = 48,
+    batch_size: int = 8,
+    steps: int = 4,
+    max_length: int = 16,
+    noise_scale: float = 1.0,
+    seed: int = 0,
+) -> RoundNoiseAudit:
+    """Run one client round through the client's DP path and measure the noise it really added.
+
+    The path a record-DP client runs (``clients.privacy``): σ calibrated for ``target_epsilon``
+    over the round's steps at ``q = 1 / ⌈N / batch⌉``, the PEFT model of
+    :func:`fedlora.models.get_lora_model` with a fresh adapter, the embedded task encoded by its
+    tokenizer, :func:`fedlora.train.train_local` (AdamW, fixed rows, no trim) wrapped by
+    :func:`fedlora.privacy.dpsgd.make_private_lora`. Around the DP optimiser's noise step the
+    clipped sum and the noised gradient of every trainable tensor are compared: their difference
+    is the noise the round added, whose std must be ``σ C`` (χ² test, as in :func:`noise_check`).
+    ``noise_scale`` < 1 applies that fraction of σ while the ledger claims all of it.
+    """
+    from fedlora.config import TrainConfig
+    from fedlora.data.embedded import embedded_labels, generate_embedded
+    from fedlora.data.encode import encode
+    from fedlora.models import (
+        adapter_state,
+        get_lora_model,
+        init_adapter_state,
+        load_adapter_state,
+        set_trainable,
+    )
+    from fedlora.privacy.calibrate import calibrate_noise_multiplier
+    from fedlora.train import train_local
+
+    labels = embedded_labels()
+    rank, clip = 4, 1.0
+    loaded = get_lora_model(model, "classification", len(labels), rank, 2.0 * rank)
+    load_adapter_state(loaded, rank, init_adapter_state(adapter_state(loaded, rank), seed))
+    set_trainable(loaded, rank, train_a=True)
+    data = encode(generate_embedded(records, seed), loaded.tokenizer, max_length, "classification")
+    q = 1.0 / max(1, -(-len(data) // batch_size))
+    sigma = calibrate_noise_multiplier(target_epsilon, delta, q, steps, accountant="rdp")
+    ss, count, held = 0.0, 0, []
+
+    def wrap(m, o, loader):  # noqa: ANN001, ANN202 - train_local's callback
+        private = make_private_lora(m, o, loader, noise_multiplier=sigma * noise_scale, max_grad_norm=clip)
+        held.append(private)
+        optimizer, add_noise = private.optimizer, private.optimizer.add_noise
+
+        def measured() -> None:  # around the real noise step: what it added, per coordinate
+            nonlocal ss, count
+            before = [p.summed_grad.detach().double().clone() for p in optimizer.params]
+            add_noise()
+            for p, s in zip(optimizer.params, before, strict=True):
+                noise = p.grad.detach().double().reshape(s.shape) - s
+                ss += float((noise**2).sum())
+                count += noise.numel()
+
+        optimizer.add_noise = measured  # type: ignore[method-assign]
+        return tuple(private)
+
+    cfg = TrainConfig(lr=1e-3, batch_size=batch_size, local_steps=steps, warmup_steps=0)
+    try:
+        train_local(loaded.peft, data, cfg, torch.device("cpu"), seed=seed, wrap=wrap, steps=steps)
+    finally:
+        for private in held:  # the base model is cached per process: detach Opacus' hooks
+            private.release()
+    claimed = sigma * clip
+    ratio = math.sqrt(ss / count) / claimed if count else float("nan")
+    p_low = float(stats.chi2.cdf(ss / claimed**2, count)) if count else 1.0
+    return RoundNoiseAudit(model, target_epsilon, sigma, clip, steps, count, ratio, p_low)

@@ -58,3 +58,17 @@ def test_a_claim_above_the_audits_ceiling_is_inconclusive_not_consistent(capsys)
     assert main(["audit-dp", "--seed", "0", "--noise-multiplier", "1", "--accountant", "rdp"]) == 0
     out = capsys.readouterr().out
     assert "inconclusive" in out and "consistent" not in out.split("inconclusive")[1][:10]
+
+
+def test_a_real_client_round_adds_the_noise_its_ledger_records(capsys):
+    # The client's DP path (calibration, PEFT MiniLM, train_local, make_private_lora), measured around
+    # the optimiser's noise step; a round at 90% of the recorded σ is caught.
+    from fedlora.audit import audit_client_round
+
+    sound = audit_client_round(steps=2)
+    assert not sound.violation and sound.noise_ratio == pytest.approx(1.0, abs=0.01)
+    assert sound.coordinates > 50_000
+    weak = audit_client_round(steps=2, noise_scale=0.9)
+    assert weak.violation and weak.noise_ratio == pytest.approx(0.9, abs=0.01)
+    assert main(["audit-dp", "--client-round", "--noise-scale", "0.5"]) == 3
+    assert "VIOLATION: the client round added" in capsys.readouterr().out
