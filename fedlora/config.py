@@ -43,6 +43,7 @@ DP_MODES = ("none", "record", "client")
 ACCOUNTANTS = ("prv", "rdp")
 CLIENT_SAMPLING = ("fixed", "poisson")
 ROBUST_AGGREGATORS = ("mean", "median", "trimmed-mean")
+REPORT_TO = ("tensorboard", "mlflow", "wandb")
 
 
 class ConfigError(ValueError):
@@ -388,8 +389,17 @@ class OutputConfig:
     eval_every: int = _field(
         1, flag="eval-every", metavar="K", help="server evaluation every K rounds (the last always)"
     )
+    report_to: tuple[str, ...] = _field(
+        (),
+        flag="report-to",
+        metavar="NAMES",
+        help="also report metrics to tensorboard, mlflow and/or wandb, e.g. tensorboard,mlflow "
+        "(fedlora/tracking.py)",
+    )
 
     def __post_init__(self) -> None:
+        for name in self.report_to:
+            _check_choice("output.report_to", name, REPORT_TO)
         if self.eval_every < 1:
             _fail("output.eval_every", self.eval_every, "an integer >= 1 (1 = evaluate every round)")
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from fedlora.atomic import append_line, atomic_write, atomic_write_text, owned_dir
 from fedlora.config import RunConfig, to_toml
+from fedlora.tracking import Trackers
 
 #: Generation samples per evaluated round (causal LM), written by ``server.evaluator``.
 SAMPLES_FILE = "samples.jsonl"
@@ -89,6 +90,7 @@ class RunOutputs:
             )
         self.cfg = cfg
         self.metrics_path = self.dir / "metrics.jsonl"
+        self.trackers = Trackers(cfg.output.report_to, run_dir, cfg.to_dict())  # --report-to
 
     def write_config(self) -> None:
         """Write the resolved ``config.toml`` (after a resume's checks passed: a refused one leaves it)."""
@@ -97,6 +99,7 @@ class RunOutputs:
     def log(self, record: Mapping[str, Any]) -> None:
         """Append one JSON line to metrics.jsonl (created 0600, never through a link)."""
         append_line(self.metrics_path, json.dumps(record, sort_keys=True) + "\n")
+        self.trackers.log(record)
 
     def log_round(self, record: RoundRecord) -> dict[str, Any]:
         """Append a round's global line and return it."""

@@ -8,6 +8,7 @@ inside every message, so the same apps run unchanged under ``flwr run`` and on S
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,9 +16,10 @@ from typing import Any
 
 from rich.console import Console
 
-from fedlora.config import RunConfig
+from fedlora.config import ConfigError, RunConfig
 from fedlora.data.cached import partitions, task_data
 from fedlora.data.partition import format_summary, save_summary, summarize
+from simulations.preflight import check_runnable
 
 DEFAULT_SCENARIO = Path(__file__).resolve().parent / "default.toml"
 
@@ -29,74 +31,34 @@ class SimulationError(RuntimeError):
     """The simulation did not complete; the message points at the cause."""
 
 
-def check_runnable(cfg: RunConfig) -> None:
-    """Refuse an unknown strategy or an unloadable model before any data loads or Ray starts.
+def resolve_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path]:
+    """Return the config with an absolute ``output.out_dir`` and that directory (not created yet).
 
     Raises
     ------
-    ValueError
-        ``RegistryError`` for the strategy (listing the valid names and parameters),
-        ``ModelError`` for the model (saying what a model name may be).
+    ConfigError
+        When the directory already holds a run and ``output.resume`` is off.
     """
-    from fedlora.models import ModelError, resolve_model_path
-    from strategies.registry import create
+    from server.outputs import RUN_MARKERS, default_run_dir
 
-    create(cfg.federation.strategy, **dict(cfg.federation.strategy_params))
-    path = resolve_model_path(cfg.model.name)
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(path, local_files_only=True)
-        return
-    except (OSError, ValueError) as err:
-        local_error = err
-    if Path(path).exists():
-        raise ModelError(f"model directory {path!r} cannot be loaded: {local_error}") from local_error
-    if not _hub_reachable():
-        raise ModelError(
-            f"model {cfg.model.name!r} is neither 'minilm' (the packaged model), a local model "
-            "directory, nor a hub id in the Hugging Face cache, and huggingface.co cannot be reached; "
-            "pass --model minilm or a local Hugging Face model directory"
-        ) from local_error
-    try:
-        AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ModelError(
-            f"model {cfg.model.name!r} cannot be loaded from the Hugging Face hub: {err}"
-        ) from err
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Return whether huggingface.co resolves and accepts a connection (hub downloads would work)."""
-    import socket
-
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path]:
-    """Return the config with an absolute ``output.out_dir`` and that directory (created)."""
-    from server.outputs import default_run_dir
-
-    run_dir = Path(cfg.output.out_dir) if cfg.output.out_dir else default_run_dir()
-    run_dir = run_dir.resolve()
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.resume:
-        if (run_dir / "metrics.jsonl").exists():
-            raise SimulationError(
-                f"{run_dir} already holds a run; pass --resume to continue it or a new --out"
-            )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = (Path(cfg.output.out_dir) if cfg.output.out_dir else default_run_dir()).resolve()
+    held = [m for m in RUN_MARKERS if os.path.lexists(run_dir / m)]
+    if held and not cfg.output.resume:
+        raise ConfigError(
+            f"{run_dir} already holds a run ({', '.join(held)}); pass --resume to continue it or a new --out"
+        )
     return replace(cfg, output=replace(cfg.output, out_dir=str(run_dir))), run_dir
 
 
-def print_partitions(cfg: RunConfig, run_dir: Path) -> None:
-    """Print and save the per-client data summary (what each virtual client will hold)."""
+def partition_summary(cfg: RunConfig) -> list[dict[str, Any]]:
+    """Return the per-client data summary (loads and partitions the data; writes nothing)."""
     data = task_data(cfg.data, cfg.model.task)
-    summary = summarize(partitions(cfg.data, cfg.model.task, cfg.federation.num_clients), data.labels)
-    save_summary(summary, run_dir / "partitions.json")
+    return summarize(partitions(cfg.data, cfg.model.task, cfg.federation.num_clients), data.labels)
+
+
+def print_partitions(cfg: RunConfig, summary: list[dict[str, Any]]) -> None:
+    """Print the per-client data summary (what each virtual client will hold)."""
+    data = task_data(cfg.data, cfg.model.task)
     labels = f"{len(data.labels)} labels ({', '.join(data.labels)})" if data.labels else "no labels"
     print(f"data: {len(data.train)} train / {len(data.test)} held-out records, {labels}")
     lines = format_summary(summary).splitlines()
@@ -151,8 +113,12 @@ def _backend_config(
     }
 
 
-def _server_app_with_progress(progress: Any, num_rounds: int) -> Any:
-    """Return a ServerApp that runs fedlora's, with a grid that reports replies to ``progress``."""
+def _server_app_with_progress(progress: Any, num_rounds: int, stop: Any, done: Any) -> Any:
+    """Return a ServerApp that runs fedlora's on a grid that reports replies to ``progress``.
+
+    The grid raises once ``stop`` is set (Ctrl-C, :mod:`simulations.interrupt`); ``done`` is
+    set when the ServerApp returns or raises.
+    """
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
 
@@ -163,7 +129,10 @@ def _server_app_with_progress(progress: Any, num_rounds: int) -> Any:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        server_main(ProgressGrid(grid, progress, num_rounds), context)
+        try:
+            server_main(ProgressGrid(grid, progress, num_rounds, stop=stop), context)
+        finally:
+            done.set()
 
     return app
 
@@ -185,17 +154,34 @@ def simulate(
     --head`` there) instead of starting a private one; every node of it needs fedlora
     installed.
 
+    Everything that can be refused is checked before the run directory is created or touched
+    (:func:`simulations.preflight.check_runnable`, the data, a resume's configuration), so a
+    refused command changes nothing on disk.
+
     Raises
     ------
     ValueError
-        For an unknown strategy or a model that cannot be loaded, before any data is loaded.
+        For an unknown strategy, a model that cannot be loaded, an unreachable ``ray_address``
+        (before any data is loaded), data that cannot be used, or a resume that would mix runs.
     SimulationError
         If the run ended without its final adapter.
+    simulations.interrupt.Interrupted
+        On Ctrl-C (a ``KeyboardInterrupt``): the ServerApp stopped and Ray shut down; the last
+        complete round's checkpoint is in the run directory.
     """
-    check_runnable(cfg)
+    check_runnable(cfg, ray_address)
     from fedlora.derive import derive_config
 
     cfg, derived = derive_config(cfg, check=True)  # task and max_length from the model and the data
+    from fedlora.tracking import check_reporters
+
+    check_reporters(cfg.output.report_to)  # a missing extra is refused with its install command
+    cfg, run_dir = resolve_run_dir(cfg)
+    if cfg.output.resume:
+        from server.resume import check_resume
+
+        check_resume(run_dir, cfg)  # refuses a resume that would mix two runs, before anything is written
+    summary = partition_summary(cfg)
     from simulations.console import LiveProgress, print_summary, quiet_environment
 
     logs = quiet_environment(verbosity)
@@ -203,31 +189,45 @@ def simulate(
 
     from clients.app import app as client_app
     from clients.privacy import STATE_ROOT_ENV
+    from fedlora.atomic import owned_dir
     from server.app import CONFIG_ENV
+    from simulations.interrupt import Interrupted, interruptible, last_checkpoint_round, wind_down
 
-    cfg, run_dir = prepare_run_dir(cfg)
+    # The run starts here: its directory and first files.
+    owned_dir(run_dir)
     config_file = run_dir / "resolved_config.json"
     config_file.write_text(cfg.to_json(), encoding="utf-8")
+    save_summary(summary, run_dir / "partitions.json")
     console = Console()
     print(_header(cfg, run_dir, ray_address), flush=True)
     for note in derived:
         print(f"derived: {note}", flush=True)
-    print_partitions(cfg, run_dir)
+    print_partitions(cfg, summary)
     backend = _backend_config(cfg, cpus_per_client, gpus_per_client, ray_address, logs)
     progress = LiveProgress(console)
     os.environ[CONFIG_ENV] = str(config_file)
     os.environ[STATE_ROOT_ENV] = str(run_dir / "nodes")  # inherited by the Ray actors (clients)
+    stop, done = threading.Event(), threading.Event()
     t0 = time.perf_counter()
     try:
-        where = f"joining Ray at {ray_address}" if ray_address else "starting Ray"
-        progress.phase(f"{where} and {cfg.federation.num_clients} virtual clients", total=None)
-        run_simulation(
-            server_app=_server_app_with_progress(progress, cfg.federation.num_rounds),
-            client_app=client_app,
-            num_supernodes=cfg.federation.num_clients,
-            backend_config=backend,
-            verbose_logging=logs["verbose_logging"],
-        )
+        with interruptible(stop):
+            where = f"joining Ray at {ray_address}" if ray_address else "starting Ray"
+            progress.phase(f"{where} and {cfg.federation.num_clients} virtual clients", total=None)
+            try:
+                run_simulation(
+                    server_app=_server_app_with_progress(progress, cfg.federation.num_rounds, stop, done),
+                    client_app=client_app,
+                    num_supernodes=cfg.federation.num_clients,
+                    backend_config=backend,
+                    verbose_logging=logs["verbose_logging"],
+                )
+            except KeyboardInterrupt:
+                progress.stop()
+                wind_down(stop, done)
+                raise Interrupted(run_dir, last_checkpoint_round(run_dir)) from None
+            except BaseException:
+                wind_down(stop, done)  # else the ServerApp thread waits for nodes that never come
+                raise
     finally:
         progress.stop()
         os.environ.pop(CONFIG_ENV, None)
