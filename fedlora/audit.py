@@ -266,8 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         noise_scale=args.noise_scale,
     )
-    for key, value in asdict(res).items():
-        print(f"{key:>20}: {value:.6g}" if isinstance(value, float) else f"{key:>20}: {value}")
+    print_fields(res)
     if res.noise_too_small:
         print(
             f"VIOLATION: the excluded canaries' noise is {res.noise_ratio:.3f} of what σ = "
@@ -297,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def print_fields(result: AuditResult | RoundNoiseAudit) -> None:
+    """Print every field of an audit result, one per line."""
+    for key, value in asdict(result).items():
+        print(f"{key:>20}: {value:.6g}" if isinstance(value, float) else f"{key:>20}: {value}")
+
+
 def _client_round_main(args: argparse.Namespace) -> int:
     res = audit_client_round(
         model=args.model,
@@ -305,8 +310,7 @@ def _client_round_main(args: argparse.Namespace) -> int:
         noise_scale=args.noise_scale,
         seed=args.seed or 0,
     )
-    for key, value in asdict(res).items():
-        print(f"{key:>20}: {value:.6g}" if isinstance(value, float) else f"{key:>20}: {value}")
+    print_fields(res)
     if res.violation:
         print(
             f"VIOLATION: the client round added {res.noise_ratio:.3f} of the noise its ledger records "

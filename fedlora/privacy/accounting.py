@@ -126,14 +126,18 @@ def compute_epsilon(history: Iterable[HistoryBlock], delta: float, accountant: s
     float
         ε ≥ 0; ``0.0`` for an empty history and ``inf`` if any block has no noise.
     """
-    name = check_accountant(accountant)
+    return _composed(history, delta, check_accountant(accountant))
+
+
+def _composed(history: Iterable[HistoryBlock], delta: float, analysis: str) -> float:
+    """Return ε of ``history`` by ``analysis`` (an accountant, or ``"replace-one"``), with the edge cases."""
     delta = check_delta(delta)
     blocks = compact_history(history)
     if not blocks:
         return 0.0
     if any(sigma == 0.0 for sigma, _, _ in blocks):
         return math.inf
-    return _epsilon_cached(blocks, delta, name)
+    return _epsilon_cached(blocks, delta, analysis)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -141,6 +145,9 @@ def _epsilon_cached(blocks: tuple[HistoryBlock, ...], delta: float, accountant: 
     # Clients with identical histories are common (same σ, q, steps each round): cache.
     if accountant == "rdp":
         return rdp_epsilon(rdp_total(blocks), delta)
+    if accountant == "replace-one":
+        total = sum((n * rdp_replace_one_per_step(s, q) for s, q, n in blocks), np.zeros(len(RDP_ORDERS)))
+        return rdp_epsilon(total, delta)
     acc = PRVAccountant()
     acc.history = list(blocks)
     with np.errstate(divide="ignore"):  # log(0) at q = 1 is handled inside Opacus' PRV
@@ -233,13 +240,4 @@ def replace_one_epsilon(history: Iterable[HistoryBlock], delta: float) -> float:
     and converted as Opacus converts RDP. Use it where the size of the dataset is disclosed,
     under which adding or removing a unit is distinguishable outright.
     """
-    delta = check_delta(delta)
-    blocks = compact_history(history)
-    if not blocks:
-        return 0.0
-    if any(sigma == 0.0 for sigma, _, _ in blocks):
-        return math.inf
-    total = sum(
-        (steps * rdp_replace_one_per_step(sigma, q) for sigma, q, steps in blocks), np.zeros(len(RDP_ORDERS))
-    )
-    return rdp_epsilon(total, delta)
+    return _composed(history, delta, "replace-one")
