@@ -34,7 +34,13 @@ def builds(monkeypatch):
 
 def test_every_client_of_a_process_shares_one_generated_data_set(builds):
     cfg = with_overrides(
-        RunConfig(), {"data.num_train": 80, "data.num_test": 20, "federation.num_clients": 4}
+        RunConfig(),
+        {
+            "model.task": "classification",
+            "data.num_train": 80,
+            "data.num_test": 20,
+            "federation.num_clients": 4,
+        },
     )
     labels = tuple(cached.task_data(cfg.data, "classification").labels)
     parts = [
