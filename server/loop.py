@@ -205,10 +205,10 @@ class ServerRun:
     """One federated run driven by the server (see module docstring)."""
 
     def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path) -> None:
-        cfg = derive_config(cfg)[0]  # task and max_length from the model and the data, unless set
         self.grid, self.cfg, self.run_dir = grid, cfg, run_dir
         self.slowest_round = 0.0  # seconds of the slowest round whose every reply came back
         self.strategy: LoraStrategy = build_strategy(cfg)  # an unknown strategy fails before data loads
+        cfg = self.cfg = derive_config(cfg)[0]  # task and max_length from the model and the data, unless set
         self.out = RunOutputs(run_dir, cfg, resume=cfg.output.resume)
         data = task_data(cfg.data, cfg.model.task)  # cached: the driver built it already
         self.labels = data.labels

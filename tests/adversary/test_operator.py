@@ -105,7 +105,7 @@ def test_resume_allows_safe_changes_and_refuses_unsafe_ones(run_fed, tmp_path):
     resume = next(r for r in rows if r["kind"] == "resume")
     assert resume["changes"] == [
         "federation.num_rounds: 1 -> 2",
-        "federation.round_timeout: 900.0 -> 60.0",
+        "federation.round_timeout: 0.0 -> 60.0",
     ]
     assert [r["round"] for r in rows if r["kind"] == "global"] == [0, 1, 2]
 
