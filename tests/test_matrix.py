@@ -33,11 +33,12 @@ INSTRUCT_SCENARIO = DEFAULT_SCENARIO.parent / "instruct.toml"
 BUDGET = {"federation.num_clients": 2, "federation.num_rounds": 1, "train.batch_size": 8}
 
 
-def run_in_process(cfg, run_dir):
+def run_in_process(cfg, run_dir, *, answer=lambda msg: True):
     """Run ``cfg`` with fedlora's ServerRun and ClientApp in this process; return the held-out losses.
 
     Flower's Simulation Engine only routes messages when one client trains at a time; here each
     message goes straight to the real ClientApp with a per-node ``Context`` kept for the run.
+    ``answer(message)`` False leaves a message unanswered, as a node past the round timeout.
     """
     from flwr.app import Context, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
@@ -65,6 +66,8 @@ def run_in_process(cfg, run_dir):
         def send_and_receive(self, messages, *, timeout=None):
             replies = []
             for msg in messages:
+                if not answer(msg):  # no reply before the timeout
+                    continue
                 msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # the SuperLink stamps ids
                 reply = client_app(msg, contexts[msg.metadata.dst_node_id])
                 reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
