@@ -119,3 +119,14 @@ def test_derived_round_timeout():
     assert derived_timeout(0.0) is None  # nothing measured: wait for every reply
     assert derived_timeout(10.0) == 300.0
     assert derived_timeout(100.0) == 1000.0
+
+
+def test_data_of_a_config_not_yet_derived_follows_its_columns(tmp_path):
+    from fedlora.data.sources import load_task_data
+
+    path = tmp_path / "d.jsonl"
+    rows = [json.dumps({"instruction": f"q{i}", "response": f"a{i}"}) for i in range(10)]
+    path.write_text("\n".join(rows) + "\n")
+    data = load_task_data(DataConfig(source=str(path)), "auto")
+    assert data.train[0].keys() == {"instruction", "response"} and data.labels == ()
+    assert load_task_data(DataConfig(num_train=20, num_test=5), "auto").labels  # embedded: classification

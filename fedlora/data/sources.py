@@ -274,7 +274,15 @@ def instruction_records(rows: Sequence[Record], cfg: DataConfig, source: str) ->
 
 
 def load_task_data(cfg: DataConfig, task: str) -> TaskData:
-    """Return the run's train/test records and label names (deterministic for ``cfg.seed``)."""
+    """Return the run's train/test records and label names (deterministic for ``cfg.seed``).
+
+    ``task = "auto"`` (a config not yet derived) takes the task the data describes
+    (:func:`fedlora.derive.infer_task`).
+    """
+    if task == "auto":
+        from fedlora.derive import infer_task
+
+        task = infer_task(cfg)
     if cfg.source == "embedded":
         if task != "classification":
             raise DataError(
