@@ -22,7 +22,7 @@ node of 4 and 1 of 10:
 ``--quick`` runs 1 poisoned node of 3 for one round of one step per arm (seconds per arm,
 numbers meaningless).
 
-    python -m benchmarks backdoor      # full: about 10 minutes on 2 cores
+    OMP_NUM_THREADS=1 python -m benchmarks backdoor   # full: 756 s on 2 shared cores (load 5-10)
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ TRIGGER = "cf"  # a rare word piece of the BERT vocabulary
 TARGET = "robot"
 POISON_FRACTION = 0.5
 BOOST = 3.0
-CAMPAIGN_FACTOR = 1.5
+CAMPAIGN_FACTOR = 1.0
 ARMS: dict[str, dict[str, Any]] = {
     "honest": {},
     "default": {},
@@ -64,8 +64,8 @@ ARMS: dict[str, dict[str, Any]] = {
 }
 #: (num_clients, overrides) per federation size; every client holds 100 training examples.
 FULL: dict[int, dict[str, Any]] = {
-    4: {"federation.num_rounds": 6, "train.local_steps": 6},
     10: {"federation.num_rounds": 8, "train.local_steps": 5},
+    4: {"federation.num_rounds": 6, "train.local_steps": 6},
 }
 COMMON = {
     "data.num_test": 120,
