@@ -194,3 +194,15 @@ def test_a_campaign_adds_up_without_the_bound_and_as_a_random_walk_with_it():
     assert undefended[240] > 0.8 * 240 * 0.4 and undefended[240] / undefended[60] > 3.3  # linear
     assert defended[240] / defended[60] < 2.6  # sqrt(4) = 2 for a random walk, 4 for a campaign
     assert defended[240] < undefended[240] / 2.5
+
+
+def test_histories_survive_the_checkpoint_file(tmp_path):
+    from fedlora.checkpoint import load_checkpoint, save_checkpoint
+
+    wrapped = CampaignBound(FedIT(), factor=2.0)
+    wrapped.aggregate(fedit_state(), four())
+    save_checkpoint(tmp_path / "c.pt", {"strategy": wrapped.state_dict()})
+    again = CampaignBound(FedIT(), factor=2.0)
+    again.load_state_dict(load_checkpoint(tmp_path / "c.pt")["strategy"])  # weights_only load
+    assert again.history.keys() == wrapped.history.keys()
+    assert all(torch.equal(again.history[n][B], wrapped.history[n][B]) for n in wrapped.history)
