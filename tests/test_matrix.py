@@ -164,7 +164,10 @@ EXPECTED = {
 MODEL_SETTINGS = {"gpt2": {"train.lr": 0.01}, "llama": {"train.lr": 0.01}}
 # SmolLM2's fresh classification head on its 576-wide hidden states overshoots at the default
 # scenario's lr 0.003 in 6 steps (held-out loss 1.49 -> 1.68); at 0.001 it falls (1.49 -> 1.46).
-CELL_SETTINGS = {("smollm2", "default"): {"train.lr": 0.001}}
+CELL_SETTINGS = {
+    ("smollm2", "default"): {"train.lr": 0.001},
+    ("smollm2", "user-jsonl"): {"train.local_steps": 3, "train.batch_size": 4},  # CPU time
+}
 # A random 2-layer model knows no words: the embedded task (which of two words comes first) is
 # beyond it in a tiny budget, so these cells prove that --model with the default scenario runs
 # (targets, head and length derived) and score a finite held-out loss; it learns the user CSV.
