@@ -108,10 +108,36 @@ def _simulate_parser(sub: Any) -> None:
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
-    """Return the run config from ``--config`` plus flag overrides (flags win, ``--set`` last)."""
+    """Return the run config from ``--config`` plus flag overrides (flags win, ``--set`` last).
+
+    With ``--resume`` and no ``--config`` the base is the run's own configuration (read from
+    its directory, :func:`server.resume.run_config_of`), not the default scenario: flags given
+    on top are changes, which the resume checks against the checkpoint.
+    """
+    from server.resume import run_config_of
     from simulations.runner import DEFAULT_SCENARIO
 
-    base = load_toml(args.config or DEFAULT_SCENARIO)
+    overrides = _flag_overrides(args)
+    output = with_overrides(RunConfig(), _output_overrides(overrides)).output
+    if output.resume and not args.config:
+        if not output.out_dir:
+            raise ConfigError(
+                "--resume continues the run in --out DIR: give its directory, e.g. --out runs/wd"
+            )
+        own = run_config_of(output.out_dir)
+        if own is not None:
+            return with_overrides(own, overrides)
+    return with_overrides(load_toml(args.config or DEFAULT_SCENARIO), overrides)
+
+
+def _output_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return the overrides of the ``[output]`` section (whatever the other sections' values)."""
+    aliases = {spec.alias for spec in _SPECS.values() if spec.section == "output" and spec.alias}
+    return {k: v for k, v in overrides.items() if k.replace("-", "_").startswith("output.") or k in aliases}
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the config overrides the command line gives (declared flags, then ``--set``)."""
     overrides: dict[str, Any] = {}
     for spec in field_specs():
         value = getattr(args, spec.key, None)
@@ -122,7 +148,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=0.001")
         key, value = item.split("=", 1)
         overrides[key] = value
-    return with_overrides(base, overrides)
+    return overrides
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -246,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fedlora`` console script."""
+    """Entry point of the ``fedlora`` console script (``argv`` None: the process's command line)."""
+    argv_given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["certs"]:
         return cmd_certs(argv[1:])
@@ -267,11 +294,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedlora {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as err:
-        print(f"fedlora {args.command}: failed: {err}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print(f"fedlora {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"fedlora {args.command}: failed: {err}", file=sys.stderr, flush=True)
+        return _abnormal_end(EXIT_FAILED, process=argv_given is None)
+    except KeyboardInterrupt as stop:
+        from simulations.interrupt import Interrupted
+
+        advice = stop.advice() if isinstance(stop, Interrupted) else "interrupted"
+        print(f"fedlora {args.command}: {advice}", file=sys.stderr, flush=True)
+        return _abnormal_end(EXIT_INTERRUPTED, process=argv_given is None)
+
+
+def _abnormal_end(status: int, *, process: bool) -> int:
+    """Return ``status``; as the process's own command (``process``), end the process promptly.
+
+    A failed or interrupted simulation may leave library threads behind that would keep the
+    process alive (:func:`simulations.interrupt.exit_promptly`); a caller of ``main(argv)``
+    gets the status back instead.
+    """
+    if process:
+        from simulations.interrupt import exit_promptly
+
+        exit_promptly(status)
+    return status
 
 
 if __name__ == "__main__":

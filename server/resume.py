@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from fedlora.config import ConfigError, RunConfig
@@ -64,3 +65,48 @@ def config_changes(checkpoint_json: str, new: RunConfig) -> list[str]:
             + "\nrestore those values, or start a new run in another out-dir"
         )
     return safe
+
+
+CHECKPOINT = "checkpoint.pt"
+# What a run directory records of the configuration a run was started with, most exact first:
+# ``fedlora simulate`` writes resolved_config.json, every ServerApp writes config.toml.
+RUN_CONFIG_FILES = ("resolved_config.json", "config.toml")
+
+
+def run_config_of(run_dir: str | Path) -> RunConfig | None:
+    """Return the configuration the run in ``run_dir`` was started with, or None if no run is there.
+
+    ``--resume`` starts from it, so a user types only what changes (``fedlora simulate --out
+    DIR --resume``, or ``--rounds 10`` to extend the run); flags on top are changes that
+    :func:`config_changes` checks against the checkpoint.
+    """
+    from fedlora.config import from_json, load_toml
+
+    for name in RUN_CONFIG_FILES:
+        path = Path(run_dir) / name
+        if path.is_file():
+            return from_json(path.read_text(encoding="utf-8")) if name.endswith(".json") else load_toml(path)
+    return None
+
+
+def check_resume(run_dir: Path, cfg: RunConfig) -> list[str]:
+    """Refuse resuming ``run_dir`` with ``cfg`` before anything is written; return the safe changes.
+
+    The ServerApp checks again when it resumes (:meth:`server.loop.ServerRun._resume`); this
+    lets ``fedlora simulate`` refuse while the run directory is still exactly as it was.
+    No checkpoint yet (a run that stopped before its first round) is no change: it starts over.
+
+    Raises
+    ------
+    ResumeError
+        For a checkpoint that cannot be resumed or a configuration that would mix two runs.
+    """
+    from fedlora.checkpoint import load_checkpoint, prev_path
+    from server.checks import check_resumable
+
+    path = Path(run_dir) / CHECKPOINT
+    if not (path.exists() or prev_path(path).exists()):
+        return []
+    ckpt = load_checkpoint(path)
+    check_resumable(ckpt, cfg.federation.num_rounds, path)
+    return config_changes(str(ckpt.get("config", "{}")), cfg)

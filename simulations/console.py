@@ -18,8 +18,9 @@ import json
 import logging
 import os
 import sys
+import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -145,11 +146,52 @@ class LiveProgress:
             self._task = None
 
 
-class ProgressGrid(PollingGrid):
-    """A :class:`~server.grid.PollingGrid` that reports each reply to a :class:`LiveProgress`."""
+class StopGrid(PollingGrid):
+    """A grid whose every call raises :class:`simulations.interrupt.RunStopped` once ``stop`` is set.
 
-    def __init__(self, inner: Grid, progress: LiveProgress, num_rounds: int, poll: float = 0.1) -> None:
-        super().__init__(inner, poll)
+    After Ctrl-C this ends the ServerApp's thread at its next poll instead of leaving it
+    waiting for replies (or nodes) that will never come.
+    """
+
+    def __init__(self, inner: Grid, stop: threading.Event) -> None:
+        super().__init__(inner)
+        self.stop = stop
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            from simulations.interrupt import RunStopped
+
+            raise RunStopped("the run was interrupted (Ctrl-C)")
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102 - Grid API
+        self._check_stop()
+        return super().get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102 - Grid API
+        self._check_stop()
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102 - Grid API
+        self._check_stop()
+        return super().pull_messages(message_ids)
+
+
+class ProgressGrid(PollingGrid):
+    """A :class:`~server.grid.PollingGrid` that reports each reply to a :class:`LiveProgress`.
+
+    With ``stop``, the grid it polls is a :class:`StopGrid` (Ctrl-C ends the ServerApp).
+    """
+
+    def __init__(
+        self,
+        inner: Grid,
+        progress: LiveProgress,
+        num_rounds: int,
+        poll: float = 0.1,
+        *,
+        stop: threading.Event | None = None,
+    ) -> None:
+        super().__init__(inner if stop is None else StopGrid(inner, stop), poll)
         self.progress, self.num_rounds, self._label = progress, num_rounds, ""
 
     def _describe(self, messages: list[Message]) -> str:

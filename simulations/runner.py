@@ -170,13 +170,13 @@ def simulate(
         complete round's checkpoint is in the run directory.
     """
     check_runnable(cfg, ray_address)
-    from fedlora.derive import derive_config
-
-    cfg, derived = derive_config(cfg, check=True)  # task and max_length from the model and the data
+    cfg, run_dir = resolve_run_dir(cfg)
     from fedlora.tracking import check_reporters
 
     check_reporters(cfg.output.report_to)  # a missing extra is refused with its install command
-    cfg, run_dir = resolve_run_dir(cfg)
+    from fedlora.derive import derive_config
+
+    cfg, derived = derive_config(cfg, check=True)  # task and max_length from the model and the data
     if cfg.output.resume:
         from server.resume import check_resume
 
