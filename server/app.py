@@ -20,6 +20,8 @@ from fedlora.config import ConfigError, RunConfig, from_json, load_toml, with_ov
 from server.grid import PollingGrid
 from server.loop import ServerRun
 from server.outputs import default_run_dir
+from server.resume import run_config_of
+from server.simulation_size import fit_to_simulation
 
 CONFIG_ENV = "FEDLORA_CONFIG_FILE"
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -37,7 +39,10 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     scenario = str(values.pop("scenario", "") or "")
     extra = str(values.pop("overrides", "") or "")
     base = RunConfig()
-    if scenario:
+    own = run_config_of(values["out-dir"]) if values.get("resume") and values.get("out-dir") else None
+    if own is not None:  # resuming: the run's own configuration; the other keys are changes to it
+        base = own
+    elif scenario:
         path = Path(scenario)
         base = load_toml(path if path.is_absolute() else APP_DIR / path)
     overrides = {k: v for k, v in values.items() if v not in ("", 0, 0.0, False)}
@@ -61,6 +66,8 @@ def resolve_config(context: Context) -> RunConfig:
 def main(grid: Grid, context: Context) -> None:
     """Run a federated LoRA fine-tuning."""
     cfg = resolve_config(context)
+    if not os.environ.get(CONFIG_ENV):  # flwr run: a local simulation has the nodes it has
+        cfg = fit_to_simulation(cfg, grid, context.run_config)
     run_dir = Path(cfg.output.out_dir) if cfg.output.out_dir else default_run_dir()
     if not isinstance(grid, PollingGrid):  # Flower's own grid pulls replies every 3 s
         grid = PollingGrid(grid)
