@@ -169,11 +169,12 @@ def local_data(
     if key not in _DATA_CACHE:
         dcfg = node_data(cfg.data, dict(node.columns), node.data_path, node.data_format)
         if node.data_path:
-            rows = read_rows(dcfg.source, dcfg.format)
+            # Under record DP a bad row becomes a public filler record instead of an error: whether the
+            # node errs must not tell the server (which picks the labels and max_length) about one record.
+            dp = cfg.privacy.mode == "record"
+            rows = read_rows(dcfg.source, dcfg.format, lenient=dp)
             if cfg.model.task == "classification":
-                # Under record DP a bad row becomes a public filler record instead of an error: whether
-                # the node errs must not tell the server (which picks the labels) that a record exists.
-                private = cfg.privacy.mode == "record" and bool(labels)
+                private = dp and bool(labels)
                 records, _ = classification_records(rows, dcfg, dcfg.source, labels or None, filler=private)
                 stand_ins = sum(r == FILLER_RECORD for r in records)
                 if private and stand_ins:
@@ -181,7 +182,7 @@ def local_data(
                         "%d local record(s) replaced by a public filler (label or text invalid)", stand_ins
                     )
             else:
-                records = instruction_records(rows, dcfg, dcfg.source)
+                records = instruction_records(rows, dcfg, dcfg.source, filler=dp)
         else:
             records = partitions(cfg.data, cfg.model.task, node.num_partitions)[node.partition_id]
         _DATA_CACHE[key] = split_local(

@@ -76,10 +76,25 @@ tokenising: far more than any tokenizer keeps, so the encoding is unchanged, but
 can no longer make the round measurably slower."""
 
 
+MAX_TOKENS_FOR_TEXT_CAP = 1024
+"""The text cap never grows past this many tokens' worth, whatever ``max_length`` the server sends."""
+
+
 def bounded_text(records: list[dict[str, Any]], cfg: RunConfig) -> list[dict[str, Any]]:
-    """Return ``records`` with every string field cut at ``TEXT_CHARS_PER_TOKEN * max_length`` characters."""
-    cap = TEXT_CHARS_PER_TOKEN * max(1, int(cfg.model.max_length or 512))
-    return [{k: v[:cap] if isinstance(v, str) else v for k, v in r.items()} for r in records]
+    """Return ``records`` with every string field cut at ``TEXT_CHARS_PER_TOKEN`` characters per token.
+
+    The cap follows ``model.max_length`` up to :data:`MAX_TOKENS_FOR_TEXT_CAP` tokens (the server
+    picks ``max_length``: an unbounded cap let one huge record show in the reply latency), and
+    text that is not valid UTF-8 (a lone surrogate) is replaced, so no single record can make
+    the tokenizer raise.
+    """
+    tokens = min(max(1, int(cfg.model.max_length or 512)), MAX_TOKENS_FOR_TEXT_CAP)
+    cap = TEXT_CHARS_PER_TOKEN * tokens
+
+    def clean(v: str) -> str:
+        return v[:cap].encode("utf-8", "replace").decode("utf-8")
+
+    return [{k: clean(v) if isinstance(v, str) else v for k, v in r.items()} for r in records]
 
 
 def state_dir(node: NodeSettings) -> str:

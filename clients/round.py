@@ -62,6 +62,32 @@ def _start_state(template: AdapterState, received: AdapterState, seed: int, rank
     return start
 
 
+MAX_RECEIVED_ABS = 1e3
+"""Under record DP the largest magnitude a received adapter or merge value may have."""
+
+
+def check_received_magnitude(tensors: AdapterState) -> None:
+    """Refuse (whatever the data) received values above :data:`MAX_RECEIVED_ABS` under record DP.
+
+    A finite but huge head or factor can overflow one chosen record's logits to inf; the round's
+    non-finite-loss error then told the server that record was in the data, without spending
+    budget. Trained LoRA factors and heads stay orders of magnitude below the bound, and with it
+    every activation of a normalised transformer stays finite in float32.
+
+    Raises
+    ------
+    PayloadError
+        If any value exceeds the bound; the decision depends only on the server's message.
+    """
+    for name, t in tensors.items():
+        peak = float(t.detach().abs().max()) if t.numel() else 0.0
+        if not peak <= MAX_RECEIVED_ABS:
+            raise PayloadError(
+                f"server sent {name!r} with a value of magnitude {peak:.3g}, above {MAX_RECEIVED_ABS:g}: a "
+                "record-DP node does not train on such an adapter"
+            )
+
+
 def run_train_round(content: RecordDict, context: Context) -> RecordDict:
     """Run one training round for the message ``content`` and return the reply content."""
     try:
@@ -69,6 +95,8 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
     except ProtocolError as err:
         raise PayloadError(f"malformed train request: {err}") from err
     cfg, node = local_config(req.run_config, context.node_config)  # the node's floor and data first
+    if cfg.privacy.mode == "record":
+        check_received_magnitude({**req.adapter, **(req.merge or {})})
     labels = req.labels
     rank, alpha = req.rank, req.alpha
     if rank != node.rank:
@@ -135,7 +163,10 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
         return TrainReply(
             len(train_records), None, metrics, privacy.ledger_json(), declined_reason=privacy.reason
         ).to_content()
-    train_ds = encode(train_records, loaded.tokenizer, cfg.model.max_length, cfg.model.task)
+    refuse_cuts = not privacy.enabled  # under DP a refusal would tell the server one record's length
+    train_ds = encode(
+        train_records, loaded.tokenizer, cfg.model.max_length, cfg.model.task, refuse_cuts=refuse_cuts
+    )
     with merged_into_base(loaded, merge):
         try:
             result = train_local(
@@ -154,13 +185,21 @@ def run_train_round(content: RecordDict, context: Context) -> RecordDict:
         val = (  # a small client may hold no validation records (local_val_fraction rounds down)
             evaluate(
                 model,
-                encode(val_records, loaded.tokenizer, cfg.model.max_length, cfg.model.task),
+                encode(
+                    val_records,
+                    loaded.tokenizer,
+                    cfg.model.max_length,
+                    cfg.model.task,
+                    refuse_cuts=refuse_cuts,
+                ),
                 cfg.model.task,
                 device,
                 cfg.train.eval_batch_size,
-                trim=not privacy.enabled,  # under DP its time must not follow record lengths
+                trim=True,
             )
-            if val_records
+            # Under DP local validation scores never leave the node, and its errors and time would
+            # follow single records (a server-chosen max_length can cut every response): skip it.
+            if val_records and not privacy.enabled
             else None
         )
         val_seconds = time.perf_counter() - t_val

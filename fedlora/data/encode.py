@@ -11,6 +11,7 @@ entirely is refused and partly cut ones are counted in a warning (:func:`fedlora
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +19,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedlora.data.sources import Record
+
+log = logging.getLogger(__name__)
 
 PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 IGNORE_INDEX = -100
@@ -54,8 +57,16 @@ def prompt_ids(tokenizer: Any, instruction: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
 
 
-def encode_causal(records: Sequence[Record], tokenizer: Any, max_length: int) -> TensorDataset:
-    """Tokenise ``{"instruction", "response"}`` records, masking the prompt out of the loss."""
+def encode_causal(
+    records: Sequence[Record], tokenizer: Any, max_length: int, *, refuse_cuts: bool = True
+) -> TensorDataset:
+    """Tokenise ``{"instruction", "response"}`` records, masking the prompt out of the loss.
+
+    ``refuse_cuts=False`` (a node under record-level DP, whose server picks ``max_length``): an
+    example cut before its response trains on zero target tokens (no gradient) instead of
+    refusing the round, since a refusal would tell the server that one record is that long; the
+    counts go to the node's own log only.
+    """
     pad = tokenizer.pad_token_id
     eos = tokenizer.eos_token_id
     ids_rows, mask_rows, label_rows = [], [], []
@@ -76,7 +87,13 @@ def encode_causal(records: Sequence[Record], tokenizer: Any, max_length: int) ->
     from fedlora.derive import check_cuts, cut_counts
 
     longest = max(total_lengths, default=0)
-    check_cuts(cut_counts(prompt_lengths, total_lengths, max_length), max_length, longest, "encoded")
+    cuts = cut_counts(prompt_lengths, total_lengths, max_length)
+    if refuse_cuts:
+        check_cuts(cuts, max_length, longest, "encoded")
+    elif cuts.emptied or cuts.partly:
+        log.warning(
+            "%d encoded examples lose their whole response, %d are partly cut", cuts.emptied, cuts.partly
+        )
     return TensorDataset(
         torch.tensor(ids_rows, dtype=torch.long),
         torch.tensor(mask_rows, dtype=torch.long),
@@ -84,8 +101,10 @@ def encode_causal(records: Sequence[Record], tokenizer: Any, max_length: int) ->
     )
 
 
-def encode(records: Sequence[Record], tokenizer: Any, max_length: int, task: str) -> TensorDataset:
-    """Dispatch to :func:`encode_classification` or :func:`encode_causal`."""
+def encode(
+    records: Sequence[Record], tokenizer: Any, max_length: int, task: str, *, refuse_cuts: bool = True
+) -> TensorDataset:
+    """Dispatch to :func:`encode_classification` or :func:`encode_causal` (``refuse_cuts``: see there)."""
     if task == "classification":
         return encode_classification(records, tokenizer, max_length)
-    return encode_causal(records, tokenizer, max_length)
+    return encode_causal(records, tokenizer, max_length, refuse_cuts=refuse_cuts)

@@ -57,8 +57,12 @@ def detect_format(path: Path) -> str:
     )
 
 
-def read_rows(source: str, fmt: str = "auto") -> list[Record]:
+def read_rows(source: str, fmt: str = "auto", *, lenient: bool = False) -> list[Record]:
     """Read all rows of a local file or saved dataset as dicts.
+
+    ``lenient=True`` (a node's own file under record-level DP): a JSONL line that is not a JSON
+    object becomes an empty row (which the record mappers then replace by a public filler)
+    instead of an error, so whether the node errs does not depend on one line.
 
     Raises
     ------
@@ -82,7 +86,7 @@ def read_rows(source: str, fmt: str = "auto") -> list[Record]:
 
             rows = pd.read_csv(path).to_dict(orient="records")
         elif fmt == "jsonl":
-            rows = _read_jsonl(path)
+            rows = _read_jsonl(path, lenient)
         elif fmt == "parquet":
             import pandas as pd
 
@@ -103,7 +107,7 @@ def read_rows(source: str, fmt: str = "auto") -> list[Record]:
         raise DataError(f"cannot read {source!r} as {fmt}: {err}") from err
     if not rows:
         raise DataError(f"data source {source!r} has no rows")
-    return _located(rows, fmt, source)
+    return _located([r if isinstance(r, dict) or not lenient else {} for r in rows], fmt, source)
 
 
 def _located(rows: list[Any], fmt: str, source: str) -> list[Record]:
@@ -125,7 +129,7 @@ def _where(fmt: str, index: int) -> str:
     return f"line {index + 2}" if fmt == "csv" else f"row {index + 1}"
 
 
-def _read_jsonl(path: Path) -> list[Record]:
+def _read_jsonl(path: Path, lenient: bool = False) -> list[Record]:
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         items = json.loads(text)
@@ -136,7 +140,11 @@ def _read_jsonl(path: Path) -> list[Record]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{str(path)!r} line {i} is not valid JSON: {err}") from err
+                if not lenient:
+                    raise DataError(f"{str(path)!r} line {i} is not valid JSON: {err}") from err
+                row = {}
+            if not isinstance(row, dict) and lenient:
+                row = {}
             if not isinstance(row, dict):
                 raise DataError(
                     f"{str(path)!r} line {i}: a row must be a JSON object, got {type(row).__name__}"
@@ -178,11 +186,11 @@ def classification_records(
     picks ``labels``, whether one record exists; a public stand-in keeps the data size and is a
     replace-one neighbour, which the DP guarantee covers. The caller logs the count locally.
     """
+    if filler and labels is not None:
+        return _with_filler(rows, cfg, source, labels), tuple(labels)
     _require_columns(
         rows, [cfg.text_column, cfg.label_column], source, "data.text_column / data.label_column"
     )
-    if filler and labels is not None:
-        return _with_filler(rows, cfg, source, labels), tuple(labels)
     raw_labels = [_check_label(r, cfg.label_column, source) for r in rows]
     if labels is None:
         labels = tuple(str(v) for v in sorted({_label_key(v) for v in raw_labels}, key=_sort_key))
@@ -256,8 +264,26 @@ def _sort_key(value: Any) -> tuple[int, Any]:
     return (0, value) if isinstance(value, int | float) else (1, str(value))
 
 
-def instruction_records(rows: Sequence[Record], cfg: DataConfig, source: str) -> list[Record]:
-    """Map raw rows to ``{"instruction", "response"}`` records for causal-LM fine-tuning."""
+FILLER_INSTRUCTION: Record = {"instruction": "filler", "response": "filler"}
+"""The public instruction record that stands in for a bad row under record-level DP."""
+
+
+def instruction_records(
+    rows: Sequence[Record], cfg: DataConfig, source: str, *, filler: bool = False
+) -> list[Record]:
+    """Map raw rows to ``{"instruction", "response"}`` records for causal-LM fine-tuning.
+
+    ``filler=True`` (record-level DP): a row without an instruction or response becomes
+    :data:`FILLER_INSTRUCTION` instead of an error (see :func:`classification_records`).
+    """
+    if filler:
+        cols = (cfg.instruction_column, cfg.response_column)
+        return [
+            {"instruction": str(r[cols[0]]), "response": str(r[cols[1]])}
+            if all(isinstance(r.get(c), str | int | float) and not isinstance(r.get(c), bool) for c in cols)
+            else dict(FILLER_INSTRUCTION)
+            for r in rows
+        ]
     _require_columns(
         rows,
         [cfg.instruction_column, cfg.response_column],

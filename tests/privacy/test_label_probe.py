@@ -67,3 +67,75 @@ def test_a_record_dp_node_does_not_derive_settings_from_its_records(task_identit
     with pytest.raises(Exception, match="refused the setup request"):
         setup_reply(a, "record", **{"model.max_length": 0})
     assert setup_reply(a, "record")["num-examples"] > 0
+
+
+@pytest.mark.parametrize(
+    "odd_line",
+    ["{not json", "[1, 2, 3]", json.dumps({"label": "cat"}), json.dumps({"text": "x", "label": {"a": 1}})],
+)
+def test_no_single_malformed_line_changes_the_setup_reply(task_identity, tmp_path, odd_line):
+    a = write(tmp_path / "a.jsonl", BASE)
+    rows = [json.dumps(r) for r in BASE[:-1]]
+    (tmp_path / "b.jsonl").write_text("\n".join([odd_line, *rows]) + "\n")  # even as the first row
+    assert setup_reply(a, "record") == setup_reply(str(tmp_path / "b.jsonl"), "record")
+
+
+def test_a_train_round_on_a_file_with_bad_rows_trains_like_any_other(task_identity, tmp_path):
+    from tests.test_client_app import _template, _train_msg
+
+    lines = [json.dumps({"text": "\ud800 lone surrogate", "label": "cat"}), "{not json"]
+    lines += [json.dumps(r) for r in BASE[:-2]]
+    (tmp_path / "b.jsonl").write_text("\n".join(lines) + "\n")
+    over = {
+        "privacy.mode": "record",
+        "privacy.noise_multiplier": 1.0,
+        "federation.num_clients": 2,
+        "lora.rank": 4,
+        "model.task": "classification",
+        "model.max_length": 16,
+        "train.local_steps": 1,
+        "train.batch_size": 8,
+    }
+    cfg = with_overrides(RunConfig(), over)
+    node_config = {
+        "partition-id": 0,
+        "num-partitions": 2,
+        "data-path": str(tmp_path / "b.jsonl"),
+        "dp-epsilon": 8.0,
+    }
+    ctx = Context(run_id=1, node_id=10, node_config=node_config, state=RecordDict(), run_config={})
+    msg = _train_msg(
+        cfg, _template(), labels=json.dumps(["cat", "dog", "eel", "fox"])
+    )  # 4: the template head
+    reply = app(msg, ctx)
+    assert dict(reply.content["metrics"])["dp-steps"] == 1
+
+
+def test_a_huge_received_value_is_refused_whatever_the_data():
+    # A finite head of 1e37 overflowed one chosen record's logits to inf: the non-finite-loss error then
+    # said whether that record was there. The refusal now depends on the message alone.
+    import torch
+
+    from clients.round import MAX_RECEIVED_ABS, PayloadError, check_received_magnitude
+
+    check_received_magnitude({"head": torch.full((2, 2), MAX_RECEIVED_ABS)})
+    with pytest.raises(PayloadError, match="magnitude"):
+        check_received_magnitude({"head": torch.tensor([[1.6e37, 0.0]])})
+
+
+def test_lenient_reading_and_fillers_for_instruction_data(tmp_path):
+    from clients.privacy import bounded_text
+    from fedlora.data.sources import FILLER_INSTRUCTION, DataError, instruction_records, read_rows
+
+    path = tmp_path / "i.jsonl"
+    path.write_text(
+        '{"instruction": "q", "response": "a"}\n{broken\n{"instruction": "q2", "response": null}\n'
+    )
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_rows(str(path))
+    rows = read_rows(str(path), lenient=True)
+    cfg = RunConfig()
+    records = instruction_records(rows, cfg.data, str(path), filler=True)
+    assert records == [{"instruction": "q", "response": "a"}, FILLER_INSTRUCTION, FILLER_INSTRUCTION]
+    cut = bounded_text([{"text": "ok \ud800 end"}], with_overrides(RunConfig(), {"model.max_length": 8}))
+    assert cut[0]["text"].encode("utf-8")  # valid UTF-8: no tokenizer error on a lone surrogate
