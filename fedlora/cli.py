@@ -182,10 +182,19 @@ def _evaluate_parser(sub: Any) -> None:
         ("--data-format", "data.format"),
         ("--text-column", "data.text_column"),
         ("--label-column", "data.label_column"),
-        ("--device", "train.device"),
+        ("--instruction-column", "data.instruction_column"),
+        ("--response-column", "data.response_column"),
     ):
         spec = _SPECS[key]
-        p.add_argument(flag, default=spec.default, choices=spec.choices or None, help=spec.help)
+        p.add_argument(
+            flag, default=spec.default, choices=spec.choices or None, metavar=spec.metavar, help=spec.help
+        )
+    p.add_argument(
+        "--device",
+        default=_SPECS["train.device"].default,
+        choices=_SPECS["train.device"].choices,
+        help="device to evaluate on (auto: a GPU when there is one)",
+    )
     p.add_argument("--model", metavar="NAME", help="base model (default: from the adapter's run config)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -200,6 +209,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data_format=args.data_format,
         text_column=args.text_column,
         label_column=args.label_column,
+        instruction_column=args.instruction_column,
+        response_column=args.response_column,
         model=args.model,
         device=args.device,
     )
@@ -218,8 +229,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _report_parser(sub: Any) -> None:
-    p = sub.add_parser("report", help="render a run's privacy report (Markdown, HTML, JSON)")
-    p.add_argument("run_dir", help="run directory")
+    p = sub.add_parser(
+        "report",
+        help="render a run's privacy report (Markdown, HTML, JSON)",
+        description="Write privacy_report.md, .html and .json of a run directory again from the privacy "
+        "ledgers the run recorded (privacy/), e.g. after a resumed or copied run or a fedlora upgrade. "
+        "A run without DP gets a report that says so plainly.",
+    )
+    p.add_argument("run_dir", help="run directory (runs/<timestamp>, or the --out of the run)")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -194,8 +194,12 @@ class DataConfig:
     label_column: str = _field(
         "label", flag="label-column", metavar="COLUMN", help="label column (classification)"
     )
-    instruction_column: str = _field("instruction", help="instruction column (causal-lm)")
-    response_column: str = _field("response", help="response column (causal-lm)")
+    instruction_column: str = _field(
+        "instruction", flag="instruction-column", metavar="COLUMN", help="instruction column (causal-lm)"
+    )
+    response_column: str = _field(
+        "response", flag="response-column", metavar="COLUMN", help="response column (causal-lm)"
+    )
     num_train: int = _field(2000, help="training examples of the embedded task")
     num_test: int = _field(500, help="held-out examples of the embedded task")
     test_fraction: float = _field(0.2, help="share of a data file held out by the server")

@@ -73,6 +73,12 @@ def evaluate_adapter(
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # transformers reports the base model's classification head as "MISSING ... newly initialized":
+    # true of the bare base, but the adapter loaded next carries the trained head (modules_to_save).
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
     from fedlora.generate import evaluate_generation
 

@@ -23,6 +23,11 @@ from simulations.preflight import check_runnable
 
 DEFAULT_SCENARIO = Path(__file__).resolve().parent / "default.toml"
 
+# Under DP the result lines show train loss "-": said once, in the header.
+DP_LOSS_NOTE = (
+    "\ntrain loss: '-' under DP: clients send no loss (it is not covered by the guarantee); "
+    "the held-out scores are the server's own"
+)
 # Clients listed one per line in the data summary; more are summarised in one line.
 MAX_SUMMARY_ROWS = 12
 
@@ -88,7 +93,7 @@ def _header(cfg: RunConfig, run_dir: Path, ray_address: str | None) -> str:
         f"on {where}; "
         f"model {cfg.model.name} ({cfg.model.task}, max_length {cfg.model.max_length}), "
         f"LoRA {ranks}, {privacy}\n"
-        f"run directory: {run_dir}"
+        f"run directory: {run_dir}" + (DP_LOSS_NOTE if dp.mode != "none" else "")
     )
 
 
