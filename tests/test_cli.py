@@ -215,3 +215,44 @@ def test_simulate_joins_an_existing_ray_cluster_with_a_quiet_console(ray_head, t
     assert "final test accuracy" in stdout and "no DP" in stdout
     for noise in ("DEBUG", "DEPRECATED", "run_simulation", "ClientAppActor", "LOAD REPORT"):
         assert noise not in stdout + stderr, noise
+
+
+# --- what a newcomer reads (issue 24, point 6)
+
+
+def test_evaluate_prints_the_scores_without_transformers_load_report(adapter_dir):
+    proc = fedlora("evaluate", str(adapter_dir))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "examples: accuracy" in proc.stdout
+    # The bare base's head is "MISSING ... newly initialized" to transformers; the adapter carries it.
+    for noise in ("LOAD REPORT", "MISSING", "newly initialized", "Loading weights"):
+        assert noise not in proc.stdout + proc.stderr, noise
+
+
+def test_help_pages_describe_what_they_do():
+    evaluate = fedlora("evaluate", "--help").stdout
+    assert "--instruction-column COLUMN" in evaluate and "--response-column COLUMN" in evaluate
+    assert "device to evaluate on" in evaluate and "training device" not in evaluate
+    report = fedlora("report", "--help").stdout
+    assert "privacy_report.md, .html and .json" in report  # a description, not only the usage line
+    simulate = fedlora("simulate", "--help").stdout
+    assert "--instruction-column COLUMN" in simulate and "--response-column COLUMN" in simulate
+
+
+def test_column_flags_reach_the_config():
+    from fedlora.cli import build_config, build_parser
+
+    args = build_parser().parse_args(["simulate", "--instruction-column", "q", "--response-column", "a"])
+    cfg = build_config(args)
+    assert (cfg.data.instruction_column, cfg.data.response_column) == ("q", "a")
+
+
+def test_the_header_says_why_train_loss_is_a_dash_under_dp(tmp_path):
+    from fedlora.config import RunConfig, with_overrides
+    from simulations.runner import _header
+
+    plain = _header(RunConfig(), tmp_path, None)
+    record_dp = with_overrides(RunConfig(), {"privacy.mode": "record", "privacy.epsilon": 3})
+    dp = _header(record_dp, tmp_path, None)
+    assert "train loss" not in plain
+    assert "train loss: '-' under DP: clients send no loss" in dp
