@@ -65,10 +65,11 @@ def fit_to_simulation(cfg: RunConfig, grid: Grid, run_config: Mapping[str, Any])
     fed = cfg.federation
     asked = int(run_config.get("num-clients", 0) or 0)
     if asked and asked != nodes:
+        federation = getattr(grid.run, "federation_id", "") or "<federation>"
         raise ConfigError(
             f"num-clients = {asked}, but this simulation has {nodes} SuperNodes; pass num-clients={nodes} "
-            f"(or leave it out), or resize the federation: flwr federation simulation-config "
-            f"<federation> <superlink> --num-supernodes {asked}"
+            f"(or leave it out), or resize the simulation: flwr federation simulation-config "
+            f"{federation} local --num-supernodes {asked} (local: the SuperLink connection)"
         )
     if nodes in (0, fed.num_clients):
         return cfg
