@@ -1,10 +1,15 @@
-"""fedlora's benchmark suite: ``python -m benchmarks <name> [--quick]`` or ``python -m benchmarks all``.
+"""fedlora's maintained benchmarks: ``python -m benchmarks <name> [--quick]`` or ``python -m benchmarks all``.
 
-Each benchmark is a module of this package with ``run(quick: bool) -> (result, table)``: a JSON-able
-dict and a Markdown table, written to ``benchmarks/results/<name>.json`` and ``.md`` (see
+Each guards a target (``docs/benchmarks.md`` gives it, with the latest figure and its machine).
+A registered benchmark is a module of this package with ``run(quick: bool) -> (result, table)``: a
+JSON-able dict and a Markdown table, written to ``benchmarks/results/<name>.json`` and ``.md`` (see
 :mod:`benchmarks.harness`). ``--quick`` shrinks every size so the whole suite runs in seconds as a
-smoke test (``tests/benchmarks``); its numbers mean nothing. ``docs/benchmarks.md`` collects the
-full tables with the commands that produced them.
+smoke test (``tests/benchmarks``); its numbers mean nothing. Two more start real SuperNodes or
+load SmolLM2 and run standalone (``python benchmarks/deploy_overhead.py``, ``python
+benchmarks/wire_objects.py``); GPU throughput is ``scripts/gpu_check.sh``. :mod:`benchmarks.quality_driver`
+runs a federation in-process (fedlora's server loop and ClientApp, no Ray) for ``backdoor`` and the
+studies. One-off studies (the papers' claims, DP tuning, quality grids, baselines) live in
+``experiments/``.
 """
 
 from __future__ import annotations
@@ -17,17 +22,8 @@ from typing import Any
 BENCHMARKS: dict[str, str] = {
     "aggregation": "benchmarks.aggregation",
     "wire_bytes": "benchmarks.wire_bytes",
-    "dp_overhead": "benchmarks.dp_overhead",
-    "reproducibility": "benchmarks.reproducibility",
-    "linear_probe": "benchmarks.linear_probe",
-    "dp_tuning": "benchmarks.dp_tuning",
-    "dp_curve": "benchmarks.dp_curve",
-    "dp_claim": "benchmarks.dp_claim",
-    "quality": "benchmarks.quality",
     "default_run": "benchmarks.default_run",
-    "scaling": "benchmarks.scaling",
-    "baseline": "benchmarks.baseline",
-    "padding": "benchmarks.padding",
+    "dp_overhead": "benchmarks.dp_overhead",
     "backdoor": "benchmarks.backdoor",
 }
 

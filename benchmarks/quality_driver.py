@@ -1,4 +1,4 @@
-"""In-process federated runs for the learning-quality benchmarks: ``fedlora simulate`` without Ray.
+"""In-process federated runs for the backdoor benchmark and the studies: ``fedlora simulate`` without Ray.
 
 ``fedlora simulate`` runs :class:`server.loop.ServerRun` on Flower's Simulation Engine, which
 starts Ray and one actor per concurrent client (about 30 s of start-up per run on a 2-core

@@ -1,10 +1,10 @@
 """fedlora against the plain Flower way (issue 10, section 3): speed, memory, bytes, accuracy, ε.
 
-The plain Flower way is :mod:`benchmarks.baselines.plain_flower`: the pattern of Flower's own
+The plain Flower way is :mod:`experiments.baselines.plain_flower`: the pattern of Flower's own
 Opacus/PEFT examples (model rebuilt and a fresh Opacus ``PrivacyEngine`` every round, the whole
 adapter state exchanged, ``FedAvg``). Both systems run the same scenario in Flower's simulation
 engine on this machine, each in a fresh process, measured the same way from their messages
-(:mod:`benchmarks.baselines.metering`): seconds per round (between the starts of consecutive
+(:mod:`experiments.baselines.metering`): seconds per round (between the starts of consecutive
 rounds; start-up apart), bytes per round, memory (peak of driver + Ray workers, and growth per
 client-round), final held-out accuracy. Without and with record-level DP (a fixed noise
 multiplier, so both spend the same budget).
@@ -98,7 +98,7 @@ def full_model_bytes(cfg: RunConfig) -> dict[str, int]:
     """Bytes of one message carrying the whole model state vs the whole adapter state (computed)."""
     from flwr.app import ArrayRecord
 
-    from benchmarks.baselines.plain_flower import adapter_arrays, build_model
+    from experiments.baselines.plain_flower import adapter_arrays, build_model
     from fedlora.protocol_arrays import record_bytes
 
     model, _ = build_model(cfg)
@@ -129,7 +129,7 @@ def _planned_epsilons(cfg: RunConfig) -> dict[str, float]:
 
 
 def _arm(kind: str, dp: bool, work: Path) -> dict[str, Any]:
-    from benchmarks.baselines.metering import run_isolated
+    from experiments.baselines.metering import run_isolated
 
     cfg = scenario(dp, work / f"{kind}-{'dp' if dp else 'nodp'}" / "run")
     out = run_isolated(kind, cfg, work / f"{kind}-{'dp' if dp else 'nodp'}", timeout=600)

@@ -3,14 +3,14 @@
 A standalone command, not part of ``python -m benchmarks all`` (a deployment cannot run in
 seconds, and every registered benchmark runs its ``--quick`` mode in the test suite)::
 
-    python -m benchmarks.baseline_deploy [--rounds 4] [--nodes 2] [--privacy none,record]
-        [--arms plain,plain-poll,fedlora] [--out benchmarks/results]
+    python -m experiments.baseline_deploy [--rounds 4] [--nodes 2] [--privacy none,record]
+        [--arms plain,plain-poll,fedlora] [--out experiments/results]
 
 Each arm is a fresh local deployment made of real processes (:class:`fedlora.deploy.fleet.Fleet`:
 a SuperLink with TLS and SuperNode authentication, ``--nodes`` SuperNodes on this machine), the
 same task and sizes (:data:`SIZES`), DP off or record-level DP (σ = 1, C = 1):
 
-* ``plain``: the plain Flower app (:mod:`benchmarks.baselines.plain_flower`, the pattern of
+* ``plain``: the plain Flower app (:mod:`experiments.baselines.plain_flower`, the pattern of
   Flower's Opacus/PEFT examples: model rebuilt every message, a fresh ``PrivacyEngine`` per round
   under DP, FedAvg of the whole adapter state), bundled at run time into a temporary app
   directory (:func:`build_plain_app`) and run by plain ``flower-supernode`` (a ``flwr-clientapp``
@@ -24,7 +24,7 @@ Both apps read the same :class:`fedlora.config.RunConfig` (built once from the r
 to fedlora). Seconds per round, measured the same way on both: from the server sending the
 round's train messages to the end of its central evaluation of the new global adapter (fedlora's
 ``seconds`` in ``metrics.jsonl``; for the plain app the ServerApp's
-:class:`~benchmarks.baselines.plain_deploy_app.TimedGrid` and its timed evaluation). Round 1
+:class:`~experiments.baselines.plain_deploy_app.TimedGrid` and its timed evaluation). Round 1
 includes one-time work (fedlora's worker loads the model), so the steady state is rounds
 2..R: their median (the table's speed-up) and minimum. Also: the whole run's wall time
 (``flwr run`` submit to end: start-up, round 0's evaluation and every round), bytes per round
@@ -50,7 +50,7 @@ from typing import Any
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python benchmarks/baseline_deploy.py` as well as `-m`
+if str(ROOT) not in sys.path:  # `python experiments/baseline_deploy.py` as well as `-m`
     sys.path.insert(0, str(ROOT))
 
 NAME = "baseline_deploy"
@@ -266,7 +266,7 @@ class NodeRss:
 
 def build_plain_app(app_dir: Path) -> Path:
     """Write the plain app's Flower App directory (pyproject + a package of the two modules)."""
-    from benchmarks.baselines import plain_deploy_app, plain_flower
+    from experiments.baselines import plain_deploy_app, plain_flower
 
     pkg = app_dir / PLAIN_PACKAGE
     pkg.mkdir(parents=True, exist_ok=True)
@@ -299,8 +299,8 @@ def run_arm(
     arm: str, privacy: str, rounds: int, nodes: int, work: Path, sizes: Mapping[str, str] = SIZES
 ) -> dict[str, Any]:
     """Deploy one arm in ``work`` and run it to the end; return its measurements."""
-    from benchmarks.baselines.plain_flower import CONFIG_ENV
     from benchmarks.deploy_overhead import ENV
+    from experiments.baselines.plain_flower import CONFIG_ENV
     from fedlora.deploy.fleet import Fleet
     from server.app import config_from_run_config
 
@@ -387,10 +387,11 @@ def table(arms: Mapping[str, Mapping[str, Any]], ups: Mapping[str, float]) -> st
 
 def main(argv: list[str] | None = None) -> int:
     """Run the arms (see the module docstring); write ``baseline_deploy.json`` and ``.md``."""
-    from benchmarks.harness import RESULTS_DIR, machine, write_result
+    from benchmarks.harness import machine, write_result
+    from experiments import RESULTS_DIR
 
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.baseline_deploy",
+        prog="python -m experiments.baseline_deploy",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

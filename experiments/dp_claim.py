@@ -5,14 +5,14 @@ the DP scenario that learns: ``simulations/dp.toml`` as it is (FFA-LoRA, 2 clien
 records, Poisson batch 256, 4 rounds x 10 steps, r 4, alpha/r 16, lr 0.005, record DP), run once
 with ``federation.strategy = "ffa"`` and once with ``"fedit"`` per seed; nothing else differs.
 The seed sets ``data.seed``, ``train.seed`` and ``federation.seed`` (as
-:func:`benchmarks.quality.cell_config` does): the generated data, its partition and local split,
+:func:`experiments.quality.cell_config` does): the generated data, its partition and local split,
 the initial adapter and head. It does NOT fix the DP noise nor the Poisson batches: both come
 from OS entropy on each client (``fedlora.privacy.dpsgd``), so two runs of one seed still differ
 and the spread across seeds includes that noise. The two runs of a seed are paired (same data and
 initial adapter).
 
 The noise multiplier is the one an IID client calibrates for the target epsilon over the whole
-planned run (:func:`benchmarks.dp_curve.planned_sigma`), computed once and given to the clients,
+planned run (:func:`experiments.dp_curve.planned_sigma`), computed once and given to the clients,
 which keep the target as their budget and report the epsilon their own ledgers spent.
 Every run is wrapped in :class:`~benchmarks.quality_driver.AggregationProbe`: FedIT's
 cross-term error per round (FFA-LoRA's is 0 by construction: A is frozen and shared).
@@ -22,13 +22,13 @@ round-to-round drop of held-out accuracy (rounds 0..T, round 0 = the untrained a
 smaller spread across seeds (sample std per round), and a monotone curve; final accuracy and
 test loss are reported next to them.
 
-Every finished run is appended to ``benchmarks/results/dp_claim_runs.jsonl``; ``--resume`` keeps
+Every finished run is appended to ``experiments/results/dp_claim_runs.jsonl``; ``--resume`` keeps
 those and runs only the rest, so the runs can be chunked (one invocation per seed):
 
-    flock /tmp/fedlora-heavy.lock timeout 1000 python -m benchmarks.dp_claim --resume --seeds 0
-    python -m benchmarks.dp_claim --resume --seeds          # no new runs: tables from the file
+    flock /tmp/fedlora-heavy.lock timeout 1000 python -m experiments.dp_claim --resume --seeds 0
+    python -m experiments.dp_claim --resume --seeds          # no new runs: tables from the file
 
-``--quick``: :data:`benchmarks.dp_curve.QUICK` (two clients, one round, one DP step at a given
+``--quick``: :data:`experiments.dp_curve.QUICK` (two clients, one round, one DP step at a given
 noise multiplier) for both strategies, seed 0 (seconds; a smoke test, its numbers mean nothing).
 """
 
@@ -46,10 +46,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.dp_curve import QUICK, SCENARIO, planned_sigma
-from benchmarks.harness import RESULTS_DIR, machine, markdown_table, write_result
-from benchmarks.quality import fmt, largest_drop, load_runs, mean_std
+from benchmarks.harness import machine, markdown_table, write_result
 from benchmarks.quality_driver import run_federated
+from experiments import RESULTS_DIR
+from experiments.dp_curve import QUICK, SCENARIO, planned_sigma
+from experiments.quality import fmt, largest_drop, load_runs, mean_std
 from fedlora.config import RunConfig, load_toml, with_overrides
 
 RUNS_FILE = "dp_claim_runs.jsonl"  # one line per finished run, so runs can be chunked and resumed
@@ -275,8 +276,8 @@ def run(
 
     ``resume`` keeps the runs already in ``out_dir/dp_claim_runs.jsonl`` (otherwise the file starts
     empty); a run is identified by (strategy, seed, target epsilon). ``out_dir`` defaults to
-    ``benchmarks/results`` (quick: a temporary directory). ``quick``: the smoke-sized federation
-    at :data:`benchmarks.dp_curve.QUICK`'s given noise multiplier, seed 0 only.
+    ``experiments/results`` (quick: a temporary directory). ``quick``: the smoke-sized federation
+    at :data:`experiments.dp_curve.QUICK`'s given noise multiplier, seed 0 only.
     """
     unknown = sorted(set(strategies) - set(STRATEGIES))
     if unknown:
@@ -324,9 +325,9 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.dp_claim [--resume] [--seeds ...] [--strategies ...] [--epsilon E]``."""
+    """``python -m experiments.dp_claim [--resume] [--seeds ...] [--strategies ...] [--epsilon E]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.dp_claim", description=__doc__.split("\n\n")[0]
+        prog="python -m experiments.dp_claim", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--resume", action="store_true", help=f"keep the runs already in {RUNS_FILE}")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, numbers meaningless")

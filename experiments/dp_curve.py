@@ -4,12 +4,12 @@ Runs the scenario without DP and at each target epsilon (whole run, delta 1e-5, 
 the clients calibrate the noise once per run) with the in-process driver
 (:mod:`benchmarks.quality_driver`: the server loop, ClientApp, Opacus DP-SGD and ledgers of
 ``fedlora simulate``, without Ray's start-up), and reports the held-out accuracy per round next
-to the frozen-base linear probe (``benchmarks/results/linear_probe.json``). Targets (issue 10):
+to the frozen-base linear probe (``experiments/results/linear_probe.json``). Targets (issue 10):
 epsilon 8 within 15 points of the non-DP run, epsilon 3 clearly above the probe.
 ``--quick`` runs a two-client, one-round, one-step DP federation on 8 test examples at a given
 noise multiplier (seconds): a smoke test of the path, its numbers mean nothing.
 
-    flock /tmp/fedlora-heavy.lock python -m benchmarks dp_curve     # 3 federated runs
+    flock /tmp/fedlora-heavy.lock python -m experiments dp_curve     # 3 federated runs
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import RESULTS_DIR, machine, markdown_table
+from benchmarks.harness import machine, markdown_table
 from benchmarks.quality_driver import run_federated
+from experiments import RESULTS_DIR
 from fedlora.config import RunConfig, load_toml, with_overrides
 from fedlora.privacy.calibrate import calibrate_noise_multiplier
 

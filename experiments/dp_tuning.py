@@ -14,10 +14,10 @@ per-example gradients and divides by the expected batch, so the noise on the ave
 updates divides it by ``sqrt(K)`` again. The proxy trains at a small batch ``b`` with the noise
 multiplier ``sigma b / (B sqrt(K))``, which puts exactly that noise on each averaged step at a
 fraction of the compute (its gradient *sampling* noise is larger, so it is pessimistic). The proxy's
-epsilon is meaningless; only the federated runs of ``python -m benchmarks dp_curve`` report epsilon,
+epsilon is meaningless; only the federated runs of ``python -m experiments dp_curve`` report epsilon,
 from the clients' own ledgers.
 
-    flock /tmp/fedlora-heavy.lock python -m benchmarks dp_tuning [--quick]
+    flock /tmp/fedlora-heavy.lock python -m experiments dp_tuning [--quick]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from benchmarks.harness import fresh_classifier, machine, markdown_table
 from fedlora.config import RunConfig, load_toml
 from fedlora.data.embedded import EMBEDDED_LABELS, embedded_splits
 from fedlora.data.encode import encode_classification
+from fedlora.models import detect_target_modules
 from fedlora.privacy.calibrate import calibrate_noise_multiplier
 from fedlora.privacy.dpsgd import PrivateTraining, make_private_lora
 from fedlora.train import Wrap, evaluate, train_local
@@ -157,7 +158,7 @@ def train_eval(
     config = LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha_for(cfg.lora.rank),
-        target_modules=list(cfg.lora.target_modules),
+        target_modules=list(cfg.lora.target_modules or detect_target_modules(base)),
         modules_to_save=["classifier"],
     )
     model = get_peft_model(base, config)

@@ -11,8 +11,8 @@ Measures the two numbers that justify :mod:`fedlora.data.embedded` as the defaul
 
 Usage::
 
-    python -m benchmarks linear_probe            # writes benchmarks/results/linear_probe.{json,md}
-    python -m benchmarks.linear_probe --out FILE  # the same with every option on the command line
+    python -m experiments linear_probe            # writes experiments/results/linear_probe.{json,md}
+    python -m experiments.linear_probe --out FILE  # the same with every option on the command line
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def table(results: dict) -> str:
 
 
 def run(quick: bool) -> tuple[dict, str]:
-    """Harness entry (``python -m benchmarks linear_probe``); ``quick`` shrinks data and steps."""
+    """Harness entry (``python -m experiments linear_probe``); ``quick`` shrinks data and steps."""
     argv = ["--num-train", "64", "--num-test", "32", "--steps", "2", "--eval-every", "2"] if quick else []
     results = measure(parse_args(argv))
     return results, table(results)

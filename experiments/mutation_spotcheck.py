@@ -1,14 +1,16 @@
-"""Spot-check named mutants without a full mutmut run (not part of CI).
+"""Spot-check named mutants without a full mutmut run (the mutation passes' study; not part of CI).
 
 Each case is one source edit that a mutation run left alive and the test written to kill it.
 The edited module is re-executed in-process (every loaded module is pointed at the new
 objects), the test runs, and the original source is restored; the whole list takes seconds
 because torch is imported once. A case whose text no longer matches the source is reported as
-NOT-APPLIED (the code moved on: rerun ``scripts/mutation.py`` instead).
+NOT-APPLIED (the code moved on: rerun ``scripts/mutation.py`` instead). The passes and every
+survivor are written up in ``experiments/mutation.md``; test paths follow the merged test files
+(each mutation-pass file merged into its unit's test file).
 
 Usage (from the repository root)::
 
-    python scripts/mutation_spotcheck.py      # prints KILLED / SURVIVED / NOT-APPLIED per case
+    python experiments/mutation_spotcheck.py      # prints KILLED / SURVIVED / NOT-APPLIED per case
 """
 
 import importlib
@@ -22,10 +24,11 @@ ARGS = ["-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-p", "no:unr
 R = "tests/adversary/test_robust_math.py::"
 L = "tests/privacy/test_ledger_mutation.py::"
 C = "tests/privacy/test_client_dp_mutation.py::"
-K = "tests/strategies/test_common_ranked_mutation.py::"
+K = "tests/strategies/test_strategy_common.py::"
 AC = "tests/privacy/test_accounting_mutation.py::"
-HF = "tests/strategies/test_mutation_kills_hetlora_flexlora.py::"
-FA = "tests/strategies/test_mutation_kills_fair.py::"
+HE = "tests/strategies/test_hetlora.py::"
+FL = "tests/strategies/test_flexlora.py::"
+FA = "tests/strategies/test_fair.py::"
 CA = "tests/privacy/test_mutation_kills_calibrate.py::"
 CASES = [
     (
@@ -165,20 +168,20 @@ CASES = [
         "strategies.hetlora",
         "a64, b64 = a.to(torch.float64), b.to(torch.float64)",
         "a64, b64 = a.to(None), b.to(torch.float64)",
-        HF + "test_product_norm_is_exact_where_float32_gram_entries_cancel",
+        HE + "test_product_norm_is_exact_where_float32_gram_entries_cancel",
     ),
     (
         "strategies.hetlora",
         "a64, b64 = a.to(torch.float64), b.to(torch.float64)",
         "a64, b64 = a.to(torch.float64), b.to(None)",
-        HF + "test_product_norm_is_exact_where_float32_gram_entries_cancel",
+        HE + "test_product_norm_is_exact_where_float32_gram_entries_cancel",
     ),
     *[
         (
             "strategies.hetlora",
             "for p, s in zip(pairs, scales, strict=True)]",
             f"for p, s in zip(pairs, scales{tail})]",
-            HF + "test_norm_weights_refuses_scales_that_do_not_match_the_clients",
+            HE + "test_norm_weights_refuses_scales_that_do_not_match_the_clients",
         )
         for tail in (", strict=None", ", strict=False", ", ")
     ],
@@ -186,14 +189,14 @@ CASES = [
         "strategies.flexlora",
         "[p.b.to(f64)[None] for p in pairs],",
         "[p.b.to(None)[None] for p in pairs],",
-        HF + "test_flexlora_module_computes_float32_factors_in_float64",
+        FL + "test_flexlora_module_computes_float32_factors_in_float64",
     ),
     *[
         (
             "strategies.flexlora",
             old,
             new,
-            HF + "test_orthonormal_completion_keeps_the_rows_dtype_whatever_the_defaults",
+            FL + "test_orthonormal_completion_keeps_the_rows_dtype_whatever_the_defaults",
         )
         for old, new in (
             ("hint.to(rows.dtype)", "hint.to(None)"),
@@ -208,7 +211,7 @@ CASES = [
             "strategies.flexlora",
             old,
             new,
-            HF + "test_svds_of_mixed_dtype_factors_compute_in_float64",
+            FL + "test_svds_of_mixed_dtype_factors_compute_in_float64",
         )
         for old, new in (
             ("= compute_dtype(b_cat, a_cat)\n    b, a_t", "= None\n    b, a_t"),
@@ -227,7 +230,7 @@ CASES = [
             "strategies.flexlora",
             "amax(dim=(-2, -1), keepdim=True)",
             new,
-            HF + "test_gram_rescales_each_matrix_by_its_own_largest_entry",
+            FL + "test_gram_rescales_each_matrix_by_its_own_largest_entry",
         )
         for new in (
             "amax(dim=None, keepdim=True)",
@@ -241,20 +244,20 @@ CASES = [
         "strategies.flexlora",
         "vals.clamp_min(0.0).sqrt().unsqueeze(-2)",
         "vals.clamp_min(0.0).sqrt().unsqueeze(-3)",
-        HF + "test_gram_factor_falls_back_per_matrix_for_several_singular_grams",
+        FL + "test_gram_factor_falls_back_per_matrix_for_several_singular_grams",
     ),
     (
         "strategies.flexlora",
         "w[..., -k:].flip(-1)",
         "w[..., -k:].flip(+1)",
-        HF + "test_gram_top_svd_keeps_the_leading_subspace_when_top_is_below_m",
+        FL + "test_gram_top_svd_keeps_the_leading_subspace_when_top_is_below_m",
     ),
     *[
         (
             "strategies.flora",
             "for c, p in zip(coeffs, pairs, strict=True):",
             f"for c, p in zip(coeffs, pairs{tail}):",
-            "tests/strategies/test_mutation_kills_flora.py::"
+            "tests/strategies/test_flora.py::"
             "test_flora_module_refuses_coefficients_that_do_not_match_the_clients",
         )
         for tail in (", strict=None", ", strict=False", ", ")
@@ -264,7 +267,7 @@ CASES = [
             "strategies.flora",
             old,
             new,
-            "tests/strategies/test_mutation_kills_flora.py::"
+            "tests/strategies/test_flora.py::"
             "test_flora_module_scales_half_precision_stacks_in_float32_and_rounds_once",
         )
         for old, new in (
@@ -277,8 +280,7 @@ CASES = [
             "strategies.flora",
             old,
             new,
-            "tests/strategies/test_mutation_kills_flora.py::"
-            "test_extend_merge_and_compact_keep_the_templates_float32",
+            "tests/strategies/test_flora.py::test_extend_merge_and_compact_keep_the_templates_float32",
         )
         for old, new in (
             ("b=u.to(pair.b.dtype))", "b=u.to(None))"),
@@ -316,8 +318,7 @@ CASES = [
             "strategies.batched",
             old,
             new,
-            "tests/strategies/test_mutation_kills_batched.py::"
-            "test_module_batches_names_the_clients_that_lack_a_module",
+            "tests/strategies/test_batched.py::test_module_batches_names_the_clients_that_lack_a_module",
         )
         for old, new in (
             ("missing = [i for i, cp in enumerate(client_pairs) if module not in cp]", "missing = None"),
@@ -332,7 +333,7 @@ CASES = [
             "strategies.fair",
             old,
             new,
-            FA + "test_torch_loop_matches_the_kernel_at_a_zero_and_a_small_product",
+            FA + "test_vectorised_adam_at_a_zero_and_a_small_product_equals_textbook_adam",
         )
         for old, new in (
             ("q = max(c_q[i] + 2.0 * r_c + r_g, 0.0)", "q = max(c_q[i] + 2.0 * r_c + r_g, 1.0)"),

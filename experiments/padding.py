@@ -13,7 +13,7 @@ reported: the mean number of columns each step ran. That trimming leaves every p
 and gradient as it was (up to rounding) is tested, not measured here
 (``tests/privacy/test_trim_training.py``).
 
-    flock /tmp/fedlora-heavy.lock python -m benchmarks padding [--quick]
+    flock /tmp/fedlora-heavy.lock python -m experiments padding [--quick]
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ cell here (as each client would, from its sample rate and planned steps) and giv
 
 ``--quick``: tiny sizes, one seed, a few cells (a smoke test; numbers meaningless).
 
-    flock /tmp/fedlora-heavy.lock python -m benchmarks quality            # the claims, 3 seeds
-    flock /tmp/fedlora-heavy.lock python -m benchmarks.quality --grid full  # issue 10's whole grid
-    python -m benchmarks.quality --resume     # skip runs already in benchmarks/results/quality_runs.jsonl
+    flock /tmp/fedlora-heavy.lock python -m experiments quality            # the claims, 3 seeds
+    flock /tmp/fedlora-heavy.lock python -m experiments.quality --grid full  # issue 10's whole grid
+    python -m experiments.quality --resume     # skip runs already in experiments/results/quality_runs.jsonl
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import RESULTS_DIR, machine, markdown_table, write_result
+from benchmarks.harness import machine, markdown_table, write_result
 from benchmarks.quality_driver import ZeroPadding, run_federated
+from experiments import RESULTS_DIR
 from fedlora.config import RunConfig, load_toml, with_overrides
 from fedlora.data.embedded import embedded_labels, embedded_splits
 from fedlora.privacy.calibrate import calibrate_noise_multiplier, planned_steps
@@ -209,7 +210,7 @@ def largest_drop(accuracy: Sequence[float]) -> float:
 
 def probe_features(model_path: str, records: Sequence[dict[str, Any]], max_length: int) -> dict[str, Any]:
     """Return frozen-encoder features (mean-pooled and CLS) of ``records``' texts."""
-    from benchmarks.linear_probe import frozen_features
+    from experiments.linear_probe import frozen_features
 
     return frozen_features(model_path, [str(r["text"]) for r in records], max_length)
 
@@ -556,9 +557,9 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.quality [--grid full] [--resume] [--quick]``: run and write the results."""
+    """``python -m experiments.quality [--grid full] [--resume] [--quick]``: run and write the results."""
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0]
+        prog="python -m experiments.quality", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--grid", choices=("claims", "full"), default="claims", help="which cells to run")
     parser.add_argument("--resume", action="store_true", help=f"keep the runs already in {RUNS_FILE}")

@@ -16,7 +16,7 @@ With DP on, randomness must NOT be reproducible: the DP noise and Poisson sampli
 entropy (:mod:`fedlora.privacy.randomness`), which the second check confirms (two DP rounds with
 one seed differ).
 
-    python -m benchmarks reproducibility [--quick]
+    python -m experiments reproducibility [--quick]
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ bookkeeping: Flower's node state, the server's per-node information, the data pa
 clients' cached local splits. Memory must stay flat (one shared base model per worker process).
 
 Each client count runs the same runner as ``fedlora simulate`` in a fresh process, measured from
-its messages (:mod:`benchmarks.baselines.metering`): seconds per round (between the starts of
+its messages (:mod:`experiments.baselines.metering`): seconds per round (between the starts of
 consecutive rounds), start-up (Ray, querying every node, the initial evaluation) and the peak
 resident memory of the whole process tree (driver + Ray workers, sampled every 0.25 s).
 
@@ -82,8 +82,8 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
 
 def run(quick: bool) -> tuple[dict[str, Any], str]:
     """Harness entry (see the module docstring)."""
-    from benchmarks.baselines.metering import run_isolated
     from benchmarks.harness import machine, markdown_table
+    from experiments.baselines.metering import run_isolated
     from fedlora.data.cached import partitions
 
     work = Path(tempfile.mkdtemp(prefix="fedlora-scaling-"))

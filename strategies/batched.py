@@ -5,15 +5,16 @@ most of their time in per-module Python and BLAS call overhead when a model has 
 modules (Llama-7B: 32 layers x q,k,v,o). Here modules that share a shape (and client ranks) are
 stacked along a leading axis and handed to the method's math as one batch, so LAPACK/BLAS run
 batched calls and elementwise work is vectorised. Batches are capped in bytes, which bounds peak
-memory, and each runs under a thread policy chosen by matrix size (one thread for small
-matrices, where waking threads costs more than the work; every thread for large ones).
+memory. Every torch call of the loop runs on one thread; where the work is large, the threads
+the caller had work on independent modules in parallel (:func:`map_chunks`). The choice depends
+on the work alone, never on the machine's load.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import os
+import contextvars
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -33,21 +34,23 @@ MAX_BATCH_BYTES = 32 << 20
 
 T = TypeVar("T")
 
+# Inside aggregate_modules: the torch thread count the caller had, which module-parallel workers
+# share out (the loop itself runs its calls on one thread each; see aggregate_modules).
+_WORKERS: contextvars.ContextVar[int | None] = contextvars.ContextVar("fedlora_batched_workers", default=None)
+
 
 def policy_threads(work: int, available: int | None = None) -> int:
-    """Return the torch thread count for calls of ``work`` multiply-adds each.
+    """Return the thread count for calls (or independent chunks) of ``work`` multiply-adds each.
 
-    One thread for small calls. Large calls get every thread torch was given (``available``,
-    default the current count) while the machine has idle cores; when the 1-minute load average
-    already fills every core, extra OpenMP threads only wait on each other (measured on 2 busy
-    cores: a batched 4096 x 160 QR ran 5x slower on 2 threads than on 1), so they get one.
+    One thread for small work, where waking threads costs more than the work; ``available`` for
+    large work. ``available`` defaults to the thread count torch had when the enclosing
+    :func:`aggregate_modules` began (outside it, torch's current count). The choice depends on
+    the work and that count only, never on the machine's load, so an input runs the same way on
+    every call.
     """
-    available = available or torch.get_num_threads()
-    if work < SMALL_WORK or available == 1:
-        return 1
-    cores = os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return available if busy < cores else 1
+    if available is None:
+        available = _WORKERS.get() or torch.get_num_threads()
+    return 1 if work < SMALL_WORK else available
 
 
 @contextlib.contextmanager
@@ -72,11 +75,10 @@ def map_chunks(fn: Callable[[int, int], T], total: int, chunk: int, workers: int
     separate Python threads with one torch thread each (torch releases the GIL inside its
     kernels), and never wait on each other. OpenMP threads inside each call instead meet at a
     barrier after every call: for LoRA-FAIR's thousands of small elementwise passes that costs
-    more than it saves, and on a busy machine a barrier waits for a descheduled thread (measured:
-    a batched 4096 x 160 QR 5x slower on 2 busy cores than on 1). Pass ``workers =``
-    :func:`policy_threads` ``(work)``; with one worker the chunks run in a plain loop on one
-    thread. Each chunk is computed the same way whatever ``workers`` is, so results do not
-    depend on it.
+    more than it saves, and on a busy machine a barrier waits for a descheduled thread. Pass
+    ``workers =`` :func:`policy_threads` ``(work)``; with one worker the chunks run in a plain
+    loop on one thread. Each chunk is computed the same way whatever ``workers`` is, so results
+    do not depend on it.
     """
     bounds = [(lo, min(lo + chunk, total)) for lo in range(0, total, max(1, chunk))]
     workers = min(workers, len(bounds))
@@ -237,9 +239,16 @@ def aggregate_modules(
     """Return the next global state: ``fn`` on every batch of same-shape modules, head FedAvg'd.
 
     The loop shared by FlexLoRA, HetLoRA and LoRA-FAIR. ``fn`` maps a :class:`ModuleBatch` to the
-    new global ``(A, B)`` batches (M x R x d_in, M x d_out x R) and picks its threads with
-    :func:`thread_policy` by the size of its calls. Outputs keep ``state``'s names, order and
-    dtypes; non-LoRA tensors are averaged with ``rest_weights``. Inputs are not modified.
+    new global ``(A, B)`` batches (M x R x d_in, M x d_out x R). Outputs keep ``state``'s names,
+    order and dtypes; non-LoRA tensors are averaged with ``rest_weights``. Inputs are not modified.
+
+    Threads: the loop runs every torch call on one thread, and the thread count the caller had
+    goes to module-parallel workers (:func:`map_chunks` with ``workers =``
+    :func:`policy_threads` ``(work)``), which never wait on each other. OpenMP threads inside one
+    call meet at a barrier after it, and on a machine whose cores are busy with other work a
+    barrier waits for a descheduled thread: on this project's shared 2-core machine (load average
+    5-7) the float32 reference QR+SVD of ``benchmarks/aggregation.py`` took 18 s on 2 threads
+    against 0.9 s on one, for 32 modules at Llama-7B shape.
 
     Parameters
     ----------
@@ -256,15 +265,18 @@ def aggregate_modules(
             *(t for cp in client_pairs for p in cp.values() for t in (p.a, p.b)),
         )
     out: dict[str, LoraPair] = {}
-    for batch in module_batches(global_pairs, client_pairs, dtype, max_bytes):
-        new_a, new_b = fn(batch)
-        with thread_policy(0):  # copies: memory-bound, extra threads only contend
-            for i, module in enumerate(batch.modules):
-                g = global_pairs[module]
-                out[module] = LoraPair(
-                    a=new_a[i].to(g.a.dtype, copy=True, memory_format=torch.contiguous_format),
-                    b=new_b[i].to(g.b.dtype, copy=True, memory_format=torch.contiguous_format),
-                )
-    with thread_policy(0):
-        new = join_state(out, average_rest([r.state for r in results], rest_weights, state))
+    token = _WORKERS.set(_WORKERS.get() or torch.get_num_threads())
+    try:
+        with thread_policy(0):  # one thread per call; modules in parallel (map_chunks) where large
+            for batch in module_batches(global_pairs, client_pairs, dtype, max_bytes):
+                new_a, new_b = fn(batch)
+                for i, module in enumerate(batch.modules):
+                    g = global_pairs[module]
+                    out[module] = LoraPair(
+                        a=new_a[i].to(g.a.dtype, copy=True, memory_format=torch.contiguous_format),
+                        b=new_b[i].to(g.b.dtype, copy=True, memory_format=torch.contiguous_format),
+                    )
+            new = join_state(out, average_rest([r.state for r in results], rest_weights, state))
+    finally:
+        _WORKERS.reset(token)
     return {k: new[k] for k in state}

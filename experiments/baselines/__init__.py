@@ -1,9 +1,9 @@
 """Reference points for fedlora's benchmarks that are not fedlora.
 
-:mod:`benchmarks.baselines.plain_flower` is a small plain Flower app written the way Flower's own
+:mod:`experiments.baselines.plain_flower` is a small plain Flower app written the way Flower's own
 Opacus and PEFT examples are (model rebuilt and a fresh Opacus ``PrivacyEngine`` every round, the
-whole adapter state exchanged, Flower's ``FedAvg``); :mod:`benchmarks.baselines.metering` runs it
+whole adapter state exchanged, Flower's ``FedAvg``); :mod:`experiments.baselines.metering` runs it
 and ``fedlora simulate`` the same way and measures both from their messages
-(``benchmarks/baseline.py``, ``benchmarks/scaling.py``). :mod:`benchmarks.baselines.plain_deploy_app`
-bundles the same app for real SuperNodes, with a timed ServerApp grid (``benchmarks/baseline_deploy.py``).
+(``experiments/baseline.py``, ``experiments/scaling.py``). :mod:`experiments.baselines.plain_deploy_app`
+bundles the same app for real SuperNodes, with a timed ServerApp grid (``experiments/baseline_deploy.py``).
 """

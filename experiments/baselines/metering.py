@@ -17,8 +17,8 @@ the replies are in. From those records :func:`summarize` derives what the benchm
 
 One run per process (Ray and the model caches start fresh)::
 
-    python -m benchmarks.baselines.metering fedlora CONFIG.json OUT.json
-    python -m benchmarks.baselines.metering plain CONFIG.json OUT.json
+    python -m experiments.baselines.metering fedlora CONFIG.json OUT.json
+    python -m experiments.baselines.metering plain CONFIG.json OUT.json
 
 ``CONFIG.json`` is a :class:`fedlora.config.RunConfig` (``to_json()``).
 """
@@ -40,8 +40,8 @@ import psutil
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from benchmarks.baselines.plain_deploy_app import call_record
 from benchmarks.harness import PeakRss, tree_rss
+from experiments.baselines.plain_deploy_app import call_record
 from fedlora.config import RunConfig, from_json
 from server.grid import PollingGrid
 
@@ -179,7 +179,7 @@ def run_plain(cfg: RunConfig, config_file: Path) -> dict[str, Any]:
     """Run the plain Flower app in Flower's simulation engine with a metered grid."""
     from flwr.simulation import run_simulation
 
-    from benchmarks.baselines import plain_flower
+    from experiments.baselines import plain_flower
     from simulations.console import quiet_environment
     from simulations.runner import _backend_config
 
@@ -212,7 +212,7 @@ def run_isolated(kind: str, cfg: RunConfig, work: Path, timeout: float) -> dict[
     work.mkdir(parents=True, exist_ok=True)
     config_file, out_file, log_file = work / "config.json", work / "result.json", work / "log.txt"
     config_file.write_text(cfg.to_json(), encoding="utf-8")
-    cmd = [sys.executable, "-m", "benchmarks.baselines.metering", kind, str(config_file), str(out_file)]
+    cmd = [sys.executable, "-m", "experiments.baselines.metering", kind, str(config_file), str(out_file)]
     root = Path(__file__).resolve().parents[2]
     # Ray workers inherit the environment: with the project root first on their path, `benchmarks`
     # is this package and not the `benchmarks` package that Opacus' wheel installs.

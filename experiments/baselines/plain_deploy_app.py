@@ -1,15 +1,15 @@
 """The plain Flower baseline as a deployable Flower App, with a meter on its ServerApp's grid.
 
-:mod:`benchmarks.baseline_deploy` copies this module and :mod:`~benchmarks.baselines.plain_flower`
+:mod:`experiments.baseline_deploy` copies this module and :mod:`~experiments.baselines.plain_flower`
 into one package of a temporary app directory whose ``pyproject.toml`` names
 ``server_app`` and ``client_app`` below as the app's components; ``flwr run`` bundles it, the
 SuperLink's ``flwr-serverapp`` and every SuperNode's ``flwr-clientapp`` import it from the bundle
 (hence the relative import). The ClientApp is the baseline's own, unchanged: a fresh
 ``flwr-clientapp`` process per message rebuilds the model, as Flower's examples do. Both sides
 read the run config from the JSON file named by ``FEDLORA_BASELINE_CONFIG``
-(:data:`~benchmarks.baselines.plain_flower.CONFIG_ENV`), set in every process of the deployment.
+(:data:`~experiments.baselines.plain_flower.CONFIG_ENV`), set in every process of the deployment.
 
-The ServerApp is :func:`~benchmarks.baselines.plain_flower.run_fedavg` on a :class:`TimedGrid`:
+The ServerApp is :func:`~experiments.baselines.plain_flower.run_fedavg` on a :class:`TimedGrid`:
 for every ``send_and_receive`` it records the message type, wall-clock start and end
 (``time.time()``, so the benchmark can line them up with other processes), the arrays' bytes
 both ways and each reply's metrics; the central evaluation records when it ended. With run

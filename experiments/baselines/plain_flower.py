@@ -42,6 +42,7 @@ from fedlora.config import RunConfig, from_json
 from fedlora.data.cached import partitions, task_data
 from fedlora.data.encode import encode
 from fedlora.data.partition import split_local
+from fedlora.models import detect_target_modules
 from fedlora.train import trim_padding
 
 CONFIG_ENV = "FEDLORA_BASELINE_CONFIG"
@@ -75,7 +76,8 @@ def build_model(cfg: RunConfig) -> tuple[Any, Any]:
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha_for(cfg.lora.rank),
         lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
+        # the scenario's targets, or the model's usual ones (what fedlora picks when none are set)
+        target_modules=list(cfg.lora.target_modules or detect_target_modules(base)),
         modules_to_save=["classifier"],
         task_type="SEQ_CLS",
     )
@@ -189,7 +191,7 @@ def run_fedavg(
 ) -> None:
     """Run Flower's ``FedAvg.start`` (the ServerApp's body) with central evaluation by ``evaluate_fn``.
 
-    The deployed baseline (:mod:`benchmarks.baselines.plain_deploy_app`) passes a timed
+    The deployed baseline (:mod:`experiments.baselines.plain_deploy_app`) passes a timed
     ``evaluate_global`` here; otherwise this is :func:`main`.
     """
     cfg = run_config()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.baseline_deploy import (
+from experiments.baseline_deploy import (
     PLAIN_PACKAGE,
     build_plain_app,
     fedlora_rounds,

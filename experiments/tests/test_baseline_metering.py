@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.baseline import composed_epsilon, epsilon_check, scenario
-from benchmarks.baselines.metering import summarize
+from experiments.baseline import composed_epsilon, epsilon_check, scenario
+from experiments.baselines.metering import summarize
 
 MIB = 2**20
 

@@ -1,4 +1,4 @@
-"""benchmarks.dp_claim: steadiness math by hand, and a chunked quick run that resumes."""
+"""experiments.dp_claim: steadiness math by hand, and a chunked quick run that resumes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks.dp_claim import RUNS_FILE, compare, is_monotone, main, paired, steadiness
+from experiments.dp_claim import RUNS_FILE, compare, is_monotone, main, paired, steadiness
 
 
 def test_steadiness_by_hand():

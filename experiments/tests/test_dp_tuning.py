@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from benchmarks.dp_tuning import SCENARIO, Arm, arm_config, client_plan, proxy_sigma
+from experiments.dp_tuning import SCENARIO, Arm, arm_config, client_plan, proxy_sigma
 from fedlora.config import load_toml
 
 

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from benchmarks.quality import (
+from benchmarks.quality_driver import (
+    AggregationProbe,
+    ZeroPadding,
+    aggregation_error,
+    cross_term_error,
+    effective_weights,
+)
+from experiments.quality import (
     CENTRAL,
     cell_config,
     check_settings,
@@ -15,13 +22,6 @@ from benchmarks.quality import (
     fmt,
     largest_drop,
     mean_std,
-)
-from benchmarks.quality_driver import (
-    AggregationProbe,
-    ZeroPadding,
-    aggregation_error,
-    cross_term_error,
-    effective_weights,
 )
 from fedlora.adapters import a_name, b_name
 from fedlora.config import RunConfig, with_overrides

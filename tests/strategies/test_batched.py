@@ -1,11 +1,13 @@
 """The shared batched per-module loop: grouping, chunking, thread policy, and batch == per module."""
 
+import pytest
 import torch
 from strategy_testkit import lora_state, result
 
 from fedlora.adapters import LoraPair, a_name, b_name
 from strategies import batched
 from strategies.batched import module_batches, policy_threads, thread_policy
+from strategies.common import StrategyError
 from strategies.fair import LoraFAIR, fair_module
 from strategies.flexlora import FlexLoRA, flexlora_module
 
@@ -58,14 +60,46 @@ def test_fair_batched_equals_module_by_module():
         torch.testing.assert_close(out[b_name(m)], b, rtol=1e-9, atol=1e-12)
 
 
-def test_thread_policy_by_size_and_restores(monkeypatch):
+def test_thread_policy_by_size_alone_and_restores(monkeypatch):
     before = torch.get_num_threads()
-    assert policy_threads(10, 8) == 1
-    monkeypatch.setattr(batched.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    monkeypatch.setattr(batched.os, "cpu_count", lambda: 8)
+    assert policy_threads(10, 8) == 1 and policy_threads(batched.SMALL_WORK - 1, 8) == 1
+    assert policy_threads(batched.SMALL_WORK, 8) == 8 and policy_threads(1 << 30, 8) == 8
+    assert policy_threads(1 << 30) == before  # default: the threads torch was given
+
+    def no_load_average() -> None:
+        raise AssertionError("the thread policy must not depend on the machine's load")
+
+    monkeypatch.setattr("os.getloadavg", no_load_average)
     assert policy_threads(1 << 30, 8) == 8
-    monkeypatch.setattr(batched.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
-    assert policy_threads(1 << 30, 8) == 1  # every core busy: extra threads only contend
     with thread_policy(1) as n:
         assert n == 1 and torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_module_batches_names_the_clients_that_lack_a_module():
+    pair = LoraPair(torch.zeros(1, 3), torch.zeros(2, 1))
+    global_pairs = {"m1": pair, "m2": pair}
+    clients = [{"m1": pair, "m2": pair}, {"m1": pair}, {"m1": pair}]
+    message = r"^client results \[1, 2\] lack the LoRA factors of module 'm2'$"
+    with pytest.raises(StrategyError, match=message):
+        list(module_batches(global_pairs, clients, torch.float32))
+
+
+def test_the_loop_runs_each_call_on_one_thread_and_gives_the_callers_threads_to_workers():
+    state, results = _problem(0, [2, 2])
+    seen = []
+
+    def fn(batch):
+        seen.append((torch.get_num_threads(), policy_threads(1 << 30), policy_threads(1)))
+        return batch.prev_a, batch.prev_b
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = batched.aggregate_modules(state, results, fn, torch.tensor([0.5, 0.5], dtype=torch.float64))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen) == 2 and all(s == (1, 2, 1) for s in seen)  # two shapes: two batches
+    assert all(torch.equal(out[k], state[k]) for k in state)
+    assert policy_threads(1 << 30, None) == torch.get_num_threads()  # outside the loop: torch's count

@@ -1,12 +1,15 @@
+"""FedIT: the example-weighted average of A, B and the head, what it sends, what it refuses."""
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from strategy_testkit import HEAD_B, HEAD_W, PROPERTY, clones, hand_pair, lora_state, result, same
 
-from strategies.base import ClientSpec
+from strategies.base import ClientResult, ClientSpec
 from strategies.common import StrategyError
 from strategies.fedit import FedIT, fedit_aggregate
+from strategies.registry import create
 
 A, B = "m.lora_A.weight", "m.lora_B.weight"
 
@@ -71,3 +74,46 @@ def test_pure_function_uses_like_for_dtype():
     like = {k: v.float() for k, v in states[0].items()}
     out = fedit_aggregate(states, torch.tensor([0.5, 0.5], dtype=torch.float64), like)
     assert all(v.dtype == torch.float32 for v in out.values())
+
+
+H = "head.weight"
+
+
+MIXED = [ClientSpec(1, 1, 2.0), ClientSpec(2, 2, 4.0)]
+
+
+@pytest.mark.parametrize("name", ["fedit", "ffa"])
+def test_uniform_rank_errors_name_the_method(name):
+    strategy = create(name)
+    template = {A: torch.ones(2, 3), B: torch.zeros(4, 2)}
+    with pytest.raises(StrategyError, match=rf"^strategy '{name}' needs every client at one LoRA rank"):
+        strategy.init_state(template, MIXED)
+    state = strategy.init_state(template, [ClientSpec(1, 2, 4.0)])
+    rs = [ClientResult(s, 1, {A: torch.ones(s.rank, 3), B: torch.zeros(4, s.rank)}) for s in MIXED]
+    with pytest.raises(StrategyError, match=rf"^strategy '{name}' needs every client at one LoRA rank"):
+        strategy.aggregate(state, rs)
+
+
+def test_init_state_returns_a_copy_of_the_template():
+    for name in ("fedit", "ffa"):
+        template = {A: torch.ones(1, 2), B: torch.zeros(3, 1)}
+        state = create(name).init_state(template, [ClientSpec(1, 1, 2.0)])
+        assert state.keys() == template.keys() and torch.equal(state[A], template[A])
+        assert state[A] is not template[A]
+
+
+def test_fedit_payload_is_a_copy_of_everything():
+    state = {A: torch.ones(1, 2), B: torch.zeros(2, 1)}
+    p = create("fedit").payload(state, ClientSpec(1, 1, 2.0))
+    assert set(p.adapter) == {A, B} and p.train_a is True and p.adapter[A] is not state[A]
+
+
+def test_base_defaults_through_fedit():
+    fedit = create("fedit")
+    state = {A: torch.ones(1, 2), B: torch.zeros(2, 1)}
+    assert fedit.final_merge(state) is None and fedit.state_dict() == {}
+    fedit.load_state_dict({"anything": 1})  # the default hook accepts and ignores state
+    final = fedit.final_adapter(state, ClientSpec(1, 1, 2.0))
+    assert isinstance(final, dict) and set(final) == {A, B} and torch.equal(final[A], state[A])
+    assert fedit.dp_tensors == "all" and create("ffa").dp_tensors == "no_lora_a"
+    assert create("hetlora").dp_tensors is None

@@ -1,3 +1,5 @@
+"""FFA-LoRA: A frozen and shared, B and the head averaged, A's fingerprint sent instead of A."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -5,9 +7,10 @@ from hypothesis import strategies as st
 from strategy_testkit import HEAD_W, PROPERTY, clones, lora_state, product, result, same
 
 from fedlora.adapters import is_lora_a
-from strategies.base import ClientSpec
+from strategies.base import ClientResult, ClientSpec
 from strategies.common import StrategyError
 from strategies.ffa import FINGERPRINT_KEY, FFALoRA, a_fingerprint, ffa_aggregate
+from strategies.registry import create
 
 A, B = "m.lora_A.weight", "m.lora_B.weight"
 SPECS = [ClientSpec(0, 1, 2.0), ClientSpec(1, 1, 2.0)]
@@ -105,3 +108,49 @@ def test_ffa_sends_exactly_the_documented_bytes_half_of_fedit():
     assert sizes["ffa"] == _documented_bytes("ffa") == (153_616, 153_616)
     assert sizes["fedit"] == (301_072, 301_072)
     assert sizes["ffa"][0] == 12 * 384 * 8 * 4 + (4 * 384 + 4) * 4
+
+
+H = "head.weight"
+
+
+def test_ffa_refuses_a_zero_a_and_a_state_without_a():
+    with pytest.raises(
+        StrategyError, match=r"^FFA-LoRA needs a random non-zero frozen A, but 'n.lora_A.weight' is"
+    ):
+        zero_a = {"n.lora_A.weight": torch.zeros(1, 2), "n.lora_B.weight": torch.zeros(3, 1)}
+        create("ffa").init_state(
+            {A: torch.ones(1, 2), B: torch.zeros(3, 1), **zero_a}, [ClientSpec(1, 1, 2.0)]
+        )
+    with pytest.raises(
+        StrategyError, match=r"^FFA-LoRA needs LoRA A factors in the global state; found none$"
+    ):
+        ffa_aggregate({B: torch.zeros(2, 1)}, [{B: torch.ones(2, 1)}], torch.tensor([1.0]))
+
+
+def test_ffa_keeps_a_averages_b_and_head_and_keeps_name_order():
+    state = {H: torch.zeros(1), A: torch.tensor([[1.0, 2.0]]), B: torch.zeros(2, 1)}
+    states = [
+        {H: torch.tensor([4.0]), B: torch.tensor([[2.0], [0.0]])},
+        {H: torch.zeros(1), B: torch.zeros(2, 1)},
+    ]
+    out = ffa_aggregate(state, states, torch.tensor([0.25, 0.75]))
+    assert list(out) == [H, A, B]
+    assert out[A].tolist() == [[1.0, 2.0]] and out[A] is not state[A]
+    assert out[B].tolist() == [[0.5], [0.0]] and out[H].tolist() == [1.0]
+    ffa = create("ffa")
+    rs = [
+        ClientResult(ClientSpec(k, 1, 2.0), n, s) for k, (n, s) in enumerate(zip([1, 3], states, strict=True))
+    ]
+    assert torch.equal(ffa.aggregate(state, rs)[B], out[B])
+
+
+def test_ffa_payload_leaves_a_out_and_carries_its_fingerprint():
+    state = {A: torch.tensor([[1.0, 2.0]]), B: torch.zeros(2, 1), H: torch.ones(1)}
+    ffa = create("ffa")
+    p = ffa.payload(state, ClientSpec(1, 1, 2.0))
+    assert set(p.adapter) == {B, H} and p.train_a is False
+    assert p.extras == {FINGERPRINT_KEY: a_fingerprint(state)} and FINGERPRINT_KEY == "a-fingerprint"
+    assert a_fingerprint(state) == a_fingerprint({A: state[A]})  # only A counts
+    assert a_fingerprint(state) != a_fingerprint({A: state[A] + 1})
+    final = ffa.final_adapter(state, ClientSpec(1, 1, 2.0))
+    assert set(final) == {A, B, H} and final[A] is not state[A]

@@ -1,3 +1,7 @@
+"""HetLoRA: zero-padding to the global rank, norm weights per module, each client's scale folded into B."""
+
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -173,3 +177,81 @@ def test_small_updates_are_norm_weighted_not_example_weighted():
     pairs = [LoraPair(x[A], x[B]) for x in (s1, s2)]
     w = norm_weights(pairs, [2.0, 2.0], torch.tensor([0.25, 0.75], dtype=torch.float64))
     torch.testing.assert_close(w, torch.tensor([1 / 3, 2 / 3], dtype=torch.float64))
+
+
+A1, B1, A2, B2 = "m1.lora_A.weight", "m1.lora_B.weight", "m2.lora_A.weight", "m2.lora_B.weight"
+
+
+def zero_template() -> dict[str, torch.Tensor]:
+    return {A1: torch.zeros(1, 2), B1: torch.zeros(2, 1), A2: torch.zeros(1, 2), B2: torch.zeros(2, 1)}
+
+
+def test_same_shape_modules_are_weighted_each_by_their_own_norms():
+    # Both clients at rank 1, scale 2. Module m1: client norms 2 and 6 -> w = (1/4, 3/4).
+    # Module m2: client 0 moved nothing (B = 0), client 1 norm 2 -> w = (0, 1).
+    specs = [ClientSpec(0, 1, 2.0), ClientSpec(1, 1, 2.0)]
+    s = HetLoRA()
+    state = s.init_state(zero_template(), specs)
+    c0 = {A1: torch.tensor([[1.0, 0.0]]), B1: torch.tensor([[1.0], [0.0]]),
+          A2: torch.tensor([[8.0, 0.0]]), B2: torch.zeros(2, 1)}  # fmt: skip
+    c1 = {A1: torch.tensor([[0.0, 1.0]]), B1: torch.tensor([[0.0], [3.0]]),
+          A2: torch.tensor([[0.0, 1.0]]), B2: torch.tensor([[1.0], [0.0]])}  # fmt: skip
+    out = s.aggregate(state, [result(0, 1, 2.0, 1, c0), result(1, 1, 2.0, 1, c1)])
+    torch.testing.assert_close(out[A1], torch.tensor([[0.25, 0.75]]))
+    torch.testing.assert_close(out[B1], torch.tensor([[0.25], [2.25]]))
+    torch.testing.assert_close(out[A2], torch.tensor([[0.0, 1.0]]))
+    torch.testing.assert_close(out[B2], torch.tensor([[1.0], [0.0]]))
+
+
+def test_an_all_zero_module_falls_back_to_example_weights_alone():
+    specs = [ClientSpec(0, 1, 2.0), ClientSpec(1, 1, 2.0)]
+    s = HetLoRA()
+    state = s.init_state(zero_template(), specs)
+    c0 = {A1: torch.tensor([[4.0, 0.0]]), B1: torch.zeros(2, 1), A2: torch.tensor([[1.0, 0.0]]),
+          B2: torch.tensor([[1.0], [0.0]])}  # fmt: skip
+    c1 = {A1: torch.tensor([[0.0, 4.0]]), B1: torch.zeros(2, 1), A2: torch.tensor([[0.0, 1.0]]),
+          B2: torch.tensor([[0.0], [1.0]])}  # fmt: skip
+    out = s.aggregate(state, [result(0, 1, 2.0, 1, c0), result(1, 1, 2.0, 3, c1)])
+    torch.testing.assert_close(out[A1], torch.tensor([[1.0, 3.0]]))  # example weights (1/4, 3/4)
+    torch.testing.assert_close(out[A2], torch.tensor([[0.5, 0.5]]))  # equal norms: (1/2, 1/2)
+
+
+def test_norm_weights_by_hand_with_negative_scales_and_fallbacks():
+    one = LoraPair(torch.tensor([[1.0]]), torch.tensor([[3.0]]))
+    two = LoraPair(torch.tensor([[1.0]]), torch.tensor([[1.0]]))
+    fallback = torch.tensor([0.5, 0.5], dtype=torch.float32)
+    w = norm_weights([one, two], [-1.0, 1.0], fallback)
+    assert w.dtype == torch.float64 and w.tolist() == [0.75, 0.25]
+    zero = LoraPair(torch.zeros(1, 1), torch.zeros(1, 1))
+    fb = norm_weights([zero, zero], [1.0, 1.0], fallback)
+    assert fb.dtype == torch.float64 and fb.tolist() == [0.5, 0.5]
+    assert norm_weights([one, two], [math.inf, 1.0], fallback).tolist() == [0.5, 0.5]
+    tiny = LoraPair(torch.tensor([[1e-3]]), torch.tensor([[1e-3]]))
+    assert norm_weights([tiny, two], [1.0, 1.0], fallback).tolist()[0] < 1e-5
+
+
+F32, F64 = torch.float32, torch.float64
+
+
+def test_product_norm_is_exact_where_float32_gram_entries_cancel():
+    # B A = [[0, 2]] (norm 2) from A's rows (1e4, 1), (1e4, -1) and B = [[1, -1]]:
+    # A A^T = [[1e8 + 1, 1e8 - 1], [1e8 - 1, 1e8 + 1]], B^T B = [[1, -1], [-1, 1]],
+    # tr(B^T B A A^T) = 2 (1e8 + 1) - 2 (1e8 - 1) = 4. In float32 every entry of A A^T rounds to
+    # 1e8 (spacing 8), so a float32 Gram matrix gives 0: the float64 cast is what makes it 2.
+    a = torch.tensor([[1e4, 1.0], [1e4, -1.0]], dtype=F32)
+    b = torch.tensor([[1.0, -1.0]], dtype=F32)
+    assert torch.equal(b.double() @ a.double(), torch.tensor([[0.0, 2.0]], dtype=F64))
+    assert product_norm(a, b) == 2.0
+    # The same with the cancellation in B^T B: B = [[1e4, 1e4], [1, -1]], A = [[1], [-1]]: B A = [[0], [2]].
+    assert product_norm(torch.tensor([[1.0], [-1.0]]), torch.tensor([[1e4, 1e4], [1.0, -1.0]])) == 2.0
+
+
+def test_norm_weights_refuses_scales_that_do_not_match_the_clients():
+    # Three scales for two clients: truncating would silently drop a client's scale.
+    one = LoraPair(torch.tensor([[1.0]]), torch.tensor([[3.0]]))
+    two = LoraPair(torch.tensor([[1.0]]), torch.tensor([[1.0]]))
+    fallback = torch.tensor([0.5, 0.5])
+    with pytest.raises(ValueError, match="zip"):
+        norm_weights([one, two], [1.0, 1.0, 1.0], fallback)
+    with pytest.raises(ValueError, match="zip"):
+        norm_weights([one, two], [1.0], fallback)

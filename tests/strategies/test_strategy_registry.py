@@ -1,3 +1,5 @@
+"""The strategy registry: names, parameters and their refusals, registration."""
+
 import math
 
 import pytest
@@ -5,6 +7,7 @@ import pytest
 import strategies
 from strategies.base import LoraStrategy
 from strategies.fair import LoraFAIR
+from strategies.fedit import FedIT
 from strategies.registry import RegistryError, available, create, lookup, params_of, register
 
 NAMES = ["fair", "fedit", "ffa", "flexlora", "flora", "hetlora"]
@@ -83,3 +86,50 @@ def test_register_rejects_duplicates_and_nameless_classes():
     with pytest.raises(RegistryError, match="non-empty class attribute"):
         register(Nameless)
     assert register(LoraFAIR) is LoraFAIR  # re-registering the same class is harmless
+
+
+def test_lookup_and_create_messages_list_the_choices():
+    names = ", ".join(available())
+    with pytest.raises(RegistryError, match=f"^unknown strategy 'nope'; available: {names}$"):
+        lookup("nope")
+    with pytest.raises(RegistryError, match=r"^strategy 'fedit' has no parameter 'lam'; allowed: none$"):
+        create("fedit", lam=1.0)
+    allowed = ", ".join(f"{k} \\(default {v!r}\\)" for k, v in params_of("fair").items())
+    with pytest.raises(RegistryError, match=f"^strategy 'fair' has no parameter 'a'; allowed: {allowed}$"):
+        create("fair", a=1, b=2)
+    assert isinstance(create("fedit"), FedIT) and lookup("fedit") is FedIT
+
+
+def test_register_needs_a_string_name_and_stores_the_class():
+    class NoName(LoraStrategy):
+        pass
+
+    with pytest.raises(
+        RegistryError, match=r"^test_register_needs.*NoName needs a non-empty class attribute"
+    ):
+        register(NoName)
+
+    class NumberName(FedIT):
+        name = 7
+
+    with pytest.raises(RegistryError, match="NumberName needs a non-empty class attribute 'name'"):
+        register(NumberName)
+
+    class Probe(FedIT):
+        name = "probe-mutation-test"
+
+    try:
+        assert register(Probe) is Probe and lookup("probe-mutation-test") is Probe
+        assert "probe-mutation-test" in available()
+
+        class Taken(FedIT):
+            name = "probe-mutation-test"
+
+        with pytest.raises(
+            RegistryError, match=r"^strategy name 'probe-mutation-test' is already taken by .*Probe$"
+        ):
+            register(Taken)
+    finally:
+        from strategies import registry
+
+        registry._REGISTRY.pop("probe-mutation-test", None)
