@@ -100,6 +100,7 @@ class ServerModel:
             return
         path = Path(self.cfg.output.out_dir) / SAMPLES_FILE
         text = "".join(json.dumps({"round": rnd, **row}, sort_keys=True) + "\n" for row in rows)
+        path.parent.mkdir(parents=True, exist_ok=True)  # an evaluator used before the run dir exists
         append_line(path, text)  # 0600, never through a link planted at the path
 
     def export(
