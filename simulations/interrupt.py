@@ -4,7 +4,7 @@ Flower runs the ServerApp in a non-daemon thread and the clients in Ray actors; 
 SIGINT to the main thread only. Flower's simulation loop unwinds there (its ``finally`` kills
 the actors and shuts Ray down), but the ServerApp thread kept waiting for replies that would
 never come, and the process with it. So the first Ctrl-C also sets a stop event that the
-ServerApp's grid checks at every poll (:class:`simulations.console.ProgressGrid` raises
+ServerApp's grid checks at every poll (:class:`simulations.console.StopGrid` raises
 :class:`RunStopped`): the ServerApp thread ends at its next call to the grid, after any
 checkpoint it was writing (checkpoints are atomic, so the last complete round's stays valid
 either way). A second Ctrl-C leaves at once.
@@ -45,7 +45,10 @@ class Interrupted(KeyboardInterrupt):
     def advice(self) -> str:
         """Return the line that says what was kept and how to continue."""
         if self.last_round is None:
-            return f"interrupted before the first round completed; nothing to resume in {self.run_dir}"
+            return (
+                f"interrupted before the first round completed (start it over with: "
+                f"fedlora simulate --out {self.run_dir} --resume)"
+            )
         return (
             f"interrupted; round {self.last_round} is the last complete one, checkpointed in {self.run_dir} "
             f"(continue with: fedlora simulate --out {self.run_dir} --resume)"

@@ -118,7 +118,9 @@ def _backend_config(
     }
 
 
-def _server_app_with_progress(progress: Any, num_rounds: int, stop: Any, done: Any) -> Any:
+def _server_app_with_progress(
+    progress: Any, num_rounds: int, stop: threading.Event, done: threading.Event
+) -> Any:
     """Return a ServerApp that runs fedlora's on a grid that reports replies to ``progress``.
 
     The grid raises once ``stop`` is set (Ctrl-C, :mod:`simulations.interrupt`); ``done`` is
