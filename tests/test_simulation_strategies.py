@@ -99,6 +99,8 @@ def _comparable(metrics: list[dict]) -> list[dict]:
     def strip(row):
         if isinstance(row, dict):
             return {k: strip(v) for k, v in row.items() if "seconds" not in k and k != "node"}
+        if isinstance(row, list):  # e.g. the clipped nodes of a round
+            return [strip(v) for v in row]
         return row
 
     rows = [strip(m) for m in metrics if m["kind"] in ("global", "client")]
