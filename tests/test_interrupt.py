@@ -6,6 +6,7 @@ processes it started.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,9 +92,8 @@ def kill_leftovers(started: list[psutil.Process]) -> None:
 
 def test_ctrl_c_mid_run_exits_130_keeps_the_round_and_resume_finishes_it(tmp_path):
     out, log = tmp_path / "run", tmp_path / "run.log"
-    proc = start(out, log, "--rounds", "3")
-    wait_for(proc, log, "round   1/3")  # round 1 is checkpointed right after its line; round 2 trains
-    time.sleep(1.0)
+    proc = start(out, log, "--rounds", "6")
+    wait_for(proc, log, "round   1/6")  # round 1 is checkpointed right after its line; round 2 trains
     status, seconds, started = ctrl_c(proc)
     alive = leftovers(started)
     kill_leftovers(started)
@@ -102,11 +102,13 @@ def test_ctrl_c_mid_run_exits_130_keeps_the_round_and_resume_finishes_it(tmp_pat
     assert seconds < STOP_WITHIN, f"Ctrl-C took {seconds:.1f} s"
     assert not alive, f"processes the run started are still alive: {alive}"
     assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
-    assert "interrupted; round 1 is the last complete one" in text
-    assert f"fedlora simulate --out {out} --resume" in text  # how to continue
+    flat = " ".join(text.split())  # the console wraps long lines (a long tmp path)
+    last = re.search(r"interrupted; round (\d+) is the last complete one", flat)
+    assert last and 1 <= int(last.group(1)) < 6, text[-2000:]  # a fast machine may finish round 2 too
+    assert f"fedlora simulate --out {out} --resume" in flat  # how to continue
     ckpt = read_checkpoint(out / "checkpoint.pt")  # the latest file itself is valid (no fallback)
-    assert ckpt["round"] >= 1
-    # The README's resume line, nothing else typed: the run's own configuration (2 clients, 3 rounds,
+    assert ckpt["round"] == int(last.group(1))
+    # The README's resume line, nothing else typed: the run's own configuration (2 clients, 6 rounds,
     # tiny data) continues; with the defaults (4 clients, 5 rounds) it would be refused.
     resumed = subprocess.run(
         [sys.executable, "-m", "fedlora.cli", "simulate", "--out", str(out), "--resume"],
@@ -115,7 +117,7 @@ def test_ctrl_c_mid_run_exits_130_keeps_the_round_and_resume_finishes_it(tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming {out} after round {ckpt['round']}" in resumed.stdout
     rounds = [m["round"] for m in read_metrics(out / "metrics.jsonl") if m["kind"] == "global"]
-    assert rounds == [0, 1, 2, 3], rounds
+    assert rounds == [0, 1, 2, 3, 4, 5, 6], rounds
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
