@@ -433,7 +433,7 @@ class RobustConfig:
     trim_fraction: float = _field(0.2, help="share cut at each end by the trimmed mean")
     max_update_size: float = _field(1.5, help="refuse update records above this multiple of their size")
     campaign_bound: float = _field(
-        0.0, help="cap each node's summed deviation over rounds at this multiple of the median node's (0 = off)"
+        0.0, help="cap each node's summed deviation over rounds at this multiple of the median's (0 = off)"
     )
 
     def __post_init__(self) -> None:
